@@ -1,0 +1,158 @@
+"""Analysis: find the attention sites of a captured denoiser and tag their nodes.
+
+An *attention site* is one call of a diffusers ``Attention`` module, found
+through ``node.meta["nn_module_stack"]`` (the module may sit anywhere in a
+node's stack, not only innermost). For each site this module decides:
+
+* its **role**: ``"cross"`` when its keys/values come from
+  ``encoder_hidden_states`` (directly or through a projection such as
+  PixArt's caption projection) rather than from the queries' input,
+  ``"self"`` otherwise;
+* its **value** node: the output of ``to_out`` (out-projection and dropout),
+  before the residual add and ``rescale_output_factor``. That is what T-GATE
+  caches and what a cache read replaces.
+
+Every node of a site gets ``node.meta["tgate_fx"] = {"site": path, "role": role}``,
+and the value node additionally ``"value": True``. Passes read these tags;
+nothing downstream matches node names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .cost import node_macs
+
+__all__ = ["TAG", "AttentionSite", "find_attention_sites", "site_tag"]
+
+TAG = "tgate_fx"
+TEXT_INPUT = "encoder_hidden_states"
+
+# Attention module classes, by qualified name as recorded in nn_module_stack.
+ATTENTION_TYPES = frozenset({"diffusers.models.attention_processor.Attention"})
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module call in a captured graph.
+
+    Attributes:
+        path: Module path, e.g. ``"down_blocks.1.attentions.0.transformer_blocks.0.attn2"``.
+        role: ``"self"``, ``"cross"``, or ``"other"`` (keys/values from an input
+            other than the text; never cached).
+        value: Name of the node holding the cached value (the ``to_out`` output).
+        nodes: Names of every node inside the module.
+        query_shape: Shape of the queries' input.
+        kv_shape: Shape of the keys/values' input.
+        value_shape: Shape of the cached value.
+        macs: Multiply-accumulates of the site's projections (Linear/Conv).
+        attention_macs: Multiply-accumulates of its SDPA core.
+    """
+
+    path: str
+    role: str
+    value: str
+    nodes: tuple[str, ...]
+    query_shape: tuple[int, ...]
+    kv_shape: tuple[int, ...]
+    value_shape: tuple[int, ...]
+    macs: int
+    attention_macs: int
+
+
+def site_tag(node: fx.Node) -> dict | None:
+    """The analysis tag of ``node``, or ``None`` outside attention sites."""
+    return node.meta.get(TAG)
+
+
+def _type_name(t) -> str:
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
+def _within(path: str, scope: str) -> bool:
+    return path == scope or path.startswith(scope + ".")
+
+
+def _attention_scope(node: fx.Node, types: frozenset[str]) -> str | None:
+    """Path of the innermost attention module in ``node``'s module stack."""
+    found = None
+    for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+        if _type_name(module_type) in types:
+            found = path
+    return found
+
+
+def _external_source(node: fx.Node, members: set[fx.Node]) -> fx.Node:
+    """Follow the data input of ``node`` back until it leaves the site."""
+    while node in members:
+        node = node.args[0]
+    return node
+
+
+def _first_in_submodule(nodes: list[fx.Node], scope: str) -> fx.Node | None:
+    for n in nodes:
+        if n.op == "call_function" and any(_within(p, scope) for p, _ in (n.meta.get("nn_module_stack") or {}).values()):
+            return n
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = ATTENTION_TYPES) -> list[AttentionSite]:
+    """Find, classify and tag every attention site of ``gm``, in graph order.
+
+    Raises:
+        ValueError: if a site does not have the structure of a diffusers
+            ``Attention`` call (a ``to_q``/``to_k`` projection, a ``to_out``
+            output, and a single value leaving the module).
+    """
+    by_site: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        scope = _attention_scope(node, attention_types)
+        if scope is not None:
+            by_site.setdefault(scope, []).append(node)
+
+    text_dependent: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "placeholder" and node.name == TEXT_INPUT) or any(
+            i in text_dependent for i in node.all_input_nodes
+        ):
+            text_dependent.add(node)
+
+    sites = []
+    for path, nodes in by_site.items():
+        members = set(nodes)
+        to_q = _first_in_submodule(nodes, path + ".to_q")
+        to_k = _first_in_submodule(nodes, path + ".to_k")
+        outs = [n for n in nodes if any(_within(p, path + ".to_out")
+                                         for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+        leaving = [n for n in nodes if any(u not in members for u in n.users)]
+        if to_q is None or to_k is None or not outs or len(leaving) != 1:
+            raise ValueError(
+                f"attention module {path!r} does not look like a diffusers Attention call "
+                f"(to_q={to_q}, to_k={to_k}, to_out nodes={len(outs)}, outputs={[n.name for n in leaving]})"
+            )
+        value = outs[-1]
+        q_src = _external_source(to_q, members)
+        kv_src = _external_source(to_k, members)
+        if kv_src is q_src:
+            role = "self"
+        else:
+            # Keys/values from another input: cross-attention when that input is
+            # the text; anything else (e.g. image-prompt keys) is left alone.
+            role = "cross" if kv_src in text_dependent else "other"
+        for n in nodes:
+            n.meta[TAG] = {"site": path, "role": role, **({"value": True} if n is value else {})}
+        sites.append(AttentionSite(
+            path=path, role=role, value=value.name, nodes=tuple(n.name for n in nodes),
+            query_shape=_shape(q_src), kv_shape=_shape(kv_src), value_shape=_shape(value),
+            macs=sum(node_macs(n) for n in nodes),
+            attention_macs=sum(node_macs(n, include_attention=True) - node_macs(n) for n in nodes),
+        ))
+    return sites

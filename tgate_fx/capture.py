@@ -1,0 +1,161 @@
+"""Capture: one denoiser call -> one flat FX graph, via ``torch.export``.
+
+A capture is made lazily, from the real arguments of a denoiser call, with
+non-strict ``torch.export`` and static shapes. Each distinct
+:class:`InputSignature` (tensor shapes, dtypes and devices, which optional
+inputs are present, and the values of non-tensor arguments) gets its own
+capture; the caller keeps them in a dict keyed by signature.
+
+The exported program is turned into a *flat* ``GraphModule``: its placeholders
+are the tensor leaves of the call (named after their argument, e.g.
+``added_cond_kwargs_text_embeds``), its output is a tuple whose first element
+is the denoiser's prediction. Parameters are ``get_attr`` nodes that refer to
+the denoiser's own parameter objects: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+__all__ = ["Capture", "InputSignature", "capture_denoiser", "normalize_call"]
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """What makes two denoiser calls share one captured graph."""
+
+    structure: str
+    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
+    constants: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        parts = [f"{name}: {list(shape)} {str(dtype).replace('torch.', '')}"
+                 for name, shape, dtype, _ in self.tensors]
+        return ", ".join(parts)
+
+
+def _leaf_name(path) -> str:
+    return "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _tensor_leaves(call: dict[str, Any]) -> dict[str, torch.Tensor]:
+    leaves, _ = pytree.tree_flatten_with_path(call)
+    return {_leaf_name(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)}
+
+
+def signature_of(kwargs: dict[str, Any]) -> InputSignature:
+    leaves, spec = pytree.tree_flatten_with_path(kwargs)
+    tensors, constants = [], []
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tensors.append((_leaf_name(path), tuple(leaf.shape), leaf.dtype, leaf.device))
+        else:
+            constants.append((_leaf_name(path), repr(leaf)))
+    return InputSignature(str(spec), tuple(tensors), tuple(constants))
+
+
+def normalize_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
+    """Bind a denoiser call to its ``forward`` parameters, by name.
+
+    Returns the arguments without ``return_dict`` (captures always return a
+    tuple) and the ``return_dict`` the caller asked for. A Python-number
+    ``timestep`` becomes the tensor the denoiser itself would build from it,
+    so that it is a graph input instead of a constant baked into the graph.
+    """
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"call does not match {type(module).__name__}.forward{sig}: {e}") from None
+    call = dict(bound.arguments)
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in call:
+            call.update(call.pop(name))
+    return_dict = call.pop("return_dict", True)
+    if "timestep" in call and not isinstance(call["timestep"], torch.Tensor):
+        t = call["timestep"]
+        ref = next(v for v in call.values() if isinstance(v, torch.Tensor))
+        dtype = torch.float64 if isinstance(t, float) else torch.int64
+        if ref.device.type in ("mps", "npu"):
+            dtype = torch.float32 if isinstance(t, float) else torch.int32
+        call["timestep"] = torch.tensor([t], dtype=dtype, device=ref.device)
+    return call, return_dict
+
+
+# Export records `.to()` metadata checks as side-effecting assertion nodes.
+# Shapes are static here, so they guard nothing at run time, and they would
+# keep otherwise dead attention subgraphs alive.
+_METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]:
+    unlifted = exported.module()
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    input_names: list[str] = []
+    for node in unlifted.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                env[node] = graph.node_copy(node, lambda n: env[n])
+                input_names.append(node.name)
+            else:
+                env[node] = val  # a specialised constant (None, a bool, a number)
+        elif node.op == "output":
+            outputs = pytree.tree_leaves(fx.node.map_arg(node.args[0], lambda n: env[n]))
+            graph.output(tuple(outputs))
+        elif node.op == "call_function" and node.target in _METADATA_ASSERTS:
+            continue
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = fx.GraphModule(unlifted, graph, class_name="CapturedDenoiser")
+    gm.graph.lint()
+    return gm, input_names
+
+
+class Capture:
+    """The captured graph of one denoiser for one input signature.
+
+    Attributes:
+        signature: The input signature this graph was captured for.
+        graph_module: Flat ``GraphModule``; every attention site computed.
+        input_names: Its placeholders, in order.
+        seconds: Wall time of the export.
+    """
+
+    def __init__(self, signature: InputSignature, graph_module: fx.GraphModule, input_names: list[str],
+                 seconds: float):
+        self.signature = signature
+        self.graph_module = graph_module
+        self.input_names = input_names
+        self.seconds = seconds
+
+    def flat_inputs(self, call: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The graph inputs of a normalized call, by placeholder name."""
+        return _tensor_leaves(call)
+
+    def __repr__(self) -> str:
+        return f"Capture({self.signature.describe()}; {len(self.graph_module.graph.nodes)} nodes)"
+
+
+def capture_denoiser(module: torch.nn.Module, call: dict[str, Any]) -> Capture:
+    """Export ``module`` for the normalized call ``call`` (see :func:`normalize_call`)."""
+    start = time.perf_counter()
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(module, (), {**call, "return_dict": False}, strict=False)
+    finally:
+        module.train(was_training)
+    gm, input_names = _flatten_exported(exported)
+    if sorted(input_names) != sorted(_tensor_leaves(call)):
+        raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(_tensor_leaves(call))}")
+    return Capture(signature_of(call), gm, input_names, time.perf_counter() - start)

@@ -1,0 +1,56 @@
+"""Shared pass machinery: the pass base class and fake-tensor metadata for new nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..analysis import TAG
+
+__all__ = ["GraphPass", "PassResult", "new_node", "site_values"]
+
+
+class GraphPass(PassBase):
+    """A pass over a flat captured graph: lint and recompile after it runs."""
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()
+        graph_module.recompile()
+
+
+def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node) -> fx.Node:
+    """Create ``target(*args)`` with ``meta["val"]`` and the provenance of ``like``.
+
+    The value is computed on fake tensors, so shapes and dtypes are exactly
+    what the operator produces; the node inherits ``like``'s module stack and
+    stack trace, so it reads as part of the code it replaces.
+    """
+    node = graph.call_function(target, args)
+    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
+    with detect_fake_mode(list(torch.utils._pytree.tree_leaves(vals))) or torch._subclasses.FakeTensorMode():
+        node.meta["val"] = target(*vals)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+def site_values(graph: fx.Graph, sites) -> dict[str, fx.Node]:
+    """The tagged value node of each site path in ``sites``.
+
+    Raises:
+        ValueError: naming the sites the graph has no value node for.
+    """
+    found = {}
+    for node in graph.nodes:
+        tag = node.meta.get(TAG)
+        if tag and tag.get("value") and tag["site"] in sites:
+            found[tag["site"]] = node
+    missing = [s for s in sites if s not in found]
+    if missing:
+        raise ValueError(f"no tagged attention value for sites {missing}; run find_attention_sites first")
+    return found
