@@ -1,0 +1,169 @@
+"""Generation accounting, shared by every runtime (torch graphs, ONNX Runtime).
+
+A :class:`GenerationTracker` turns a stream of denoiser calls into steps of
+generations. The step index is its own count of calls, never a search of the
+scheduler's timesteps. A new generation starts
+
+* at the first call after the pipeline's end-of-call reset (diffusers calls
+  ``_reset_stateful_cache`` on every component when ``__call__`` finishes,
+  interrupted or not),
+* when the scheduler holds a new ``timesteps`` object (``set_timesteps`` ran
+  again, e.g. after an exception ended the previous generation early), or
+* when the previous generation has run all its steps.
+
+At the start it reads the number of steps (the pipeline's ``num_timesteps``
+where it has one, else the scheduler's timesteps after its begin index),
+decides whether the generation runs classifier-free guidance, builds the
+:class:`~tgate_fx.plan.Plan` and clears the caches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .config import TGateConfig
+from .plan import Plan, StepPlan
+
+__all__ = ["GenerationTracker", "Step", "output_class", "take_unconditional_half"]
+
+
+def output_class(denoiser: torch.nn.Module):
+    """The ``return_dict=True`` output type of a diffusers denoiser."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(denoiser, UNet2DConditionModel):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput
+
+
+def take_unconditional_half(call: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Keep the first (unconditional) half of every batched tensor of a call."""
+    half = batch // 2
+    return pytree.tree_map(
+        lambda x: x[:half] if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch else x, call
+    )
+
+
+@dataclass
+class _Generation:
+    plan: Plan
+    timesteps: Any  # the scheduler's timesteps object when the generation started
+    step: int = 0
+    caches: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One denoiser call: its plan entry and the generation's caches (site path -> tensor)."""
+
+    plan: StepPlan
+    drops_uncond: bool
+    caches: dict[str, Any]
+
+    def finish(self, prediction: torch.Tensor, return_dict: bool, denoiser: torch.nn.Module):
+        """The denoiser's return value for ``prediction``.
+
+        After the gate the pipeline still sends a CFG batch and combines
+        ``u + g * (c - u)``; returning the prediction for both halves makes
+        that combine return it unchanged.
+        """
+        if self.drops_uncond:
+            prediction = torch.cat([prediction, prediction])
+        if not return_dict:
+            return (prediction,)
+        return output_class(denoiser)(sample=prediction)
+
+
+class GenerationTracker:
+    """Counts steps and owns the caches of the current generation.
+
+    Args:
+        config: T-GATE settings.
+        pipeline: The pipeline whose denoiser calls are counted (held weakly).
+        sample_arg: Name of the denoiser's latent input (``sample`` or ``hidden_states``).
+    """
+
+    def __init__(self, config: TGateConfig, pipeline, sample_arg: str):
+        self.config = config
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
+        self.sample_arg = sample_arg
+        self._generation: _Generation | None = None
+        self.last_plan: Plan | None = None
+
+    def reset(self) -> None:
+        """End the current generation and drop its caches."""
+        self._generation = None
+
+    def _scheduler_timesteps(self):
+        return getattr(getattr(self._pipeline(), "scheduler", None), "timesteps", None)
+
+    def steps_in_generation(self) -> int:
+        pipe = self._pipeline()
+        if isinstance(getattr(type(pipe), "num_timesteps", None), property):
+            steps = getattr(pipe, "_num_timesteps", None)
+            if steps:
+                return int(steps)
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            raise RuntimeError(
+                "cannot tell how many denoising steps this generation has: the pipeline has no scheduler "
+                "with timesteps; call the denoiser from a diffusers pipeline"
+            )
+        return len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0)
+
+    def detect_cfg(self, call: dict[str, Any]) -> bool:
+        """Whether this generation runs classifier-free guidance.
+
+        The pipeline's ``do_classifier_free_guidance`` decides where it has
+        one (SD, SD-XL, ControlNet, img2img); otherwise (PixArt) a CFG batch is
+        recognised by its two identical halves of latents.
+        """
+        sample = call[self.sample_arg]
+        batch = sample.shape[0]
+        pipe = self._pipeline()
+        cfg = None
+        if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+            try:
+                cfg = bool(pipe.do_classifier_free_guidance)
+            except AttributeError:  # read outside a pipeline call
+                cfg = None
+        if cfg is None:
+            cfg = batch % 2 == 0 and bool(torch.equal(sample[: batch // 2], sample[batch // 2 :]))
+        if cfg and batch % 2:
+            raise ValueError(f"classifier-free guidance is on but the denoiser batch is odd ({batch})")
+        lcm = self.config.lcm
+        if lcm is True and cfg:
+            raise ValueError("lcm=True, but this call runs classifier-free guidance (a 2B batch of "
+                             "[uncond, cond]); use lcm=None, or guidance_scale <= 1")
+        if lcm is False and not cfg:
+            raise ValueError("lcm=False, but this call runs without classifier-free guidance; "
+                             "use lcm=None (decide per call) or lcm=True")
+        return cfg
+
+    def _current(self, call: dict[str, Any]) -> _Generation:
+        timesteps = self._scheduler_timesteps()
+        gen = self._generation
+        if gen is not None and gen.step < gen.plan.num_steps and (timesteps is None or timesteps is gen.timesteps):
+            return gen
+        self._generation = None
+        plan = Plan(self.steps_in_generation(), self.config, self.detect_cfg(call))
+        self._generation = _Generation(plan, timesteps)
+        self.last_plan = plan
+        return self._generation
+
+    def next_step(self, call: dict[str, Any]) -> Step:
+        """Account for one denoiser call (a normalized call dict) and return its step."""
+        gen = self._current(call)
+        entry = gen.plan.steps[gen.step]
+        gen.step += 1
+        return Step(entry, gen.plan.cfg and not entry.cfg, gen.caches)
