@@ -1,0 +1,1 @@
+"""A small text-to-image model trained on generated pictures of shapes."""
