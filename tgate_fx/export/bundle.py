@@ -1,0 +1,91 @@
+"""The bundle an ONNX export writes, and how a runtime reads it back.
+
+A bundle is a directory::
+
+    plan.json                 schedule, variants, I/O names and shapes, settings, denoiser config
+    weights.bin               every weight tensor once, shared by all the models below
+    b2_sp_compute.onnx        one model per (capture, variant) that the plan runs;
+    b2_gate.onnx              "b2" = the capture at denoiser batch 2 (the CFG batch),
+    b1_fi_reuse.onnx          "b1" = batch 1 (after the gate), ...
+
+This module owns the file names, the format tag and the checks that a
+``plan.json`` is complete and agrees with the files next to it. It needs only
+the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+__all__ = ["FORMAT", "PLAN_FILE", "VERSION", "WEIGHTS_FILE", "read_plan", "record_name"]
+
+FORMAT = "tgate_fx.onnx"
+VERSION = 1
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "weights.bin"
+
+
+def record_name(site: str) -> str:
+    """Output name of the cache write for ``site`` (its read is ``cache_<site>``)."""
+    return "record_" + site.replace(".", "_")
+
+
+def _require(data: dict, key: str, where: str) -> Any:
+    if key not in data:
+        raise ValueError(f"{where} has no {key!r} entry; it was not written by tgate_fx.export.export_onnx "
+                         f"(format {FORMAT!r} version {VERSION})")
+    return data[key]
+
+
+def read_plan(directory: str) -> dict:
+    """Read and check ``directory/plan.json``.
+
+    Checks that every file it names exists, that every step names a variant
+    of a capture it describes, and that each variant's cache reads and writes
+    name its inputs and outputs. The ONNX files themselves are compared with
+    the plan by the runtime, which opens them.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
+        ValueError: naming the entry that is missing or inconsistent.
+    """
+    path = os.path.join(directory, PLAN_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {directory!r} is not an ONNX bundle written by "
+                                "tgate_fx.export.export_onnx (or `tgate-fx export`)")
+    with open(path) as f:
+        plan = json.load(f)
+    if plan.get("format") != FORMAT or plan.get("version") != VERSION:
+        raise ValueError(f"{path} has format {plan.get('format')!r} version {plan.get('version')!r}; "
+                         f"this tgate_fx reads format {FORMAT!r} version {VERSION}")
+    for key in ("denoiser", "plan", "captures", "weights"):
+        _require(plan, key, path)
+    weights = os.path.join(directory, _require(plan["weights"], "file", f"{path} 'weights'"))
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file {weights} named in {path} not found")
+    size, expected = os.path.getsize(weights), plan["weights"].get("bytes")
+    if expected is not None and size != expected:
+        raise ValueError(f"weights file {weights} has {size} bytes, {path} says {expected}: "
+                         "the bundle's files come from different exports")
+    for cid, capture in plan["captures"].items():
+        for vname, variant in _require(capture, "variants", f"capture {cid!r}").items():
+            where = f"variant {vname!r} of capture {cid!r} in {path}"
+            file = os.path.join(directory, _require(variant, "file", where))
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"model file {file} of {where} not found")
+            inputs = {t["name"] for t in _require(variant, "inputs", where)}
+            outputs = {t["name"] for t in _require(variant, "outputs", where)}
+            bad = [n for n in _require(variant, "reads", where).values() if n not in inputs]
+            bad += [n for n in _require(variant, "writes", where).values() if n not in outputs]
+            if bad:
+                raise ValueError(f"{where}: cache names {bad} are not among its inputs {sorted(inputs)} "
+                                 f"or outputs {sorted(outputs)}")
+    for step in _require(plan["plan"], "steps", path):
+        cid, vname = step.get("capture"), step.get("variant")
+        if cid not in plan["captures"] or vname not in plan["captures"][cid]["variants"]:
+            raise ValueError(f"step {step.get('step')} of {path} runs variant {vname!r} of capture {cid!r}, "
+                             f"which the bundle does not describe (captures: "
+                             f"{ {c: sorted(v['variants']) for c, v in plan['captures'].items()} })")
+    return plan

@@ -1,0 +1,115 @@
+"""``tgate-fx export``: write an ONNX bundle from the command line.
+
+The main CLI (``tgate_fx/cli.py``) adds this as a subcommand::
+
+    from tgate_fx.export import cli as export_cli
+    export_cli.add_arguments(subparsers.add_parser("export", help=export_cli.HELP))
+    ...
+    return export_cli.run(args)
+
+Examples::
+
+    tgate-fx export --model tiny-sd --out bundle --steps 25
+    tgate-fx export --model /models/sd15 --out sd15_onnx --height 512 --width 512 --steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "export the T-GATE phase graphs of a pipeline to ONNX (one model per variant, shared weights, plan.json)"
+
+# tiny-sd is the documented name; the other tiny families work the same way.
+_TINY_ALIASES = {"tiny-sd": "sd15"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``export`` options to ``parser``; returns it."""
+    parser.add_argument("--model", required=True,
+                        help="tiny-sd (a tiny seeded SD-1.5 built in code; also tiny-sdxl, tiny-pixart_alpha, ...) "
+                             "or a diffusers pipeline directory for DiffusionPipeline.from_pretrained")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per call (default 1)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps of the exported plan (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale of the traced call (default: the pipeline's)")
+    parser.add_argument("--gate-step", type=int, default=10)
+    parser.add_argument("--sp-interval", type=int, default=5)
+    parser.add_argument("--fi-interval", type=int, default=1)
+    parser.add_argument("--warm-up", type=int, default=2)
+    parser.add_argument("--no-tgate", action="store_true", help="export the plain denoiser (one variant, no caches)")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="torch ONNX exporter (dynamo needs the onnxscript package)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="weights dtype of a --model PATH pipeline (default float32)")
+    parser.add_argument("--device", default="cpu", help="torch device to trace on, e.g. cuda for an fp16 export")
+    return parser
+
+
+def _load_pipeline(args):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    name = args.model
+    if name.startswith("tiny-"):
+        from ..tiny import FAMILIES, tiny_pipeline
+
+        family = _TINY_ALIASES.get(name, name[len("tiny-"):])
+        if family not in FAMILIES:
+            raise ValueError(f"unknown tiny model {name!r}; use tiny-sd or one of "
+                             f"{', '.join('tiny-' + f for f in sorted(FAMILIES))}")
+        pipe = tiny_pipeline(family, dtype=dtype)
+        call = dict(pipe.tiny_call_kwargs)
+    elif os.path.isdir(name):
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+        call = {}
+    else:
+        raise ValueError(f"--model {name!r} is neither tiny-sd (or tiny-<family>) nor a pipeline directory")
+    return pipe.to(args.device), call
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tgate-fx export``; returns the process exit code."""
+    from .exporter import export_onnx
+
+    try:
+        print(f"[tgate-fx export] loading {args.model}", file=sys.stderr, flush=True)
+        pipe, call = _load_pipeline(args)
+        for key, value in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance_scale)):
+            if value is not None:
+                call[key] = value
+        height, width = call.pop("height", None), call.pop("width", None)
+        out = export_onnx(
+            pipe, args.out, height=height, width=width, batch_size=args.batch_size,
+            num_inference_steps=args.steps, tgate=not args.no_tgate, gate_step=args.gate_step,
+            sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up,
+            exporter=args.exporter, opset=args.opset, progress=True, **call,
+        )
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"tgate-fx export: error: {e}", file=sys.stderr)
+        return 2
+    rows = sorted((f, os.path.getsize(os.path.join(out, f))) for f in os.listdir(out))
+    width = max(len(f) for f, _ in rows)
+    for f, size in rows:
+        print(f"{f.ljust(width)}  {size / 2**20:9.2f} MiB")
+    print(f"{'total'.ljust(width)}  {sum(s for _, s in rows) / 2**20:9.2f} MiB")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m tgate_fx.export.cli --model tiny-sd --out DIR``."""
+    parser = add_arguments(argparse.ArgumentParser(prog="tgate-fx export", description=HELP))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Run an exported bundle with onnxruntime, in place of a diffusers pipeline's denoiser.
+
+:class:`OnnxDenoiser` is what :class:`~tgate_fx.runtime.TGateDenoiser` is for
+torch graphs, with ONNX Runtime sessions instead: it stands in for
+``pipe.unet`` / ``pipe.transformer`` in an unmodified pipeline. On each call it
+
+1. binds the arguments to the denoiser's ``forward`` parameters, as recorded
+   in ``plan.json`` (:func:`tgate_fx.capture.normalize_call`);
+2. asks a :class:`~tgate_fx.generation.GenerationTracker` for the step (the
+   same accounting as the torch runtime: new generations, CFG detection, the
+   step's :class:`~tgate_fx.plan.StepPlan`), and keeps the unconditional half
+   of a CFG batch after the gate;
+3. checks the call against the shapes the bundle was exported for, and runs
+   the step's variant with the caches it reads;
+4. keeps the caches it writes (as ``OrtValue``\\ s, on the session's device)
+   and returns the prediction, twice after the gate (:meth:`Step.finish`).
+
+A bundle exported without T-GATE has one variant and no tracker: every call
+runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import types
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..capture import normalize_call, signature_of
+from ..config import TGateConfig
+from ..generation import GenerationTracker, take_unconditional_half
+from .bundle import read_plan
+
+__all__ = ["OnnxDenoiser"]
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("OnnxDenoiser needs onnxruntime: pip install onnxruntime "
+                          "(or onnxruntime-gpu on a CUDA machine)") from e
+    return onnxruntime
+
+
+def _signature_holder(class_name: str, parameters: list) -> Any:
+    """An object whose ``forward`` has the denoiser's signature, for :func:`normalize_call`."""
+    params = []
+    for entry in parameters:
+        name, kind = entry[0], getattr(inspect.Parameter, entry[1])
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            params.append(inspect.Parameter(name, kind))
+        elif not params:
+            params.append(inspect.Parameter(name, kind))  # the sample is always passed
+        else:
+            params.append(inspect.Parameter(name, kind, default=None))
+
+    def forward(*args, **kwargs):
+        raise NotImplementedError
+
+    forward.__signature__ = inspect.Signature(params)
+    return type(class_name, (), {"forward": staticmethod(forward)})()
+
+
+def _namespace(attributes: dict) -> dict[str, Any]:
+    """``{"a.b.c": 1}`` -> ``{"a": namespace(b=namespace(c=1))}``."""
+    root: dict[str, Any] = {}
+    for path, value in attributes.items():
+        parts = path.split(".")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def build(d):
+        return {k: types.SimpleNamespace(**build(v)) if isinstance(v, dict) else v for k, v in d.items()}
+
+    return build(root)
+
+
+def _describe(tensors: list[dict]) -> str:
+    return ", ".join(f"{t['name']}: {list(t['shape'])} {t['dtype']}" for t in tensors)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns a 0-d timestep into shape (1,), and
+    # IO binding does not check shapes.
+    return np.require(t.detach().cpu().numpy(), requirements="C")
+
+
+class OnnxDenoiser:
+    """A diffusers denoiser that runs an exported bundle's ONNX models.
+
+    Build it with :meth:`from_dir` and put it in the pipeline with
+    :meth:`install`. It offers what pipelines read from their denoiser:
+    ``config``, ``dtype``, ``device`` and the attributes recorded at export
+    (e.g. SD-XL's ``add_embedding.linear_1.in_features``), and
+    ``_reset_stateful_cache``, which diffusers calls at the end of every
+    pipeline call.
+
+    Attributes:
+        directory: The bundle.
+        bundle: The parsed ``plan.json``.
+        config: The denoiser's config (a diffusers ``FrozenDict``).
+        dtype: The exported denoiser's dtype.
+        device: Where it takes and returns tensors (the CPU: inputs go to
+            onnxruntime as NumPy arrays; the sessions' provider decides where
+            they run).
+        providers: The onnxruntime execution providers of the sessions.
+
+    Example::
+
+        from tgate_fx.export import OnnxDenoiser
+        OnnxDenoiser.from_dir("bundle").install(pipe)
+        latents = pipe("a photo", num_inference_steps=25, output_type="latent").images
+    """
+
+    def __init__(self, directory: str, bundle: dict, sessions: dict, pipeline=None):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.directory = directory
+        self.bundle = bundle
+        self._sessions = sessions
+        den = bundle["denoiser"]
+        self.attribute = den["attribute"]
+        self.config = FrozenDict(den["config"])
+        self.dtype = getattr(torch, den["dtype"])
+        self.device = torch.device("cpu")
+        self.providers = next(iter(sessions.values())).get_providers() if sessions else []
+        for name, value in _namespace(den.get("attributes", {})).items():
+            setattr(self, name, value)
+        self._class_name = den["class"].rsplit(".", 1)[-1]
+        self._forward = _signature_holder(self._class_name, den["forward_parameters"])
+        self._sample_arg = den["sample_arg"]
+        module, _, cls = den["output_class"].rpartition(".")
+        self._output_class = getattr(importlib.import_module(module), cls)
+        self.tgate_config = TGateConfig(**bundle["tgate"]) if bundle.get("tgate") else None
+        # Which capture holds each variant: a variant name identifies its graph.
+        self._variant_capture = {v: cid for cid, c in bundle["captures"].items() for v in c["variants"]}
+        self._cache_device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self._tracker: GenerationTracker | None = None
+        self._checked_plan = None
+        if pipeline is not None:
+            self._attach(pipeline)
+
+    # --- construction ----------------------------------------------------------
+    @classmethod
+    def from_dir(cls, directory: str, providers: list | None = None, *, pipeline=None,
+                 session_options=None) -> "OnnxDenoiser":
+        """Load a bundle written by :func:`tgate_fx.export.export_onnx`.
+
+        Args:
+            directory: The bundle directory.
+            providers: onnxruntime execution providers, e.g.
+                ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; default CPU only.
+            pipeline: The pipeline it will serve (or call :meth:`install` later).
+            session_options: An ``onnxruntime.SessionOptions`` for every session.
+
+        Raises:
+            FileNotFoundError: a file the plan names is missing.
+            ValueError: the plan and a model file disagree (names the file and both sides).
+        """
+        ort = _import_ort()
+        bundle = read_plan(directory)
+        providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        sessions = {}
+        for cid, capture in bundle["captures"].items():
+            for vname, variant in capture["variants"].items():
+                path = os.path.join(directory, variant["file"])
+                session = ort.InferenceSession(path, sess_options=session_options, providers=providers)
+                _check_session(session, variant, path)
+                sessions[cid, vname] = session
+        return cls(directory, bundle, sessions, pipeline)
+
+    def install(self, pipe):
+        """Put this denoiser at ``pipe.unet`` / ``pipe.transformer`` (as exported); returns ``pipe``.
+
+        The attribute is set without ``DiffusionPipeline.__setattr__``, which
+        would record this class in the pipeline's config.
+        """
+        if not hasattr(pipe, self.attribute):
+            raise TypeError(f"{type(pipe).__name__} has no {self.attribute!r}; this bundle was exported from a "
+                            f"pipeline whose denoiser is pipe.{self.attribute} ({self._class_name})")
+        object.__setattr__(pipe, self.attribute, self)
+        self._attach(pipe)
+        return pipe
+
+    def _attach(self, pipe) -> None:
+        if self.tgate_config is not None:
+            self._tracker = GenerationTracker(self.tgate_config, pipe, self._sample_arg)
+        self._checked_plan = None
+
+    # --- what the pipeline calls besides forward -------------------------------
+    def reset(self) -> None:
+        """End the current generation and drop its caches."""
+        if self._tracker is not None:
+            self._tracker.reset()
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        self.reset()
+
+    @property
+    def last_plan(self):
+        """The :class:`~tgate_fx.plan.Plan` of the current or last generation (``None`` without T-GATE)."""
+        return self._tracker.last_plan if self._tracker is not None else None
+
+    # --- the call --------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        call, return_dict = normalize_call(self._forward, args, kwargs)
+        if self.tgate_config is None:
+            prediction = self._run(call, "full", {}, "plain export")[0]
+        else:
+            if self._tracker is None:
+                raise RuntimeError("this OnnxDenoiser runs T-GATE and counts steps from its pipeline; attach it "
+                                   "with OnnxDenoiser.from_dir(..., pipeline=pipe) or .install(pipe)")
+            step = self._tracker.next_step(call)
+            self._check_plan(self._tracker.last_plan)
+            if step.drops_uncond:
+                call = take_unconditional_half(call, call[self._sample_arg].shape[0])
+            name = step.plan.variant.name
+            outputs = self._run(call, name, step.caches, f"step {step.plan.step} ({name})")
+            prediction = outputs[0]
+            step.caches.update(outputs[1])
+            (prediction,) = step.finish(prediction, False, None)
+        if not return_dict:
+            return (prediction,)
+        return self._output_class(sample=prediction)
+
+    def _check_plan(self, plan) -> None:
+        """The tracker's plan must be one the bundle can run, and equal to the exported one at its length."""
+        if plan is self._checked_plan:
+            return
+        exported = self.bundle["plan"]
+        missing = sorted({s.variant.name for s in plan.steps} - set(self._variant_capture))
+        if missing:
+            raise ValueError(
+                f"this generation ({plan.num_steps} steps, CFG {'on' if plan.cfg else 'off'}) needs variants "
+                f"{missing}, which the bundle lacks: it was exported for {exported['num_steps']} steps with CFG "
+                f"{'on' if exported['cfg'] else 'off'} and has {sorted(self._variant_capture)}; export again "
+                f"with num_inference_steps={plan.num_steps}"
+            )
+        if plan.num_steps == exported["num_steps"] and plan.cfg == exported["cfg"]:
+            ours = [{k: v for k, v in s.items()} for s in plan.to_dict()["steps"]]
+            theirs = [{k: v for k, v in s.items() if k != "capture"} for s in exported["steps"]]
+            if ours != theirs:
+                diff = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+                raise ValueError(f"plan.json disagrees with this tgate_fx's plan at step {diff}: "
+                                 f"{theirs[diff]} vs {ours[diff]}; export the bundle again")
+        self._checked_plan = plan
+
+    def _run(self, call: dict, vname: str, caches: dict, where: str):
+        """Run variant ``vname`` on ``call``; returns (prediction tensor, {site: written cache})."""
+        cid = self._variant_capture.get(vname)
+        if cid is None:
+            raise ValueError(f"{where}: the bundle has no variant {vname!r} (it has {sorted(self._variant_capture)})")
+        capture = self.bundle["captures"][cid]
+        self._check_call(call, capture, where)
+        variant = capture["variants"][vname]
+        session = self._sessions[cid, vname]
+        tensors = _flat_tensors(call)
+        cache_inputs = {name: site for site, name in variant["reads"].items()}
+        binding = session.io_binding()
+        keep = []  # arrays bound by pointer must outlive the run
+        for spec in variant["inputs"]:
+            name = spec["name"]
+            if name in cache_inputs:
+                site = cache_inputs[name]
+                if site not in caches:
+                    raise RuntimeError(f"{where} reads the cache of {site!r}, which no earlier step of this "
+                                       "generation wrote; a generation must start at its first step")
+                binding.bind_ortvalue_input(name, caches[site])
+            else:
+                array = _numpy(tensors[name])
+                keep.append(array)
+                binding.bind_cpu_input(name, array)
+        written = {name: site for site, name in variant["writes"].items()}
+        for spec in variant["outputs"]:
+            device = self._cache_device if spec["name"] in written else "cpu"
+            binding.bind_output(spec["name"], device)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:
+            raise RuntimeError(f"{where}: onnxruntime failed running {variant['file']}: {e}") from e
+        values = binding.get_outputs()
+        names = [o["name"] for o in variant["outputs"]]
+        prediction = torch.from_numpy(values[0].numpy())
+        sample = call[self._sample_arg]
+        prediction = prediction.to(sample.device)
+        return prediction, {written[n]: v for n, v in zip(names[1:], values[1:])}
+
+    def _check_call(self, call: dict, capture: dict, where: str) -> None:
+        signature = signature_of(call)
+        actual = [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
+                  for n, s, d, _ in signature.tensors]
+        expected = capture["inputs"]
+        if actual != expected:
+            exp = {t["name"]: t for t in expected}
+            act = {t["name"]: t for t in actual}
+            diffs = [f"{n}: expected {list(exp[n]['shape'])} {exp[n]['dtype']}, got "
+                     + (f"{list(act[n]['shape'])} {act[n]['dtype']}" if n in act else "nothing")
+                     for n in exp if act.get(n) != exp[n]]
+            diffs += [f"{n}: not an input of the exported denoiser" for n in act if n not in exp]
+            c = self.bundle.get("call", {})
+            raise ValueError(
+                f"{where}: the denoiser call does not match the shapes the bundle was exported for "
+                f"(height={c.get('height')}, width={c.get('width')}, batch_size={c.get('batch_size')}): "
+                + "; ".join(diffs) + f". Expected {_describe(expected)}; got {_describe(actual)}"
+            )
+        constants = {k: v for k, v in signature.constants}
+        if constants != capture["constants"]:
+            raise ValueError(f"{where}: the denoiser call's non-tensor arguments {constants} differ from the "
+                             f"exported ones {capture['constants']}; they are baked into the graphs")
+
+    def __repr__(self) -> str:
+        mode = repr(self.tgate_config) if self.tgate_config else "plain"
+        return (f"OnnxDenoiser({self.directory!r}, {self._class_name}, {mode}, {len(self._sessions)} sessions, "
+                f"providers={self.providers})")
+
+
+def _flat_tensors(call: dict) -> dict[str, torch.Tensor]:
+    # The graph inputs are named as the capture named them; reuse its naming
+    # rather than restate it (see the report: capture.py could make it public).
+    from ..capture import _tensor_leaves
+
+    return _tensor_leaves(call)
+
+
+def _check_session(session, variant: dict, path: str) -> None:
+    """The model's inputs and outputs must be those ``plan.json`` lists, with the same shapes."""
+    def described(values) -> list:
+        return [(v.name, list(v.shape)) for v in values]
+
+    for kind, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        actual = described(values)
+        expected = [(t["name"], list(t["shape"])) for t in variant[kind]]
+        if actual != expected:
+            raise ValueError(f"{path} does not match plan.json: its {kind} are {actual}, plan.json lists "
+                             f"{expected}; the files come from different exports")
