@@ -1,0 +1,483 @@
+"""Full-size denoiser architectures, built on the ``meta`` device: shapes and graphs, no weights.
+
+Each :class:`Arch` carries a published ``config.json`` (source cited next to
+it), the resolution and text length the T-GATE paper measures it at, its
+T-GATE defaults (``/work/shared/docs/tgate-reference.md``) and whether its
+pipeline runs classifier-free guidance. It builds the denoiser under
+``torch.device("meta")`` and the call a diffusers pipeline makes to it, so
+that :func:`tgate_fx.capture.capture_denoiser` can export SD-XL or PixArt in
+seconds on a laptop, and :mod:`tgate_fx.macs` can count what every T-GATE
+variant costs.
+
+Example::
+
+    >>> from tgate_fx.archs import get_arch, ArchGraphs
+    >>> arch = get_arch("sdxl")
+    >>> arch.height, arch.tgate.gate_step, arch.cfg
+    (1024, 10, True)
+    >>> graphs = ArchGraphs(arch)(batch_size=2)     # doctest: +SKIP
+    >>> len(graphs.sites)                            # doctest: +SKIP
+    140
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from .analysis import find_attention_sites
+from .capture import capture_denoiser
+from .config import TGateConfig
+from .runtime import CapturedGraphs
+
+__all__ = ["ARCHS", "Arch", "ArchGraphs", "arch_from_pipeline", "get_arch"]
+
+# VAE downsampling of every model here (SD, SD-XL and PixArt VAEs have 4 blocks).
+_VAE_SCALE = 8
+
+# --- published configs ------------------------------------------------------------------
+# Copied key for key from the models' ``config.json`` files. Where the
+# official file was only readable through a verbatim copy, the copy is cited
+# too. Bookkeeping keys (``_class_name``, ``_diffusers_version``) are kept:
+# ``from_config`` ignores them.
+
+# runwayml/stable-diffusion-v1-5, unet/config.json
+# (https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/unet/config.json; read through the
+# verbatim copy https://huggingface.co/neuronaut/vasyalozhkin-style/blame/main/unet/config.json,
+# "_name_or_path": "runwayml/stable-diffusion-v1-5").
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# stabilityai/stable-diffusion-2-1, unet/config.json
+# (https://huggingface.co/stabilityai/stable-diffusion-2-1/blob/main/unet/config.json; read through the
+# verbatim copy https://huggingface.co/Kayvane/rick-and-morty-rsanchez-character-10000-steps-20-inputs/
+# blame/9f4faf8a38ff513ddef67afdc215c2fa71a5f1d4/unet/config.json, "_name_or_path": "stabilityai/stable-diffusion-2-1").
+SD21_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+# (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json; the same
+# file is committed as the starting point of latent-consistency/lcm-sdxl,
+# https://huggingface.co/latent-consistency/lcm-sdxl/commit/7136117e57233ea0d299aa4520e6a15aa47ec6a2,
+# "_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0").
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# latent-consistency/lcm-sdxl, config.json
+# (https://huggingface.co/latent-consistency/lcm-sdxl/blob/main/config.json): the SD-XL base UNet
+# distilled with a guidance-scale embedding. Its architecture keys were read through the verbatim copy
+# https://huggingface.co/Jingya/lcm-sdxl-neuronx/blob/0d64a77a370fc45b77bc4cfc050f5daed4a94459/unet/config.json
+# ("_name_or_path": "latent-consistency/lcm-sdxl"); time_cond_proj_dim=256 is the value the diffusers
+# distillation script gives the student (examples/consistency_distillation/train_lcm_distill_sdxl_wds.py,
+# --unet_time_cond_proj_dim default 256).
+LCM_SDXL_UNET = {**SDXL_UNET, "time_cond_proj_dim": 256}
+
+# PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json
+# (https://huggingface.co/PixArt-alpha/PixArt-XL-2-1024-MS/blob/main/transformer/config.json; read through
+# the verbatim copy https://huggingface.co/Luo-Yihong/yoso_pixart1024/blob/main/config.json,
+# "_name_or_path": "PixArt-alpha/PixArt-XL-2-1024-MS"). PixArt-LCM-XL-2-1024-MS ships the same 719-byte
+# transformer config (https://huggingface.co/PixArt-alpha/PixArt-LCM-XL-2-1024-MS/tree/main/transformer).
+PIXART_ALPHA_TRANSFORMER = {
+    "_class_name": "Transformer2DModel",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "attention_type": "default",
+    "caption_channels": 4096,
+    "cross_attention_dim": 1152,
+    "double_self_attention": False,
+    "dropout": 0.0,
+    "in_channels": 4,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_single",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 8,
+    "patch_size": 2,
+    "sample_size": 128,
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+# PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/config.json
+# (https://huggingface.co/PixArt-alpha/PixArt-Sigma-XL-2-1024-MS/blob/main/transformer/config.json,
+# "Update config file for diffusers update"; read through the verbatim copy
+# https://huggingface.co/unclecode/pixart-sigma-int8/blob/main/config.json,
+# "_name_or_path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS").
+PIXART_SIGMA_TRANSFORMER = {
+    "_class_name": "PixArtTransformer2DModel",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "attention_type": "default",
+    "caption_channels": 4096,
+    "cross_attention_dim": 1152,
+    "double_self_attention": False,
+    "dropout": 0.0,
+    "in_channels": 4,
+    "interpolation_scale": 2,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_single",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 8,
+    "patch_size": 2,
+    "sample_size": 128,
+    "upcast_attention": False,
+    "use_additional_conditions": False,
+    "use_linear_projection": False,
+}
+
+# T-GATE defaults of the published results (tgate-reference.md, "Defaults used in the published results").
+_SD_TGATE = TGateConfig(gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)
+_PIXART_TGATE = TGateConfig(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
+# LCM-PixArt is listed with gate_step "1 or 2"; 1 is the setting its published MACs (8.563T -> 7.623T) match.
+_LCM_TGATE = TGateConfig(gate_step=1, sp_interval=1, fi_interval=1, warm_up=0, lcm=True)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A denoiser architecture and the call its pipeline makes, for meta-device captures.
+
+    Attributes:
+        name: Registry name, e.g. ``"sdxl"``.
+        family: ``"sd"`` (SD 1.x/2.x UNet), ``"sdxl"`` (UNet with text-time
+            conditioning) or ``"pixart"`` (PixArt transformer); decides the call.
+        model_class: ``"UNet2DConditionModel"`` or ``"PixArtTransformer2DModel"``.
+        config: The denoiser's ``config.json`` (excluded from hashing and equality).
+        source: Where the config comes from.
+        height, width: Image size in pixels.
+        text_tokens: Length of the text-encoder sequence the denoiser attends to.
+        num_steps: Denoising steps of the published setting.
+        tgate: T-GATE settings of the published setting.
+        cfg: Whether the pipeline runs classifier-free guidance (a 2B batch before the gate).
+        vae_scale: Pixels per latent pixel.
+    """
+
+    name: str
+    family: str
+    model_class: str
+    config: dict = field(compare=False, hash=False, repr=False)
+    source: str = ""
+    height: int = 1024
+    width: int = 1024
+    text_tokens: int = 77
+    num_steps: int = 25
+    tgate: TGateConfig = _SD_TGATE
+    cfg: bool = True
+    vae_scale: int = _VAE_SCALE
+
+    def __post_init__(self) -> None:
+        if self.family not in ("sd", "sdxl", "pixart"):
+            raise ValueError(f"family must be 'sd', 'sdxl' or 'pixart', got {self.family!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % self.vae_scale:
+                raise ValueError(f"{name}={value} is not a multiple of the VAE scale {self.vae_scale}")
+
+    def with_size(self, height: int | None = None, width: int | None = None) -> "Arch":
+        """The same architecture at another image size."""
+        return replace(self, height=height or self.height, width=width or self.width)
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings the pipeline feeds the denoiser."""
+        key = "caption_channels" if self.family == "pixart" else "cross_attention_dim"
+        return int(self.config[key])
+
+    def build_denoiser(self, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
+        """The denoiser, built from :attr:`config` on ``device`` (no weights on ``meta``)."""
+        import diffusers
+        from diffusers.utils import logging as diffusers_logging
+
+        cls = getattr(diffusers, self.model_class)
+        # Published configs carry keys of older class versions; from_config ignores them, noisily.
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            with torch.device(device):
+                model = cls.from_config(self.config)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        if dtype != torch.float32:
+            model = model.to(dtype=dtype)
+        return model.eval()
+
+    def make_call(self, batch_size: int, device: str | torch.device = "meta",
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The normalized denoiser call of one denoising step at ``batch_size``, as the pipeline makes it.
+
+        Tensors are empty (uninitialised) on ``device``; only their shapes and
+        dtypes matter for a capture.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        b, c = batch_size, self.config.get("in_channels", 4)
+        h, w = self.height // self.vae_scale, self.width // self.vae_scale
+
+        def t(*shape, dt=dtype):
+            return torch.empty(*shape, device=device, dtype=dt)
+
+        text = t(b, self.text_tokens, self.text_dim)
+        if self.family == "pixart":
+            # PixArt pipelines expand the step's timestep over the batch and pass the text mask.
+            call = {"hidden_states": t(b, c, h, w), "encoder_hidden_states": text,
+                    "timestep": t(b, dt=torch.int64),
+                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                    "encoder_attention_mask": t(b, self.text_tokens, dt=torch.int64)}
+            if _pixart_size_conditions(self.config):
+                call["added_cond_kwargs"] = {"resolution": t(b, 2), "aspect_ratio": t(b, 1)}
+            return call
+        # UNet pipelines pass the scheduler's 0-d timestep.
+        call = {"sample": t(b, c, h, w), "timestep": t((), dt=torch.int64), "encoder_hidden_states": text}
+        if self.config.get("time_cond_proj_dim"):
+            call["timestep_cond"] = t(b, int(self.config["time_cond_proj_dim"]))
+        if self.family == "sdxl":
+            time_ids = 6  # (original size, crop top-left, target size), two numbers each
+            pooled = int(self.config["projection_class_embeddings_input_dim"]) - time_ids * int(
+                self.config["addition_time_embed_dim"])
+            call["added_cond_kwargs"] = {"text_embeds": t(b, pooled), "time_ids": t(b, time_ids)}
+        return call
+
+    def capture(self, batch_size: int) -> CapturedGraphs:
+        """Export the meta-device denoiser at ``batch_size`` and find its attention sites."""
+        denoiser = self.build_denoiser()
+        capture = capture_denoiser(denoiser, self.make_call(batch_size))
+        return CapturedGraphs(capture, find_attention_sites(capture.graph_module))
+
+    def describe(self) -> str:
+        """One line: name, class, size, text length, CFG."""
+        return (f"{self.name}: {self.model_class}, {self.height}x{self.width}, {self.text_tokens} text tokens, "
+                f"CFG {'on' if self.cfg else 'off'}")
+
+
+def _pixart_size_conditions(config: dict) -> bool:
+    # PixArtTransformer2DModel's own rule: explicit setting, else on for the 1024px (sample_size 128) models.
+    explicit = config.get("use_additional_conditions")
+    return bool(explicit) if explicit is not None else config.get("sample_size") == 128
+
+
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in [
+        Arch("sd15", "sd", "UNet2DConditionModel", SD15_UNET, "runwayml/stable-diffusion-v1-5 unet/config.json",
+             height=512, width=512),
+        Arch("sd21", "sd", "UNet2DConditionModel", SD21_UNET, "stabilityai/stable-diffusion-2-1 unet/config.json",
+             height=768, width=768),
+        Arch("sdxl", "sdxl", "UNet2DConditionModel", SDXL_UNET,
+             "stabilityai/stable-diffusion-xl-base-1.0 unet/config.json"),
+        Arch("pixart_alpha", "pixart", "PixArtTransformer2DModel", PIXART_ALPHA_TRANSFORMER,
+             "PixArt-alpha/PixArt-XL-2-1024-MS transformer/config.json", text_tokens=120, tgate=_PIXART_TGATE),
+        Arch("pixart_sigma", "pixart", "PixArtTransformer2DModel", PIXART_SIGMA_TRANSFORMER,
+             "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json", text_tokens=300,
+             tgate=_PIXART_TGATE),
+        Arch("lcm_sdxl", "sdxl", "UNet2DConditionModel", LCM_SDXL_UNET, "latent-consistency/lcm-sdxl config.json",
+             num_steps=4, tgate=_LCM_TGATE, cfg=False),
+        Arch("lcm_pixart", "pixart", "PixArtTransformer2DModel", PIXART_ALPHA_TRANSFORMER,
+             "PixArt-alpha/PixArt-LCM-XL-2-1024-MS transformer/config.json", text_tokens=120, num_steps=4,
+             tgate=_LCM_TGATE, cfg=False),
+    ]
+}
+
+
+def get_arch(name: str) -> Arch:
+    """The registered architecture ``name`` (one of :data:`ARCHS`)."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def arch_from_pipeline(pipe: Any, *, height: int | None = None, width: int | None = None,
+                       text_tokens: int | None = None) -> Arch:
+    """The :class:`Arch` of a diffusers pipeline's denoiser, from its config (weights are not used).
+
+    Sizes default to what the pipeline itself would use: the denoiser's
+    ``sample_size`` times the VAE scale, the tokenizer's maximum length for
+    UNets, and 120 (PixArt-alpha) or 300 (PixArt-Sigma) text tokens.
+    The T-GATE defaults follow the family; LCM pipelines (an ``LCMScheduler``
+    or a UNet with a guidance embedding) run without CFG.
+
+    Raises:
+        TypeError: if the denoiser is neither a ``UNet2DConditionModel`` nor a
+            ``PixArtTransformer2DModel``.
+    """
+    from .api import DENOISER_ATTRIBUTES
+    from .runtime import TGateDenoiser
+
+    denoiser = None
+    for attr in DENOISER_ATTRIBUTES:
+        denoiser = getattr(pipe, attr, None)
+        if isinstance(denoiser, TGateDenoiser):
+            denoiser = denoiser.denoiser
+        if isinstance(denoiser, torch.nn.Module):
+            break
+    model_class = type(denoiser).__name__
+    if model_class not in ("UNet2DConditionModel", "PixArtTransformer2DModel"):
+        raise TypeError(f"{type(pipe).__name__} has denoiser {model_class}; supported: UNet2DConditionModel, "
+                        "PixArtTransformer2DModel")
+    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
+    vae_scale = int(getattr(pipe, "vae_scale_factor", _VAE_SCALE))
+    sample = config.get("sample_size") or 64
+    lcm = type(getattr(pipe, "scheduler", None)).__name__ == "LCMScheduler" or bool(config.get("time_cond_proj_dim"))
+    if model_class == "PixArtTransformer2DModel":
+        family = "pixart"
+        tokens = 300 if "Sigma" in type(pipe).__name__ else 120
+        tgate = _PIXART_TGATE
+    else:
+        embed = config.get("addition_embed_type")
+        if embed not in (None, "text_time"):
+            raise TypeError(f"UNet addition_embed_type={embed!r} is not supported; supported: None, 'text_time'")
+        family = "sdxl" if embed == "text_time" else "sd"
+        tokenizer = getattr(pipe, "tokenizer", None)
+        tokens = int(getattr(tokenizer, "model_max_length", 77) or 77)
+        tgate = _SD_TGATE
+    return Arch(
+        name=type(pipe).__name__, family=family, model_class=model_class, config=config,
+        source=str(getattr(pipe, "name_or_path", "") or "pipeline"),
+        height=height or sample * vae_scale, width=width or sample * vae_scale,
+        text_tokens=text_tokens or tokens, num_steps=4 if lcm else 25, tgate=_LCM_TGATE if lcm else tgate,
+        cfg=not lcm, vae_scale=vae_scale,
+    )
+
+
+class ArchGraphs:
+    """The captures of one architecture, one per batch size, made on first use.
+
+    Calling it with a batch size returns a
+    :class:`~tgate_fx.runtime.CapturedGraphs` (capture, attention sites, and
+    the graph variants built from it so far), which is what
+    :func:`tgate_fx.macs.plan_macs` and :mod:`tgate_fx.inspection` read.
+
+    Args:
+        arch: The architecture.
+        progress: Called with a line of text before and after each export
+            (they take seconds); the default writes to stderr.
+    """
+
+    def __init__(self, arch: Arch, progress: Callable[[str], None] | None = None):
+        self.arch = arch
+        self.progress = progress if progress is not None else _stderr
+        self._by_batch: dict[int, CapturedGraphs] = {}
+
+    def __call__(self, batch_size: int) -> CapturedGraphs:
+        if batch_size not in self._by_batch:
+            self.progress(f"capturing {self.arch.name} at batch {batch_size} on the meta device ...")
+            start = time.perf_counter()
+            self._by_batch[batch_size] = self.arch.capture(batch_size)
+            graphs = self._by_batch[batch_size]
+            self.progress(f"  {len(graphs.capture.graph_module.graph.nodes)} nodes, {len(graphs.sites)} attention "
+                          f"sites, {time.perf_counter() - start:.1f}s")
+        return self._by_batch[batch_size]
+
+    @property
+    def batches(self) -> list[int]:
+        """Batch sizes captured so far."""
+        return sorted(self._by_batch)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
