@@ -42,10 +42,10 @@ from .. import __version__
 from ..api import DENOISER_ATTRIBUTES, optimize
 from ..capture import capture_denoiser, normalize_call, signature_of
 from ..config import TGateConfig
-from ..generation import output_class
+from ..generation import output_class, take_unconditional_half
 from ..passes import cache_input_name
 from ..plan import Plan, VariantSpec
-from ..runtime import TGateDenoiser
+from ..runtime import CapturedGraphs, TGateDenoiser
 from ..variants import Variant, build_variant
 from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, record_name
 from .weights import WeightsWriter
@@ -176,24 +176,51 @@ def _capture_ids(signatures: list, sample_arg: str) -> list[str]:
 
 
 def _run_tgate(pipe, attribute: str, config: TGateConfig, call: dict):
-    """One T-GATE generation; returns (plan, [(signature, {variant name: Variant}, sites)])."""
+    """One T-GATE generation; returns (plan, per-step (CapturedGraphs, Variant)).
+
+    An optimized pipeline keeps its runtime, whose captures and variants are
+    reused (they do not depend on the settings); its settings are put back
+    after. Each step's capture is found as the runtime finds it: by the
+    signature of the call, halved where the step drops the unconditional batch.
+    """
     saved = getattr(pipe, attribute)
+    previous = saved.tgate_config if isinstance(saved, TGateDenoiser) else None
+    seen: list[tuple] = []
+
+    def record(module, args, kwargs):
+        full, _ = normalize_call(module.denoiser, args, kwargs)
+        sample = full[module._sample_arg]
+        seen.append((signature_of(full), signature_of(take_unconditional_half(full, sample.shape[0]))))
+
     try:
         optimize(pipe, config=config)
         runtime = getattr(pipe, attribute)
-        pipe(**call)
+        runtime.reset()
+        handle = runtime.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            pipe(**call)
+        finally:
+            handle.remove()
         plan = runtime.last_plan
-        captures = [(g.capture.signature, {v.name: v for v in g.variants.values()}, g.sites)
-                    for g in runtime.captures]
+        graphs = {g.capture.signature: g for g in runtime.captures}
     finally:
-        object.__setattr__(pipe, attribute, saved)
-    if plan is None:
-        raise RuntimeError(f"the pipeline never called its denoiser (pipe.{attribute}); nothing to export")
-    return plan, captures
+        if previous is not None and getattr(pipe, attribute) is saved:
+            optimize(pipe, config=previous)
+        else:
+            object.__setattr__(pipe, attribute, saved)
+    if plan is None or len(seen) != plan.num_steps:
+        raise RuntimeError(f"the traced generation made {len(seen)} denoiser calls for a plan of "
+                           f"{plan.num_steps if plan else '?'} steps; nothing consistent to export")
+    steps = []
+    for entry, (full, half) in zip(plan.steps, seen):
+        signature = half if plan.cfg and not entry.cfg else full
+        g = graphs[signature]
+        steps.append((g, g.variants[entry.variant]))
+    return plan, steps
 
 
 def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
-    """One plain generation; returns (step signatures, [(signature, {"full": Variant}, [])])."""
+    """One plain generation; returns per-step (CapturedGraphs, Variant), one capture per call signature."""
     saved = getattr(pipe, attribute)
     recorder = _CallRecorder(denoiser)
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
@@ -205,11 +232,12 @@ def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
         object.__setattr__(pipe, attribute, saved)
     if not recorder.order:
         raise RuntimeError(f"the pipeline never called its denoiser (pipe.{attribute}); nothing to export")
-    captures = []
+    graphs = {}
     for signature, recorded in recorder.calls.items():
         capture = capture_denoiser(denoiser, recorded)
-        captures.append((signature, {_FULL.name: build_variant(capture.graph_module, [], _FULL)}, []))
-    return recorder.order, captures
+        variant = build_variant(capture.graph_module, [], _FULL)
+        graphs[signature] = (CapturedGraphs(capture, [], {_FULL: variant}), variant)
+    return [graphs[signature] for signature in recorder.order]
 
 
 def _example_inputs(variant: Variant) -> list[torch.Tensor]:
@@ -411,39 +439,33 @@ def export_onnx(
     say(f"tracing one {num_inference_steps}-step generation of {type(pipe).__name__} "
         f"({'T-GATE ' + repr(config) if tgate else 'plain'})")
     if tgate:
-        plan, captures = _run_tgate(pipe, attribute, config, call)
-        ids = _capture_ids([c[0] for c in captures], sample_arg)
-        steps = []
-        for entry in plan.to_dict()["steps"]:
-            holders = [cid for cid, c in zip(ids, captures) if entry["variant"] in c[1]]
-            if not holders:
-                raise RuntimeError(f"step {entry['step']} runs variant {entry['variant']!r}, "
-                                   "which no capture built; the generation stopped early")
-            # A variant used at two batches would need the step's batch to pick; the
-            # reference schedule never does that, so one holder is expected.
-            if len(holders) > 1:
-                raise RuntimeError(f"variant {entry['variant']!r} was built for captures {holders}; "
-                                   f"cannot tell which one step {entry['step']} ran")
-            steps.append({**entry, "capture": holders[0]})
-        plan_data = {**plan.to_dict(), "steps": steps}
+        plan, per_step = _run_tgate(pipe, attribute, config, call)
+        plan_steps = plan.to_dict()["steps"]
     else:
-        order, captures = _run_plain(pipe, attribute, denoiser, call)
-        ids = _capture_ids([c[0] for c in captures], sample_arg)
-        by_signature = {c[0]: cid for cid, c in zip(ids, captures)}
-        plan_data = {"num_steps": len(order), "cfg": None, "config": None,
-                     "steps": [{"step": i, "phase": "plain", "variant": _FULL.name, "reads": [], "writes": [],
-                                "capture": by_signature[s]} for i, s in enumerate(order)]}
+        per_step = _run_plain(pipe, attribute, denoiser, call)
+        plan_steps = [{"step": i, "phase": "plain", "variant": _FULL.name, "reads": [], "writes": []}
+                      for i in range(len(per_step))]
+    # Captures in order of first use, each with the variants the plan runs on it.
+    used: dict = {}
+    for graphs, variant in per_step:
+        used.setdefault(graphs.capture.signature, (graphs, {}))[1].setdefault(variant.name, variant)
+    ids = dict(zip(used, _capture_ids(list(used), sample_arg)))
+    plan_data = {"num_steps": len(plan_steps), "cfg": plan.cfg if tgate else None,
+                 "config": config.to_dict() if tgate else None,
+                 "steps": [{**entry, "capture": ids[g.capture.signature]} for entry, (g, _) in zip(plan_steps, per_step)]}
+    captures = [(ids[sig], graphs, variants) for sig, (graphs, variants) in used.items()]
     say(f"traced in {time.perf_counter() - start:.1f} s: "
-        + ", ".join(f"{cid} ({', '.join(c[1])})" for cid, c in zip(ids, captures)))
+        + ", ".join(f"{cid} ({', '.join(variants)})" for cid, _, variants in captures))
 
-    jobs = [(cid, vname, variant) for cid, c in zip(ids, captures) for vname, variant in c[1].items()]
+    jobs = [(cid, graphs, variant) for cid, graphs, variants in captures for variant in variants.values()]
     captures_data: dict[str, dict] = {}
     caches: dict[str, dict] = {}
     written = []
     weights_path = os.path.join(out_dir, WEIGHTS_FILE)
     with WeightsWriter(weights_path) as weights, tempfile.TemporaryDirectory(prefix="tgate_fx_onnx_") as tmp:
-        for k, (cid, vname, variant) in enumerate(jobs, 1):
+        for k, (cid, graphs, variant) in enumerate(jobs, 1):
             t0 = time.perf_counter()
+            vname = variant.name
             file = f"{cid}_{vname}.onnx"
             workdir = os.path.join(tmp, str(k))
             os.makedirs(workdir)
@@ -454,7 +476,7 @@ def export_onnx(
             path = os.path.join(out_dir, file)
             onnx.save(model, path)
             written.append(path)
-            signature = next(c[0] for i, c in zip(ids, captures) if i == cid)
+            signature = graphs.capture.signature
             entry = captures_data.setdefault(cid, {
                 "inputs": [_tensor_info(n, s, d) for n, s, d, _ in signature.tensors],
                 "constants": dict(signature.constants),
@@ -469,8 +491,7 @@ def export_onnx(
                 "spec": {"reuse": sorted(variant.spec.reuse), "record": sorted(variant.spec.record),
                          "cfg_mean": variant.spec.cfg_mean},
             }
-            sites = next(c[2] for i, c in zip(ids, captures) if i == cid)
-            for site in sites:
+            for site in graphs.sites:
                 if site.path in variant.reads or site.path in variant.records:
                     caches.setdefault(site.path, {"role": site.role, "input": cache_input_name(site.path),
                                                   "output": record_name(site.path)})

@@ -139,8 +139,11 @@ class OnnxDenoiser:
         module, _, cls = den["output_class"].rpartition(".")
         self._output_class = getattr(importlib.import_module(module), cls)
         self.tgate_config = TGateConfig(**bundle["tgate"]) if bundle.get("tgate") else None
-        # Which capture holds each variant: a variant name identifies its graph.
-        self._variant_capture = {v: cid for cid, c in bundle["captures"].items() for v in c["variants"]}
+        # The captures that hold each variant; the call's shapes pick one.
+        self._variant_captures: dict[str, list[str]] = {}
+        for cid, capture in bundle["captures"].items():
+            for vname in capture["variants"]:
+                self._variant_captures.setdefault(vname, []).append(cid)
         self._cache_device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self._tracker: GenerationTracker | None = None
         self._checked_plan = None
@@ -238,12 +241,12 @@ class OnnxDenoiser:
         if plan is self._checked_plan:
             return
         exported = self.bundle["plan"]
-        missing = sorted({s.variant.name for s in plan.steps} - set(self._variant_capture))
+        missing = sorted({s.variant.name for s in plan.steps} - set(self._variant_captures))
         if missing:
             raise ValueError(
                 f"this generation ({plan.num_steps} steps, CFG {'on' if plan.cfg else 'off'}) needs variants "
                 f"{missing}, which the bundle lacks: it was exported for {exported['num_steps']} steps with CFG "
-                f"{'on' if exported['cfg'] else 'off'} and has {sorted(self._variant_capture)}; export again "
+                f"{'on' if exported['cfg'] else 'off'} and has {sorted(self._variant_captures)}; export again "
                 f"with num_inference_steps={plan.num_steps}"
             )
         if plan.num_steps == exported["num_steps"] and plan.cfg == exported["cfg"]:
@@ -257,11 +260,11 @@ class OnnxDenoiser:
 
     def _run(self, call: dict, vname: str, caches: dict, where: str):
         """Run variant ``vname`` on ``call``; returns (prediction tensor, {site: written cache})."""
-        cid = self._variant_capture.get(vname)
-        if cid is None:
-            raise ValueError(f"{where}: the bundle has no variant {vname!r} (it has {sorted(self._variant_capture)})")
+        cids = self._variant_captures.get(vname)
+        if not cids:
+            raise ValueError(f"{where}: the bundle has no variant {vname!r} (it has {sorted(self._variant_captures)})")
+        cid = self._capture_for(call, cids, where)
         capture = self.bundle["captures"][cid]
-        self._check_call(call, capture, where)
         variant = capture["variants"][vname]
         session = self._sessions[cid, vname]
         tensors = _flat_tensors(call)
@@ -295,10 +298,17 @@ class OnnxDenoiser:
         prediction = prediction.to(sample.device)
         return prediction, {written[n]: v for n, v in zip(names[1:], values[1:])}
 
-    def _check_call(self, call: dict, capture: dict, where: str) -> None:
+    def _capture_for(self, call: dict, cids: list[str], where: str) -> str:
+        """The capture among ``cids`` exported for this call's shapes; else an error naming both."""
         signature = signature_of(call)
         actual = [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
                   for n, s, d, _ in signature.tensors]
+        constants = {k: v for k, v in signature.constants}
+        for cid in cids:
+            capture = self.bundle["captures"][cid]
+            if actual == capture["inputs"] and constants == capture["constants"]:
+                return cid
+        capture = self.bundle["captures"][cids[0]]
         expected = capture["inputs"]
         if actual != expected:
             exp = {t["name"]: t for t in expected}
@@ -313,10 +323,8 @@ class OnnxDenoiser:
                 f"(height={c.get('height')}, width={c.get('width')}, batch_size={c.get('batch_size')}): "
                 + "; ".join(diffs) + f". Expected {_describe(expected)}; got {_describe(actual)}"
             )
-        constants = {k: v for k, v in signature.constants}
-        if constants != capture["constants"]:
-            raise ValueError(f"{where}: the denoiser call's non-tensor arguments {constants} differ from the "
-                             f"exported ones {capture['constants']}; they are baked into the graphs")
+        raise ValueError(f"{where}: the denoiser call's non-tensor arguments {constants} differ from the "
+                         f"exported ones {capture['constants']}; they are baked into the graphs")
 
     def __repr__(self) -> str:
         mode = repr(self.tgate_config) if self.tgate_config else "plain"

@@ -1,0 +1,255 @@
+"""ONNX export of the phase graphs and the onnxruntime denoiser, on onnxruntime's CPU provider.
+
+The oracle is the torch pipeline: the ``tgate_fx.optimize``d one for T-GATE
+bundles, the eager one for plain bundles. Tolerance: float32 kernels of
+onnxruntime and torch round differently (about 1e-6 relative per denoiser
+call), and guidance and the multistep solver carry that through the steps to
+the final latents, whose magnitude reaches the hundreds on these random-weight
+models. So the bound is 1e-4 absolute for latents up to 1, and 1e-4 relative
+to the largest latent beyond that (measured: 2e-6 relative at worst).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import tgate_fx  # noqa: E402
+from conftest import eager_denoiser, latents, shared_optimized  # noqa: E402
+from tgate_fx import Plan, TGateConfig  # noqa: E402
+from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
+from tgate_fx.export.bundle import PLAN_FILE, WEIGHTS_FILE  # noqa: E402
+
+# "default": the default settings (sp reuse before the gate) at 11 steps, one
+# step after the gate. "reuse": self-attention reuse on both sides of the
+# gate at 6 steps; its plan uses every kind of variant but sp_reuse.
+SETTINGS = {
+    "default": (TGateConfig(), 11),
+    "reuse": (TGateConfig(gate_step=3, sp_interval=2, fi_interval=2, warm_up=1), 6),
+}
+FAMILIES = ("sd15", "sdxl", "pixart_alpha")
+
+_BUNDLES: dict = {}
+
+
+def _denoiser_attribute(pipe) -> str:
+    return "unet" if hasattr(pipe, "unet") else "transformer"
+
+
+def bundle(family: str, setting: str, tmp_path_factory) -> str:
+    """Export (once per session) the bundle of ``family`` for ``setting`` ("plain" = no T-GATE)."""
+    key = (family, setting)
+    if key not in _BUNDLES:
+        pipe = shared_optimized(family)
+        call = dict(pipe.tiny_call_kwargs)
+        height, width = call.pop("height"), call.pop("width")
+        out = str(tmp_path_factory.mktemp(f"{family}_{setting}"))
+        if setting == "plain":
+            export_onnx(pipe, out, height, width, num_inference_steps=4, tgate=False, **call)
+        else:
+            config, steps = SETTINGS[setting]
+            export_onnx(pipe, out, height, width, num_inference_steps=steps, config=config, **call)
+        _BUNDLES[key] = out
+    return _BUNDLES[key]
+
+
+@contextlib.contextmanager
+def onnx_denoiser(pipe, directory: str, **kwargs):
+    """Run ``pipe`` with the bundle's OnnxDenoiser, then put its denoiser back."""
+    name = _denoiser_attribute(pipe)
+    saved = getattr(pipe, name)
+    denoiser = OnnxDenoiser.from_dir(directory, **kwargs)
+    denoiser.install(pipe)
+    try:
+        yield denoiser
+    finally:
+        object.__setattr__(pipe, name, saved)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    diff = (got - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    return diff, diff / scale
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_tgate_matches_torch_tgate(family, setting, tmp_path_factory):
+    config, steps = SETTINGS[setting]
+    pipe = shared_optimized(family)
+    tgate_fx.optimize(pipe, config=config)
+    ref = latents(pipe, num_inference_steps=steps)
+    torch_plan = tgate_fx.get_runtime(pipe).last_plan
+    directory = bundle(family, setting, tmp_path_factory)
+    with onnx_denoiser(pipe, directory) as denoiser:
+        got = latents(pipe, num_inference_steps=steps)
+        assert denoiser.last_plan == torch_plan
+    diff, scaled = _close(got, ref)
+    print(f"{family} {setting}: max |onnx - torch| = {diff:.3g}, max |latent| = {ref.abs().max().item():.3g}")
+    assert scaled <= 1e-4, (diff, ref.abs().max().item())
+    if family == "sd15":
+        # The bound is tight enough to see T-GATE: without it the latents differ by far more.
+        with eager_denoiser(pipe):
+            plain = latents(pipe, num_inference_steps=steps)
+        assert (plain - ref).abs().max().item() > 100 * diff
+
+
+def test_plain_export_matches_plain_pipeline(tmp_path_factory):
+    directory = bundle("sd15", "plain", tmp_path_factory)
+    with open(os.path.join(directory, PLAN_FILE)) as f:
+        plan = json.load(f)
+    assert plan["tgate"] is None
+    assert [v for c in plan["captures"].values() for v in c["variants"]] == ["full"]
+    pipe = shared_optimized("sd15")
+    with eager_denoiser(pipe):
+        ref = latents(pipe, num_inference_steps=4)
+        with onnx_denoiser(pipe, directory):
+            got = latents(pipe, num_inference_steps=4)
+    diff, scaled = _close(got, ref)
+    print(f"sd15 plain: max |onnx - torch| = {diff:.3g}, max |latent| = {ref.abs().max().item():.3g}")
+    assert scaled <= 1e-4
+
+
+def test_bundle_layout(tmp_path_factory):
+    directory = bundle("sd15", "reuse", tmp_path_factory)
+    config, steps = SETTINGS["reuse"]
+    with open(os.path.join(directory, PLAN_FILE)) as f:
+        plan = json.load(f)
+    expected = Plan(steps, config, cfg=True).to_dict()
+    assert [{k: v for k, v in s.items() if k != "capture"} for s in plan["plan"]["steps"]] == expected["steps"]
+    # Pre-gate variants at the CFG batch, post-gate ones at the prompt batch.
+    assert {c: sorted(v["variants"]) for c, v in plan["captures"].items()} == {
+        "b2": ["gate", "sp_compute", "sp_record"], "b1": ["fi_record", "fi_reuse"]}
+    files = sorted(v["file"] for c in plan["captures"].values() for v in c["variants"].values())
+    assert sorted(os.listdir(directory)) == sorted(files + [PLAN_FILE, WEIGHTS_FILE])
+    for file in files:
+        onnx.checker.check_model(os.path.join(directory, file))  # by path: external data checked too
+
+    unet = shared_optimized("sd15").unet.denoiser
+    weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert plan["denoiser"]["parameter_bytes"] == weight_bytes
+    assert os.path.getsize(os.path.join(directory, WEIGHTS_FILE)) <= 1.02 * weight_bytes
+    models = {f: onnx.load(os.path.join(directory, f), load_external_data=False) for f in files}
+    for f, model in models.items():
+        # Only small constants are left inside the graphs.
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) < 1024
+                   for t in model.graph.initializer), f
+
+    gate = plan["captures"]["b2"]["variants"]["gate"]
+    cross = [s for s, c in plan["caches"].items() if c["role"] == "cross"]
+    assert cross and set(cross) <= set(gate["writes"])
+    for vname in ("fi_record", "fi_reuse"):
+        variant = plan["captures"]["b1"]["variants"][vname]
+        names = [i["name"] for i in variant["inputs"]]
+        assert "encoder_hidden_states" not in names
+        assert set(variant["reads"]) >= set(cross)
+        for site, name in variant["reads"].items():
+            shape = next(i["shape"] for i in variant["inputs"] if i["name"] == name)
+            assert shape[0] == 1, (site, shape)  # the gate's CFG-mean cache is at the prompt batch
+    assert "encoder_hidden_states" in [i["name"] for i in gate["inputs"]]
+    config = plan["denoiser"]["config"]
+    assert config["in_channels"] == unet.config.in_channels and config["sample_size"] == unet.config.sample_size
+
+
+def test_sdxl_bundle_records_what_the_pipeline_reads(tmp_path_factory):
+    directory = bundle("sdxl", "reuse", tmp_path_factory)
+    denoiser = OnnxDenoiser.from_dir(directory)
+    unet = shared_optimized("sdxl").unet.denoiser
+    assert denoiser.add_embedding.linear_1.in_features == unet.add_embedding.linear_1.in_features
+    assert denoiser.config.addition_time_embed_dim == unet.config.addition_time_embed_dim
+    assert denoiser.dtype == unet.dtype and denoiser.device == torch.device("cpu")
+
+
+def test_wrong_shapes_name_expected_and_actual(tmp_path_factory):
+    directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    pipe = shared_optimized("pixart_alpha")
+    with onnx_denoiser(pipe, directory):
+        with pytest.raises(ValueError, match=r"hidden_states: expected \[2, 4, 16, 16\] float32, got \[2, 4, 32, 32\]"):
+            latents(pipe, num_inference_steps=6, height=64, width=64)
+
+
+def test_missing_file_is_named(tmp_path_factory, tmp_path):
+    source = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    directory = shutil.copytree(source, tmp_path / "bundle")
+    os.remove(directory / "b1_fi_reuse.onnx")
+    with pytest.raises(FileNotFoundError, match="b1_fi_reuse.onnx"):
+        OnnxDenoiser.from_dir(str(directory))
+    with pytest.raises(FileNotFoundError, match="plan.json"):
+        OnnxDenoiser.from_dir(str(tmp_path))
+
+
+def test_plan_and_files_that_disagree_are_refused(tmp_path_factory, tmp_path):
+    source = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    directory = shutil.copytree(source, tmp_path / "bundle")
+    with open(directory / PLAN_FILE) as f:
+        plan = json.load(f)
+    variant = plan["captures"]["b1"]["variants"]["fi_record"]
+    variant["inputs"][0]["shape"] = [3, 4, 16, 16]
+    with open(directory / PLAN_FILE, "w") as f:
+        json.dump(plan, f)
+    with pytest.raises(ValueError, match=r"b1_fi_record.onnx does not match plan.json.*\[3, 4, 16, 16\]"):
+        OnnxDenoiser.from_dir(str(directory))
+
+    # A bundle from another export next to this plan: the weights file size gives it away.
+    with open(directory / WEIGHTS_FILE, "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(ValueError, match="weights.bin has"):
+        OnnxDenoiser.from_dir(str(directory))
+
+
+def test_generation_needing_a_variant_the_bundle_lacks(tmp_path_factory):
+    directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    pipe = shared_optimized("pixart_alpha")
+    # Other step counts run as long as the bundle has their variants...
+    tgate_fx.optimize(pipe, config=SETTINGS["reuse"][0])
+    ref = latents(pipe, num_inference_steps=8)
+    with onnx_denoiser(pipe, directory) as denoiser:
+        got = latents(pipe, num_inference_steps=8)
+        assert denoiser.last_plan.num_steps == 8
+    assert _close(got, ref)[1] <= 1e-4
+    # ...and a plan that needs another variant is refused, naming it.
+    denoiser = OnnxDenoiser.from_dir(directory)
+    needs_sp_reuse = Plan(8, TGateConfig(gate_step=6, sp_interval=2, warm_up=1), cfg=True)
+    with pytest.raises(ValueError, match=r"needs variants \['sp_reuse'\].*num_inference_steps=8"):
+        denoiser._check_plan(needs_sp_reuse)
+
+
+def test_unattached_denoiser_says_how_to_attach(tmp_path_factory):
+    directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    denoiser = OnnxDenoiser.from_dir(directory)
+    sample = torch.zeros(2, 4, 16, 16)
+    with pytest.raises(RuntimeError, match=r"install\(pipe\)"):
+        denoiser(sample, encoder_hidden_states=torch.zeros(2, 16, 32), timestep=torch.tensor([1, 1]))
+
+
+def test_cli_exports_tiny_sd(tmp_path):
+    from tgate_fx.export import cli
+
+    out = tmp_path / "bundle"
+    assert cli.main(["--model", "tiny-sd", "--out", str(out), "--steps", "1", "--no-tgate"]) == 0
+    plan = OnnxDenoiser.from_dir(str(out)).bundle
+    assert plan["call"]["num_inference_steps"] == 1 and plan["tgate"] is None
+    assert cli.main(["--model", "tiny-nothing", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_dynamo_exporter(tmp_path):
+    pytest.importorskip("onnxscript")
+    pipe = shared_optimized("pixart_alpha")
+    call = dict(pipe.tiny_call_kwargs)
+    height, width = call.pop("height"), call.pop("width")
+    config, steps = SETTINGS["reuse"]
+    export_onnx(pipe, str(tmp_path), height, width, num_inference_steps=steps, config=config, exporter="dynamo",
+                **call)
+    tgate_fx.optimize(pipe, config=config)
+    ref = latents(pipe, num_inference_steps=steps)
+    with onnx_denoiser(pipe, str(tmp_path)):
+        got = latents(pipe, num_inference_steps=steps)
+    assert _close(got, ref)[1] <= 1e-4
