@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -26,10 +27,12 @@ def _denoiser_attribute(pipe: Any) -> str:
         if isinstance(module, TGateDenoiser):
             module = module.denoiser
         if isinstance(module, torch.nn.Module):
-            if not any(isinstance(m, Attention) for m in module.modules()):
+            text_conditioned = "encoder_hidden_states" in inspect.signature(module.forward).parameters
+            if not text_conditioned or not any(isinstance(m, Attention) for m in module.modules()):
                 raise TypeError(
-                    f"{type(pipe).__name__}.{name} ({type(module).__name__}) has no diffusers Attention "
-                    "module for T-GATE to cache; supported denoisers are UNet2DConditionModel and "
+                    f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
+                    "denoiser with diffusers Attention modules for T-GATE to cache; supported denoisers "
+                    "are UNet2DConditionModel and "
                     "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel)"
                 )
             return name
@@ -68,8 +71,8 @@ def optimize(
     :class:`~tgate_fx.runtime.TGateDenoiser`. Nothing is captured yet: the
     first call of each input signature captures the denoiser with
     ``torch.export`` and builds the graph variants the step plan needs. The
-    pipeline is called as before. Applying it again replaces the settings;
-    :func:`restore` puts the original denoiser back.
+    pipeline is called as before. Applying it again replaces the settings and
+    keeps the captured graphs; :func:`restore` puts the original denoiser back.
 
     Args:
         pipe: A diffusers pipeline (SD 1.x/2.x, SD-XL, PixArt-alpha/sigma, LCM
@@ -90,10 +93,12 @@ def optimize(
         raise TypeError(f"config must be a TGateConfig, got {type(config).__name__}")
     name = _denoiser_attribute(pipe)
     current = getattr(pipe, name)
-    original = current.denoiser if isinstance(current, TGateDenoiser) else current
+    if isinstance(current, TGateDenoiser):
+        current.configure(config, pipe)
+        return pipe
     # Bypass DiffusionPipeline.__setattr__: it would record the runtime's class
     # in the pipeline config, and save_pretrained would then write it there.
-    object.__setattr__(pipe, name, TGateDenoiser(original, config, pipe))
+    object.__setattr__(pipe, name, TGateDenoiser(current, config, pipe))
     return pipe
 
 

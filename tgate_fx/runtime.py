@@ -65,10 +65,14 @@ class TGateDenoiser(torch.nn.Module):
     def __init__(self, denoiser: torch.nn.Module, config: TGateConfig, pipeline=None):
         super().__init__()
         self.denoiser = denoiser
-        self.tgate_config = config
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
-        self.generations = GenerationTracker(config, pipeline, self._sample_arg)
         self._captures: dict[InputSignature, CapturedGraphs] = {}
+        self.configure(config, pipeline)
+
+    def configure(self, config: TGateConfig, pipeline=None) -> None:
+        """Use new settings. Captures and variants are kept: they do not depend on the settings."""
+        self.tgate_config = config
+        self.generations = GenerationTracker(config, pipeline, self._sample_arg)
 
     # --- what the pipeline reads from its denoiser -------------------------
     def __getattr__(self, name: str):

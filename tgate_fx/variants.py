@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from .analysis import AttentionSite
 from .passes import (
@@ -86,6 +85,9 @@ def build_variant(base: fx.GraphModule, sites: list[AttentionSite], spec: Varian
     if reads:
         passes.append(ReplaceAttentionWithCache(reads))
     passes += [EliminateDeadCode(), RemoveUnusedInputs()]
-    gm = PassManager(passes=passes)(copy_graph_module(base)).graph_module
+    gm = copy_graph_module(base)
+    for graph_pass in passes:
+        gm = graph_pass(gm).graph_module
+    gm.recompile()
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return Variant(spec, gm, input_names, reads, records)

@@ -15,11 +15,15 @@ __all__ = ["GraphPass", "PassResult", "new_node", "site_values"]
 
 
 class GraphPass(PassBase):
-    """A pass over a flat captured graph: lint and recompile after it runs."""
+    """A pass over a flat captured graph, linted after it runs.
+
+    Passes change ``graph_module.graph`` only; call ``graph_module.recompile()``
+    once after the last of a sequence (regenerating the code of a graph with
+    thousands of nodes after every pass would dominate the build time).
+    """
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph_module.graph.lint()
-        graph_module.recompile()
 
 
 def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node) -> fx.Node:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Main job: install what is needed, then generate with and without T-GATE and print the speed-up.
+# Extra arguments go to `tgate-fx generate` (see `tgate-fx generate --help`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bootstrap.sh"
+cd "$root"
+exec tgate-fx generate "$@"

@@ -1,0 +1,70 @@
+import contextlib
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+from tgate_fx.tiny import FAMILIES, tiny_pipeline  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+
+
+def latents(pipe, prompt=PROMPT, seed=0, **kwargs):
+    """Final latents of one generation with a fixed seed."""
+    call = {**pipe.tiny_call_kwargs, **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **call).images
+
+
+_SHARED: dict = {}
+
+
+@contextlib.contextmanager
+def eager_denoiser(pipe):
+    """Temporarily run an optimized pipeline with its original eager denoiser."""
+    import tgate_fx
+
+    runtime = tgate_fx.get_runtime(pipe)
+    name = next(n for n in ("unet", "transformer") if getattr(pipe, n, None) is runtime)
+    object.__setattr__(pipe, name, runtime.denoiser)
+    try:
+        yield pipe
+    finally:
+        object.__setattr__(pipe, name, runtime)
+
+
+def shared_optimized(family: str):
+    """One optimized tiny pipeline per family for the whole session.
+
+    Re-optimizing it with other settings keeps its captured graphs, so tests
+    that only change T-GATE settings do not pay for torch.export again.
+    Tests must set the settings they need with ``tgate_fx.optimize``.
+    """
+    import tgate_fx
+
+    if family not in _SHARED:
+        _SHARED[family] = tgate_fx.optimize(tiny_pipeline(family))
+    return _SHARED[family]
+
+
+@pytest.fixture(scope="session")
+def families():
+    return FAMILIES
+
+
+def record_calls(pipe, attr: str, **kwargs):
+    """The (args, kwargs) of every denoiser call of one generation (eager)."""
+    module = getattr(pipe, attr)
+    module = getattr(module, "denoiser", module)
+    calls = []
+    handle = module.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        latents(pipe, **kwargs)
+    finally:
+        handle.remove()
+    return module, calls

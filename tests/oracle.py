@@ -1,0 +1,135 @@
+"""An eager oracle of the reference T-GATE semantics, built from caching attention processors.
+
+It shares no code with tgate_fx. The schedule is transcribed from the
+reference ``tgate_scheduler``; caching happens in attention processors set on
+the eager denoiser (the way the reference patches ``Attention.forward``):
+
+* the role of a call is decided as the reference does: cross-attention when
+  ``encoder_hidden_states`` is passed, self-attention otherwise;
+* the cached value is the attention output before ``/ rescale_output_factor``
+  (which is 1.0, with no residual, in every supported model: asserted), the
+  mean of the two CFG halves at the gate step;
+* after the gate the denoiser sees only the unconditional half of the CFG
+  batch, and its prediction is returned for both halves so that the
+  pipeline's guidance leaves it unchanged (the reference drops guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+def reference_schedule(cur: int, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
+    """(cross, self, keep_shape) flags of step ``cur``, as in T-GATE's ``tgate_scheduler``."""
+    if cur < gate_step - 1:
+        ca = {"cache": False, "reuse": False}
+        if cur < warm_up:
+            sa = {"cache": False, "reuse": False}
+        elif cur == warm_up:
+            sa = {"cache": True, "reuse": False}
+        elif cur % sp_interval == 0:
+            sa = {"cache": True, "reuse": False}
+        else:
+            sa = {"cache": False, "reuse": True}
+        return ca, sa, True
+    if cur == gate_step - 1:
+        return {"cache": True, "reuse": False}, {"cache": True, "reuse": False}, False
+    ca = {"cache": False, "reuse": True}
+    sa = {"cache": True, "reuse": False} if cur % fi_interval == 0 else {"cache": False, "reuse": True}
+    return ca, sa, True
+
+
+class _State:
+    def __init__(self):
+        self.ca = self.sa = {"cache": False, "reuse": False}
+        self.keep_shape = True
+
+
+class CachingProcessor:
+    """AttnProcessor2_0 plus the reference's cache/reuse behaviour."""
+
+    def __init__(self, state: _State):
+        self.state = state
+        self.cache = None
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        assert not attn.residual_connection and attn.rescale_output_factor == 1.0
+        flags = self.state.ca if encoder_hidden_states is not None else self.state.sa
+        if flags["reuse"] and self.cache is not None:
+            return self.cache / attn.rescale_output_factor
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+        if flags["cache"]:
+            if self.state.keep_shape:
+                self.cache = out
+            else:
+                uncond, cond = out.chunk(2)
+                self.cache = (uncond + cond) / 2
+        return out
+
+
+class OracleDenoiser(torch.nn.Module):
+    """Stands in for ``pipe.unet``/``pipe.transformer`` for ONE generation."""
+
+    def __init__(self, denoiser, *, cfg: bool, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.cfg = cfg
+        self.settings = (gate_step, sp_interval, fi_interval, warm_up)
+        self.state = _State()
+        self.step = 0
+        self.original_processors = denoiser.attn_processors
+        denoiser.set_attn_processor({name: CachingProcessor(self.state) for name in self.original_processors})
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["denoiser"], name)
+
+    def close(self):
+        self.denoiser.set_attn_processor(self.original_processors)
+
+    def forward(self, sample, *args, **kwargs):
+        ca, sa, keep_shape = reference_schedule(self.step, *self.settings)
+        self.state.ca, self.state.sa = ca, sa
+        self.state.keep_shape = keep_shape or not self.cfg  # lcm=True: full tensor at the gate
+        post_gate = self.cfg and self.step >= self.settings[0]
+        self.step += 1
+        if not post_gate:
+            return self.denoiser(sample, *args, **kwargs)
+        batch = sample.shape[0]
+
+        def half(x):
+            if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch:
+                return x[: batch // 2]
+            if isinstance(x, dict):
+                return {k: half(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(half(v) for v in x)
+            return x
+
+        out = self.denoiser(half(sample), *half(args), **half(kwargs))
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        pred = torch.cat([pred, pred])
+        return (pred,) if isinstance(out, tuple) else type(out)(sample=pred)
+
+
+def run_oracle(pipe, denoiser_attr: str, *, cfg: bool, gate_step: int, sp_interval: int, fi_interval: int,
+               warm_up: int, **call_kwargs):
+    """Run ``pipe(**call_kwargs)`` once with the oracle in place; returns the pipeline output.
+
+    Works on optimized pipelines too: the oracle wraps the original eager
+    denoiser and the optimized one is put back afterwards.
+    """
+    installed = getattr(pipe, denoiser_attr)
+    original = getattr(installed, "denoiser", installed)  # the eager module behind a tgate_fx runtime
+    oracle = OracleDenoiser(original, cfg=cfg, gate_step=gate_step, sp_interval=sp_interval,
+                            fi_interval=fi_interval, warm_up=warm_up)
+    object.__setattr__(pipe, denoiser_attr, oracle)
+    try:
+        return pipe(**call_kwargs)
+    finally:
+        oracle.close()
+        object.__setattr__(pipe, denoiser_attr, installed)
