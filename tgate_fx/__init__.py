@@ -11,8 +11,9 @@ Example::
 
 from .api import get_runtime, optimize, restore
 from .config import TGateConfig
+from .macs import count_macs, plan_macs
 from .plan import Plan
 from .report import report
 
-__all__ = ["Plan", "TGateConfig", "get_runtime", "optimize", "report", "restore"]
+__all__ = ["Plan", "TGateConfig", "count_macs", "get_runtime", "optimize", "plan_macs", "report", "restore"]
 __version__ = "0.1.0"
