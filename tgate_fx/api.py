@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .config import TGateConfig
 from .runtime import TGateDenoiser
@@ -16,6 +17,11 @@ __all__ = ["DENOISER_ATTRIBUTES", "get_runtime", "optimize", "restore"]
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
+def _unwrap(module: Any) -> Any:
+    """The module inside a ``torch.compile`` wrapper (or the module itself)."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, OptimizedModule) else module
+
+
 def _denoiser_attribute(pipe: Any) -> str:
     from diffusers import DiffusionPipeline
     from diffusers.models.attention_processor import Attention
@@ -23,7 +29,7 @@ def _denoiser_attribute(pipe: Any) -> str:
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"optimize() takes a diffusers DiffusionPipeline, got {type(pipe).__name__}")
     for name in DENOISER_ATTRIBUTES:
-        module = getattr(pipe, name, None)
+        module = _unwrap(getattr(pipe, name, None))
         if isinstance(module, TGateDenoiser):
             module = module.denoiser
         if isinstance(module, torch.nn.Module):
@@ -49,7 +55,7 @@ def get_runtime(pipe: Any) -> TGateDenoiser:
         ValueError: if ``pipe`` is not optimized.
     """
     for name in DENOISER_ATTRIBUTES:
-        module = getattr(pipe, name, None)
+        module = _unwrap(getattr(pipe, name, None))
         if isinstance(module, TGateDenoiser):
             return module
     raise ValueError(f"{type(pipe).__name__} is not optimized; call tgate_fx.optimize(pipe) first")
@@ -64,6 +70,7 @@ def optimize(
     lcm: bool | None = None,
     *,
     config: TGateConfig | None = None,
+    compile: bool | dict = False,
 ):
     """Make a diffusers pipeline run its denoiser with T-GATE; returns the same pipeline.
 
@@ -79,6 +86,11 @@ def optimize(
             variants, img2img, ControlNet, ...).
         gate_step, sp_interval, fi_interval, warm_up, lcm: see :class:`TGateConfig`.
         config: A :class:`TGateConfig`, instead of the individual settings.
+        compile: ``True`` compiles every graph variant with ``torch.compile``
+            (once each, at first use); a dict is passed to ``torch.compile`` as
+            options, e.g. ``{"backend": "inductor", "mode": "max-autotune"}``.
+            ``pipe.unet.compile(...)`` and ``pipe.unet = torch.compile(pipe.unet)``
+            after ``optimize`` do the same.
 
     Example::
 
@@ -91,14 +103,20 @@ def optimize(
         config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm)
     elif not isinstance(config, TGateConfig):
         raise TypeError(f"config must be a TGateConfig, got {type(config).__name__}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     name = _denoiser_attribute(pipe)
-    current = getattr(pipe, name)
+    current = _unwrap(getattr(pipe, name))
     if isinstance(current, TGateDenoiser):
-        current.configure(config, pipe)
-        return pipe
-    # Bypass DiffusionPipeline.__setattr__: it would record the runtime's class
-    # in the pipeline config, and save_pretrained would then write it there.
-    object.__setattr__(pipe, name, TGateDenoiser(current, config, pipe))
+        runtime = current
+        runtime.configure(config, pipe)
+    else:
+        runtime = TGateDenoiser(current, config, pipe)
+        # Bypass DiffusionPipeline.__setattr__: it would record the runtime's class
+        # in the pipeline config, and save_pretrained would then write it there.
+        object.__setattr__(pipe, name, runtime)
+    if compile:
+        runtime.compile(**({} if compile is True else compile))
     return pipe
 
 
@@ -108,7 +126,9 @@ def restore(pipe: Any):
     A pipeline that is not optimized is returned unchanged.
     """
     for name in DENOISER_ATTRIBUTES:
-        module = getattr(pipe, name, None)
+        module = _unwrap(getattr(pipe, name, None))
         if isinstance(module, TGateDenoiser):
-            object.__setattr__(pipe, name, module.denoiser)
+            # A plain assignment also puts the original class back in the
+            # pipeline config, in case `pipe.unet = torch.compile(...)` changed it.
+            setattr(pipe, name, module.denoiser)
     return pipe

@@ -22,11 +22,15 @@ original module, which stays registered as ``self.denoiser``.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .analysis import AttentionSite, find_attention_sites
 from .capture import Capture, InputSignature, capture_denoiser, normalize_call, signature_of
@@ -67,12 +71,52 @@ class TGateDenoiser(torch.nn.Module):
         self.denoiser = denoiser
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
         self._captures: dict[InputSignature, CapturedGraphs] = {}
+        self._compiler: Callable | None = None
+        self._compiled: dict[Variant, Callable] = {}
         self.configure(config, pipeline)
 
     def configure(self, config: TGateConfig, pipeline=None) -> None:
         """Use new settings. Captures and variants are kept: they do not depend on the settings."""
         self.tgate_config = config
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.generations = GenerationTracker(config, pipeline, self._sample_arg)
+
+    # --- torch.compile ---------------------------------------------------------
+    def compile(self, *args, **kwargs) -> None:
+        """Compile each graph variant with ``torch.compile(*args, **kwargs)``, once, at its first use.
+
+        Replaces ``nn.Module.compile``: compiling this module's own ``forward``
+        would make dynamo trace the step accounting and recompile at every
+        step. ``fullgraph`` defaults to ``True``: a variant is one aten graph,
+        and a graph break inside it would be a bug worth an error.
+        ``torch.compile(runtime)`` assigned back to the pipeline is recognised
+        too (see :meth:`_active_compiler`).
+        """
+        kwargs.setdefault("fullgraph", True)
+        self._compiler = functools.partial(torch.compile, *args, **kwargs)
+        self._compiled.clear()
+
+    def _active_compiler(self) -> Callable | None:
+        if self._compiler is not None:
+            return self._compiler
+        # `pipe.unet = torch.compile(pipe.unet)`: the pipeline holds an
+        # OptimizedModule around this runtime; compile the variants with its
+        # dynamo context (same backend and options). Its own frame around this
+        # module compiles no graph: `__call__` below is disabled for dynamo.
+        pipe = self._pipeline()
+        for name in ("unet", "transformer"):
+            wrapper = getattr(pipe, name, None)
+            if isinstance(wrapper, OptimizedModule) and wrapper._orig_mod is self:
+                return wrapper.dynamo_ctx
+        return None
+
+    def _runner(self, variant: Variant) -> Callable:
+        compiler = self._active_compiler()
+        if compiler is None:
+            return variant.graph_module
+        if variant not in self._compiled:
+            self._compiled[variant] = compiler(variant.graph_module.forward)
+        return self._compiled[variant]
 
     # --- what the pipeline reads from its denoiser -------------------------
     def __getattr__(self, name: str):
@@ -87,6 +131,7 @@ class TGateDenoiser(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         # Graphs are specialised to device and dtype; moving the weights retires them.
         self._captures.clear()
+        self._compiled.clear()
         self.reset()
         return super()._apply(fn, recurse)
 
@@ -119,6 +164,14 @@ class TGateDenoiser(torch.nn.Module):
         return list(self._captures.values())
 
     # --- the call --------------------------------------------------------------
+    # Never traced by dynamo: a call is Python bookkeeping around one graph
+    # call, and the graphs themselves are what gets compiled (see `compile`).
+    # Disabling `__call__` (not only `forward`) keeps `torch.compile(runtime)`
+    # from even starting a frame here, so it adds no graph break.
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs)
+
     def forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
@@ -129,7 +182,7 @@ class TGateDenoiser(torch.nn.Module):
         inputs = graphs.capture.flat_inputs(call)
         for site, name in variant.cache_inputs.items():
             inputs[name] = step.caches[site]
-        outputs = variant(inputs)
+        outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
         step.caches.update(zip(variant.records, outputs[1:]))
         return step.finish(outputs[0], return_dict, self.denoiser)
 

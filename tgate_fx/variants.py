@@ -33,7 +33,7 @@ from .plan import VariantSpec
 __all__ = ["Variant", "build_variant", "copy_graph_module"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Variant:
     """A specialised graph and how to call it.
 

@@ -1,0 +1,102 @@
+"""torch.compile of optimized pipelines: one compile per graph variant, no recompiles, no graph breaks inside."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tgate_fx
+from conftest import latents
+from tgate_fx.tiny import tiny_pipeline
+
+SETTINGS = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
+STEPS = 8  # variants: sp_compute, sp_record, sp_reuse(none here), gate, fi_reuse, fi_record
+
+
+def _snapshot():
+    return {k: dict(v) for k, v in counters.items() if v}
+
+
+def _compiled(how):
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    if how == "torch.compile(pipe.unet)":
+        pipe.unet = torch.compile(pipe.unet, backend="eager")
+    elif how == "pipe.unet.compile()":
+        pipe.unet.compile(backend="eager")
+    else:
+        tgate_fx.optimize(pipe, **SETTINGS, compile={"backend": "eager"})
+    return pipe
+
+
+@pytest.mark.parametrize("how", ["torch.compile(pipe.unet)", "pipe.unet.compile()", "optimize(compile=...)"])
+def test_compiles_once_per_variant_and_never_again(how):
+    pipe = _compiled(how)
+    torch._dynamo.reset()
+    counters.clear()
+    first = latents(pipe, num_inference_steps=STEPS)
+    c1 = _snapshot()
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert len(plan.variants) == 5
+    assert c1["stats"]["unique_graphs"] == len(plan.variants)  # one graph per variant, each compiled once
+    breaks = c1.get("graph_break", {})
+    if how == "torch.compile(pipe.unet)":
+        # The wrapper's own frame around the runtime: it stops at the runtime's
+        # (deliberately untraced) bookkeeping and holds no graph.
+        assert c1["frames"]["total"] == len(plan.variants) + 1
+        assert sum(breaks.values()) == 1 and "TGateDenoiser.__call__" in next(iter(breaks))
+    else:
+        assert not breaks  # and fullgraph=True would have raised on any break inside a variant
+
+    counters.clear()
+    second = latents(pipe, prompt="a green star at night", seed=7, num_inference_steps=STEPS)
+    assert _snapshot() == {}, "the second generation must not compile or recompile anything"
+    assert not torch.equal(first, second)
+
+    # the eager backend runs the same aten graphs: bit-exact with the uncompiled runtime
+    reference = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
+
+
+def test_new_resolution_compiles_its_variants_once():
+    pipe = _compiled("pipe.unet.compile()")
+    torch._dynamo.reset()
+    counters.clear()
+    latents(pipe, num_inference_steps=STEPS)
+    assert counters["stats"]["unique_graphs"] == 5
+    counters.clear()
+    latents(pipe, num_inference_steps=STEPS, height=48, width=48)
+    assert counters["stats"]["unique_graphs"] == 5
+    counters.clear()
+    latents(pipe, num_inference_steps=STEPS)
+    latents(pipe, num_inference_steps=STEPS, height=48, width=48)
+    assert _snapshot() == {}
+
+
+def test_restore_unwraps_a_compiled_runtime():
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    original = pipe.unet.denoiser
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    assert tgate_fx.get_runtime(pipe).denoiser is original
+    tgate_fx.restore(pipe)
+    assert pipe.unet is original
+    assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")
+
+
+def test_compile_option_is_validated():
+    with pytest.raises(TypeError, match="compile must be a bool or a dict of torch.compile options, got str"):
+        tgate_fx.optimize(tiny_pipeline("sd15"), compile="inductor")
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager_within_1e_4():
+    """Inductor reorders float sums, so equality is to a tolerance: the images (in [0, 1]) within 1e-4,
+    and the latents (random tiny weights put them in the tens) to the same relative precision."""
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS, compile=True)
+    eager = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    call = dict(pipe.tiny_call_kwargs, num_inference_steps=STEPS)
+
+    def image(p):
+        return p("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **call).images
+
+    assert abs(image(pipe) - image(eager)).max() <= 1e-4
+    got, expected = latents(pipe, num_inference_steps=STEPS), latents(eager, num_inference_steps=STEPS)
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
