@@ -179,3 +179,25 @@ def test_passes_reject_untagged_sites(captured):
     _, _, capture, _ = captured
     with pytest.raises(ValueError, match="no tagged attention value for sites"):
         ExposeAttentionOutputs(["not.a.site"])(copy_graph_module(capture.graph_module))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd15_controlnet"])
+def test_fidelity_graphs_do_no_cross_attention_work(family):
+    """After the gate no variant reads the text for attention: no K/V projection, no cross SDPA, no text input."""
+    import tgate_fx
+    from conftest import latents, shared_optimized
+
+    pipe = tgate_fx.optimize(shared_optimized(family), gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)
+    latents(pipe, num_inference_steps=6)
+    runtime = tgate_fx.get_runtime(pipe)
+    fidelity = [(c, v) for c in runtime.captures for v in c.variants.values() if v.name in ("fi_record", "fi_reuse")]
+    assert {v.name for _, v in fidelity} == {"fi_record", "fi_reuse"}
+    for capture, v in fidelity:
+        assert "encoder_hidden_states" not in v.input_names
+        assert "encoder_attention_mask" not in v.input_names
+        computed = {n.meta[TAG]["site"] for n in v.graph_module.graph.nodes
+                    if n.op == "call_function" and n.target is SDPA}
+        cross_sites = {s.path for s in capture.sites if s.role == "cross"}
+        assert cross_sites and cross_sites <= set(v.reads) and not computed & cross_sites
+        for name, _ in v.graph_module.named_parameters():
+            assert not any(name.startswith(s + ".") for s in cross_sites), name
