@@ -29,7 +29,7 @@ import torch.fx as fx
 from .analysis import TAG, AttentionSite
 from .macs import MacCount, format_macs, plan_macs
 from .plan import Plan
-from .report import _roles, _sites_table, _table
+from ._format import roles_summary, sites_table, table
 from .variants import Variant
 
 __all__ = ["Inspection", "NodeKey", "VariantDiff", "VariantInfo", "diff_variants", "inspect_arch",
@@ -103,10 +103,10 @@ class VariantDiff:
             targets = Counter(k.target for k in ks)
             rows.append((module, self.roles.get(module, "-"), str(len(ks)),
                          ", ".join(f"{t} x{n}" if n > 1 else t for t, n in targets.most_common())))
-        lines += ["  " + line for line in _table(rows)]
+        lines += ["  " + line for line in table(rows)]
         if verbose:
             lines += ["", f"  nodes only in {label}:"]
-            lines += ["  " + line for line in _table([("name", "target", "module")] + [tuple(k) for k in keys])]
+            lines += ["  " + line for line in table([("name", "target", "module")] + [tuple(k) for k in keys])]
         return lines
 
     def format(self, verbose: bool = False) -> str:
@@ -241,16 +241,16 @@ class Inspection:
         cap = self.capture
         lines = [self.title, f"capture: {cap.signature.describe()}",
                  f"  {len(cap.graph_module.graph.nodes)} nodes, {len(self.sites)} attention sites "
-                 f"({_roles(self.sites, [s.path for s in self.sites])})", ""]
-        lines += _sites_table(self.sites) + [""]
+                 f"({roles_summary(self.sites, [s.path for s in self.sites])})", ""]
+        lines += sites_table(self.sites) + [""]
         lines += [str(self.plan), ""]
         rows = [("variant", "batch", "steps", "ops", "params", "MACs", "computed", "reused", "recorded")]
         for v in self.variants.values():
             rows.append((v.name, str(v.batch), _spans(v.steps), str(v.variant.node_count()),
                          str(sum(1 for _ in v.variant.graph_module.parameters())), format_macs(v.macs.total),
-                         _roles(self.sites, list(v.computed)), _roles(self.sites, list(v.reused)),
-                         _roles(self.sites, list(v.recorded))))
-        lines += _table(rows) + [""]
+                         roles_summary(self.sites, list(v.computed)), roles_summary(self.sites, list(v.reused)),
+                         roles_summary(self.sites, list(v.recorded))))
+        lines += table(rows) + [""]
         m = self.macs
         lines.append(f"MACs ({'with' if m.include_attention else 'without'} SDPA core): baseline "
                      f"{format_macs(m.baseline)}, T-GATE {format_macs(m.total)}, saved {m.saving:.1%}")
