@@ -118,6 +118,27 @@ def test_plain_export_matches_plain_pipeline(tmp_path_factory):
     assert scaled <= 1e-4
 
 
+def test_deployment_without_torch_denoiser_weights(tmp_path_factory, tmp_path):
+    # The deployment path: a pipeline loaded without its UNet, the bundle in its place.
+    from diffusers import DiffusionPipeline
+
+    config, steps = SETTINGS["reuse"]
+    pipe = shared_optimized("sd15")
+    tgate_fx.optimize(pipe, config=config)
+    ref = latents(pipe, num_inference_steps=steps)
+    directory = bundle("sd15", "reuse", tmp_path_factory)
+    with eager_denoiser(pipe):
+        pipe.save_pretrained(tmp_path / "pipe")
+    deployed = DiffusionPipeline.from_pretrained(tmp_path / "pipe", unet=None)
+    deployed.set_progress_bar_config(disable=True)
+    deployed.tiny_call_kwargs = pipe.tiny_call_kwargs
+    assert deployed.unet is None
+    OnnxDenoiser.from_dir(directory).install(deployed)
+    got = latents(deployed, num_inference_steps=steps)
+    assert _close(got, ref)[1] <= 1e-4
+    assert "unet" in deployed.config and deployed.config["unet"] == (None, None)  # not recorded in the config
+
+
 def test_bundle_layout(tmp_path_factory):
     directory = bundle("sd15", "reuse", tmp_path_factory)
     config, steps = SETTINGS["reuse"]
@@ -135,7 +156,7 @@ def test_bundle_layout(tmp_path_factory):
 
     unet = shared_optimized("sd15").unet.denoiser
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
-    assert plan["denoiser"]["parameter_bytes"] == weight_bytes
+    assert plan["denoiser"]["weight_bytes"] == weight_bytes
     assert os.path.getsize(os.path.join(directory, WEIGHTS_FILE)) <= 1.02 * weight_bytes
     models = {f: onnx.load(os.path.join(directory, f), load_external_data=False) for f in files}
     for f, model in models.items():
@@ -155,6 +176,12 @@ def test_bundle_layout(tmp_path_factory):
             shape = next(i["shape"] for i in variant["inputs"] if i["name"] == name)
             assert shape[0] == 1, (site, shape)  # the gate's CFG-mean cache is at the prompt batch
     assert "encoder_hidden_states" in [i["name"] for i in gate["inputs"]]
+    for site, cache in plan["caches"].items():
+        batches = {model: shape[0] for model, shape in cache["shapes"].items()}
+        if cache["role"] == "self":
+            assert batches == {"b2_sp_record": 2, "b2_gate": 1, "b1_fi_record": 1, "b1_fi_reuse": 1}, site
+        else:
+            assert batches == {"b2_gate": 1, "b1_fi_record": 1, "b1_fi_reuse": 1}, site
     config = plan["denoiser"]["config"]
     assert config["in_channels"] == unet.config.in_channels and config["sample_size"] == unet.config.sample_size
 

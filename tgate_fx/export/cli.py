@@ -1,16 +1,13 @@
-"""``tgate-fx export``: write an ONNX bundle from the command line.
+"""Export a pipeline's T-GATE phase graphs to ONNX: one model per variant, shared weights, plan.json.
 
-The main CLI (``tgate_fx/cli.py``) adds this as a subcommand::
+Runs one generation at the requested shapes to capture the graphs the step
+plan uses, writes them to --out, and prints the files. Run the bundle with
+``tgate_fx.export.OnnxDenoiser`` (see docs/onnx.md).
 
-    from tgate_fx.export import cli as export_cli
-    export_cli.add_arguments(subparsers.add_parser("export", help=export_cli.HELP))
-    ...
-    return export_cli.run(args)
-
-Examples::
-
-    tgate-fx export --model tiny-sd --out bundle --steps 25
-    tgate-fx export --model /models/sd15 --out sd15_onnx --height 512 --width 512 --steps 25
+Examples:
+  tgate-fx export --model tiny-sd --out bundle --steps 25
+  tgate-fx export --model /models/sd15 --out sd15_onnx --height 512 --width 512 --steps 25
+  tgate-fx export --model /models/sd15 --out sd15_fp16 --dtype float16 --device cuda
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import sys
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "export the T-GATE phase graphs of a pipeline to ONNX (one model per variant, shared weights, plan.json)"
+HELP = __doc__.strip().splitlines()[0]
 
 # tiny-sd is the documented name; the other tiny families work the same way.
 _TINY_ALIASES = {"tiny-sd": "sd15"}
@@ -107,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m tgate_fx.export.cli --model tiny-sd --out DIR``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="tgate-fx export", description=HELP))
+    parser = add_arguments(argparse.ArgumentParser(prog="tgate-fx export", description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
     return run(parser.parse_args(argv))
 
 

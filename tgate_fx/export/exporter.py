@@ -46,7 +46,7 @@ from ..generation import output_class, take_unconditional_half
 from ..passes import cache_input_name
 from ..plan import Plan, VariantSpec
 from ..runtime import CapturedGraphs, TGateDenoiser
-from ..variants import Variant, build_variant
+from ..variants import Variant, build_variant, copy_graph_module
 from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, record_name
 from .weights import WeightsWriter
 
@@ -126,8 +126,7 @@ def _denoiser_metadata(attribute: str, denoiser: torch.nn.Module) -> dict:
         "dtype": _dtype_name(denoiser.dtype),
         "config": json.loads(denoiser.to_json_string()),
         "attributes": attributes,
-        "parameter_bytes": sum(t.numel() * t.element_size()
-                               for t in [*denoiser.parameters(), *denoiser.buffers()]),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in [*denoiser.parameters(), *denoiser.buffers()]),
     }
 
 
@@ -142,8 +141,7 @@ def _json_value(value):
 class _CallRecorder:
     """Records the distinct denoiser calls (by input signature) of a plain generation, in step order."""
 
-    def __init__(self, denoiser: torch.nn.Module):
-        self.denoiser = denoiser
+    def __init__(self):
         self.calls: dict = {}
         self.order: list = []
 
@@ -175,7 +173,7 @@ def _capture_ids(signatures: list, sample_arg: str) -> list[str]:
     return ids
 
 
-def _run_tgate(pipe, attribute: str, config: TGateConfig, call: dict):
+def _run_tgate(pipe, attribute: str, sample_arg: str, config: TGateConfig, call: dict):
     """One T-GATE generation; returns (plan, per-step (CapturedGraphs, Variant)).
 
     An optimized pipeline keeps its runtime, whose captures and variants are
@@ -189,7 +187,7 @@ def _run_tgate(pipe, attribute: str, config: TGateConfig, call: dict):
 
     def record(module, args, kwargs):
         full, _ = normalize_call(module.denoiser, args, kwargs)
-        sample = full[module._sample_arg]
+        sample = full[sample_arg]
         seen.append((signature_of(full), signature_of(take_unconditional_half(full, sample.shape[0]))))
 
     try:
@@ -222,7 +220,7 @@ def _run_tgate(pipe, attribute: str, config: TGateConfig, call: dict):
 def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
     """One plain generation; returns per-step (CapturedGraphs, Variant), one capture per call signature."""
     saved = getattr(pipe, attribute)
-    recorder = _CallRecorder(denoiser)
+    recorder = _CallRecorder()
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
         object.__setattr__(pipe, attribute, denoiser)
@@ -259,36 +257,53 @@ def _output_names(variant: Variant) -> list[str]:
     return ["prediction"] + [record_name(site) for site in variant.records]
 
 
+def _without_noop_squeezes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its parameters) without squeezes of dimensions whose size is not 1.
+
+    torch returns its input for those; ONNX ``Squeeze`` rejects them, and the
+    dynamo exporter emits them as they are (PixArt's attention-mask handling
+    squeezes a 64-wide dimension at these shapes). Shapes are static, so the
+    no-ops are known here.
+    """
+    squeezes = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+    gm = copy_graph_module(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in squeezes:
+            continue
+        shape = node.args[0].meta["val"].shape
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        if all(shape[d] != 1 for d in dims):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def _export_graph(variant: Variant, exporter: str, opset: int, workdir: str):
     """``variant``'s graph as an ``onnx.ModelProto`` with its weights loaded."""
     onnx = _import_onnx()
-    gm = variant.graph_module
+    gm = _without_noop_squeezes(variant.graph_module)
     inputs = tuple(_example_inputs(variant))
     path = os.path.join(workdir, "model.onnx")
     kwargs = dict(input_names=list(variant.input_names), output_names=_output_names(variant), opset_version=opset)
-    was_training = gm.training
+    # The copy's modules are containers made for it, so eval() touches nothing of the caller's.
     gm.eval()
-    try:
-        with torch.no_grad():
-            if exporter == "torchscript":
-                import warnings
+    with torch.no_grad():
+        if exporter == "torchscript":
+            import warnings
 
-                with warnings.catch_warnings():
-                    # The legacy exporter warns that it is legacy on every call, and
-                    # about shape-specialised squeezes, which static shapes make exact.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    warnings.filterwarnings("ignore", message="This model contains a squeeze operation")
-                    torch.onnx.export(gm, inputs, path, dynamo=False, do_constant_folding=True, **kwargs)
-            else:
-                try:
-                    import onnxscript  # noqa: F401
-                except ImportError as e:
-                    raise ImportError("exporter='dynamo' needs the onnxscript package (pip install onnxscript); "
-                                      "exporter='torchscript' needs nothing else") from e
-                program = torch.onnx.export(gm, inputs, dynamo=True, external_data=True, verbose=False, **kwargs)
-                program.save(path, external_data=True)
-    finally:
-        gm.train(was_training)
+            with warnings.catch_warnings():
+                # The legacy exporter warns that it is legacy on every call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(gm, inputs, path, dynamo=False, do_constant_folding=True, **kwargs)
+        else:
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError as e:
+                raise ImportError("exporter='dynamo' needs the onnxscript package (pip install onnxscript); "
+                                  "exporter='torchscript' needs nothing else") from e
+            program = torch.onnx.export(gm, inputs, dynamo=True, external_data=True, verbose=False, **kwargs)
+            program.save(path, external_data=True)
     model = onnx.load(path, load_external_data=True)
     _strip_debug_info(model.graph)
     return model
@@ -347,6 +362,83 @@ def _check_io(model, variant: Variant, where: str) -> None:
     outs = [o.name for o in model.graph.output]
     if outs != _output_names(variant):
         raise RuntimeError(f"{where}: the exporter wrote outputs {outs}, expected {_output_names(variant)}")
+
+
+def _trace(pipe, attribute: str, denoiser: torch.nn.Module, config: TGateConfig | None, call: dict):
+    """Run the generation; returns the plan as JSON data and ``[(capture id, CapturedGraphs, {name: Variant})]``."""
+    sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
+    if config is not None:
+        plan, per_step = _run_tgate(pipe, attribute, sample_arg, config, call)
+        plan_steps = plan.to_dict()["steps"]
+    else:
+        per_step = _run_plain(pipe, attribute, denoiser, call)
+        plan_steps = [{"step": i, "phase": "plain", "variant": _FULL.name, "reads": [], "writes": []}
+                      for i in range(len(per_step))]
+    # Captures in order of first use, each with the variants the plan runs on it.
+    used: dict = {}
+    for graphs, variant in per_step:
+        used.setdefault(graphs.capture.signature, (graphs, {}))[1].setdefault(variant.name, variant)
+    ids = dict(zip(used, _capture_ids(list(used), sample_arg)))
+    plan_data = {
+        "num_steps": len(plan_steps),
+        "cfg": plan.cfg if config is not None else None,
+        "config": config.to_dict() if config is not None else None,
+        "steps": [{**entry, "capture": ids[g.capture.signature]} for entry, (g, _) in zip(plan_steps, per_step)],
+    }
+    return plan_data, [(ids[sig], graphs, variants) for sig, (graphs, variants) in used.items()]
+
+
+def _write_models(captures, out_dir: str, exporter: str, opset: int, say):
+    """Export every variant, move the weights to the shared file; returns the plan's capture and cache entries."""
+    onnx = _import_onnx()
+    jobs = [(cid, graphs, variant) for cid, graphs, variants in captures for variant in variants.values()]
+    captures_data: dict[str, dict] = {}
+    caches: dict[str, dict] = {}
+    written = []
+    with WeightsWriter(os.path.join(out_dir, WEIGHTS_FILE)) as weights, \
+            tempfile.TemporaryDirectory(prefix="tgate_fx_onnx_") as tmp:
+        for k, (cid, graphs, variant) in enumerate(jobs, 1):
+            t0 = time.perf_counter()
+            file = f"{cid}_{variant.name}.onnx"
+            workdir = os.path.join(tmp, str(k))
+            os.makedirs(workdir)
+            model = _export_graph(variant, exporter, opset, workdir)
+            _check_io(model, variant, file)
+            model.producer_name, model.producer_version = "tgate_fx", __version__
+            refs = weights.add(model)
+            path = os.path.join(out_dir, file)
+            onnx.save(model, path)
+            written.append(path)
+            signature = graphs.capture.signature
+            entry = captures_data.setdefault(cid, {
+                "inputs": [_tensor_info(n, s, d) for n, s, d, _ in signature.tensors],
+                "constants": dict(signature.constants),
+                "variants": {},
+            })
+            entry["variants"][variant.name] = {
+                "file": file,
+                "inputs": _io_info(model.graph.input),
+                "outputs": _io_info(model.graph.output),
+                "reads": dict(variant.cache_inputs),
+                "writes": {site: record_name(site) for site in variant.records},
+                "spec": {"reuse": sorted(variant.spec.reuse), "record": sorted(variant.spec.record),
+                         "cfg_mean": variant.spec.cfg_mean},
+            }
+            shapes = {t["name"]: t["shape"] for t in entry["variants"][variant.name]["inputs"]}
+            shapes.update({t["name"]: t["shape"] for t in entry["variants"][variant.name]["outputs"]})
+            for site in graphs.sites:
+                for name in (cache_input_name(site.path), record_name(site.path)):
+                    if name in shapes:
+                        cache = caches.setdefault(site.path, {"role": site.role, "input": cache_input_name(site.path),
+                                                              "output": record_name(site.path), "shapes": {}})
+                        # Per model: pre-gate records are at the CFG batch, the gate's CFG mean at half.
+                        cache["shapes"][file[: -len(".onnx")]] = shapes[name]
+            say(f"[{k}/{len(jobs)}] {file}: {len(model.graph.node)} nodes, {refs} weight references, "
+                f"{time.perf_counter() - t0:.1f} s")
+            del model
+    for path in written:
+        onnx.checker.check_model(path)
+    return captures_data, caches, weights.result, written
 
 
 def export_onnx(
@@ -425,7 +517,6 @@ def export_onnx(
             raise ValueError(f"{reserved!r} is set by export_onnx itself; remove it from the call arguments")
 
     attribute, denoiser = _denoiser_of(pipe)
-    sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
     call = dict(call_kwargs, prompt=[prompt] * batch_size, num_inference_steps=num_inference_steps,
                 output_type="latent", generator=torch.Generator().manual_seed(0))
     if height is not None:
@@ -438,69 +529,10 @@ def export_onnx(
     start = time.perf_counter()
     say(f"tracing one {num_inference_steps}-step generation of {type(pipe).__name__} "
         f"({'T-GATE ' + repr(config) if tgate else 'plain'})")
-    if tgate:
-        plan, per_step = _run_tgate(pipe, attribute, config, call)
-        plan_steps = plan.to_dict()["steps"]
-    else:
-        per_step = _run_plain(pipe, attribute, denoiser, call)
-        plan_steps = [{"step": i, "phase": "plain", "variant": _FULL.name, "reads": [], "writes": []}
-                      for i in range(len(per_step))]
-    # Captures in order of first use, each with the variants the plan runs on it.
-    used: dict = {}
-    for graphs, variant in per_step:
-        used.setdefault(graphs.capture.signature, (graphs, {}))[1].setdefault(variant.name, variant)
-    ids = dict(zip(used, _capture_ids(list(used), sample_arg)))
-    plan_data = {"num_steps": len(plan_steps), "cfg": plan.cfg if tgate else None,
-                 "config": config.to_dict() if tgate else None,
-                 "steps": [{**entry, "capture": ids[g.capture.signature]} for entry, (g, _) in zip(plan_steps, per_step)]}
-    captures = [(ids[sig], graphs, variants) for sig, (graphs, variants) in used.items()]
+    plan_data, captures = _trace(pipe, attribute, denoiser, config if tgate else None, call)
     say(f"traced in {time.perf_counter() - start:.1f} s: "
         + ", ".join(f"{cid} ({', '.join(variants)})" for cid, _, variants in captures))
-
-    jobs = [(cid, graphs, variant) for cid, graphs, variants in captures for variant in variants.values()]
-    captures_data: dict[str, dict] = {}
-    caches: dict[str, dict] = {}
-    written = []
-    weights_path = os.path.join(out_dir, WEIGHTS_FILE)
-    with WeightsWriter(weights_path) as weights, tempfile.TemporaryDirectory(prefix="tgate_fx_onnx_") as tmp:
-        for k, (cid, graphs, variant) in enumerate(jobs, 1):
-            t0 = time.perf_counter()
-            vname = variant.name
-            file = f"{cid}_{vname}.onnx"
-            workdir = os.path.join(tmp, str(k))
-            os.makedirs(workdir)
-            model = _export_graph(variant, exporter, opset, workdir)
-            _check_io(model, variant, file)
-            model.producer_name, model.producer_version = "tgate_fx", __version__
-            refs = weights.add(model)
-            path = os.path.join(out_dir, file)
-            onnx.save(model, path)
-            written.append(path)
-            signature = graphs.capture.signature
-            entry = captures_data.setdefault(cid, {
-                "inputs": [_tensor_info(n, s, d) for n, s, d, _ in signature.tensors],
-                "constants": dict(signature.constants),
-                "variants": {},
-            })
-            entry["variants"][vname] = {
-                "file": file,
-                "inputs": _io_info(model.graph.input),
-                "outputs": _io_info(model.graph.output),
-                "reads": dict(variant.cache_inputs),
-                "writes": {site: record_name(site) for site in variant.records},
-                "spec": {"reuse": sorted(variant.spec.reuse), "record": sorted(variant.spec.record),
-                         "cfg_mean": variant.spec.cfg_mean},
-            }
-            for site in graphs.sites:
-                if site.path in variant.reads or site.path in variant.records:
-                    caches.setdefault(site.path, {"role": site.role, "input": cache_input_name(site.path),
-                                                  "output": record_name(site.path)})
-            say(f"[{k}/{len(jobs)}] {file}: {len(model.graph.node)} nodes, {refs} weight references, "
-                f"{time.perf_counter() - t0:.1f} s")
-            del model
-    shared = weights.result
-    for path in written:
-        onnx.checker.check_model(path)
+    captures_data, caches, shared, written = _write_models(captures, out_dir, exporter, opset, say)
 
     plan_json = {
         "format": FORMAT,
@@ -523,5 +555,5 @@ def export_onnx(
     total = sum(os.path.getsize(p) for p in written) + shared.bytes
     say(f"wrote {len(written)} models + {WEIGHTS_FILE} ({shared.bytes / 2**20:.1f} MiB, {shared.tensors} tensors) "
         f"to {out_dir} in {time.perf_counter() - start:.1f} s; bundle {total / 2**20:.1f} MiB vs denoiser weights "
-        f"{plan_json['denoiser']['parameter_bytes'] / 2**20:.1f} MiB")
+        f"{plan_json['denoiser']['weight_bytes'] / 2**20:.1f} MiB")
     return out_dir
