@@ -232,7 +232,7 @@ def test_plan_and_files_that_disagree_are_refused(tmp_path_factory, tmp_path):
         OnnxDenoiser.from_dir(str(directory))
 
 
-def test_generation_needing_a_variant_the_bundle_lacks(tmp_path_factory):
+def test_generation_needing_a_variant_the_bundle_lacks(tmp_path_factory, tmp_path):
     directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
     pipe = shared_optimized("pixart_alpha")
     # Other step counts run as long as the bundle has their variants...
@@ -242,11 +242,22 @@ def test_generation_needing_a_variant_the_bundle_lacks(tmp_path_factory):
         got = latents(pipe, num_inference_steps=8)
         assert denoiser.last_plan.num_steps == 8
     assert _close(got, ref)[1] <= 1e-4
-    # ...and a plan that needs another variant is refused, naming it.
-    denoiser = OnnxDenoiser.from_dir(directory)
-    needs_sp_reuse = Plan(8, TGateConfig(gate_step=6, sp_interval=2, warm_up=1), cfg=True)
-    with pytest.raises(ValueError, match=r"needs variants \['sp_reuse'\].*num_inference_steps=8"):
-        denoiser._check_plan(needs_sp_reuse)
+    # ...and a plan that needs another variant is refused, naming it. (A bundle
+    # whose settings were edited to plan sp_reuse steps, which were never exported.)
+    edited = shutil.copytree(directory, tmp_path / "edited")
+    with open(edited / PLAN_FILE) as f:
+        plan = json.load(f)
+    plan["tgate"]["gate_step"] = 6
+    with open(edited / PLAN_FILE, "w") as f:
+        json.dump(plan, f)
+    with pytest.raises(ValueError, match="differ from those its plan was made with"):
+        OnnxDenoiser.from_dir(str(edited))
+    plan["plan"]["config"]["gate_step"] = 6
+    with open(edited / PLAN_FILE, "w") as f:
+        json.dump(plan, f)
+    with onnx_denoiser(pipe, str(edited)):
+        with pytest.raises(ValueError, match=r"needs variants \['sp_reuse'\].*num_inference_steps=8"):
+            latents(pipe, num_inference_steps=8)
 
 
 def test_unattached_denoiser_says_how_to_attach(tmp_path_factory):

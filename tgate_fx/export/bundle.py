@@ -82,6 +82,9 @@ def read_plan(directory: str) -> dict:
             if bad:
                 raise ValueError(f"{where}: cache names {bad} are not among its inputs {sorted(inputs)} "
                                  f"or outputs {sorted(outputs)}")
+    if plan.get("tgate") is not None and plan["plan"].get("config") != plan["tgate"]:
+        raise ValueError(f"{path}: the T-GATE settings {plan['tgate']} differ from those its plan was made with "
+                         f"{plan['plan'].get('config')}")
     for step in _require(plan["plan"], "steps", path):
         cid, vname = step.get("capture"), step.get("variant")
         if cid not in plan["captures"] or vname not in plan["captures"][cid]["variants"]:
