@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torch ONNX exporter (dynamo needs the onnxscript package)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                        help="weights dtype of a --model PATH pipeline (default float32)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="weights dtype of the pipeline (default float32; float16 wants --device cuda)")
     parser.add_argument("--device", default="cpu", help="torch device to trace on, e.g. cuda for an fp16 export")
     return parser
 
