@@ -88,8 +88,7 @@ def test_compile_option_is_validated():
 
 @pytest.mark.slow
 def test_inductor_matches_eager_within_1e_4():
-    """Inductor reorders float sums, so equality is to a tolerance: the images (in [0, 1]) within 1e-4,
-    and the latents (random tiny weights put them in the tens) to the same relative precision."""
+    """Inductor reorders float sums, so equality is to a tolerance: latents and images within 1e-4."""
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS, compile=True)
     eager = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
     call = dict(pipe.tiny_call_kwargs, num_inference_steps=STEPS)
@@ -99,4 +98,4 @@ def test_inductor_matches_eager_within_1e_4():
 
     assert abs(image(pipe) - image(eager)).max() <= 1e-4
     got, expected = latents(pipe, num_inference_steps=STEPS), latents(eager, num_inference_steps=STEPS)
-    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-4

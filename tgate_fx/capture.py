@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Capture", "InputSignature", "capture_denoiser", "normalize_call"]
+__all__ = ["Capture", "InputSignature", "capture_denoiser", "normalize_call", "signature_of", "tensor_inputs"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def _leaf_name(path) -> str:
     return "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _tensor_leaves(call: dict[str, Any]) -> dict[str, torch.Tensor]:
+def tensor_inputs(call: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a normalized call, named as graph inputs (``added_cond_kwargs_text_embeds``, ...)."""
     leaves, _ = pytree.tree_flatten_with_path(call)
     return {_leaf_name(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)}
 
@@ -61,19 +62,20 @@ def signature_of(kwargs: dict[str, Any]) -> InputSignature:
     return InputSignature(str(spec), tuple(tensors), tuple(constants))
 
 
-def normalize_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
-    """Bind a denoiser call to its ``forward`` parameters, by name.
+def normalize_call(denoiser: torch.nn.Module | inspect.Signature, args: tuple,
+                   kwargs: dict) -> tuple[dict[str, Any], bool]:
+    """Bind a denoiser call to its ``forward`` parameters (or to a given signature), by name.
 
     Returns the arguments without ``return_dict`` (captures always return a
     tuple) and the ``return_dict`` the caller asked for. A Python-number
     ``timestep`` becomes the tensor the denoiser itself would build from it,
     so that it is a graph input instead of a constant baked into the graph.
     """
-    sig = inspect.signature(module.forward)
+    sig = denoiser if isinstance(denoiser, inspect.Signature) else inspect.signature(denoiser.forward)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as e:
-        raise TypeError(f"call does not match {type(module).__name__}.forward{sig}: {e}") from None
+        raise TypeError(f"the call does not match the denoiser's forward{sig}: {e}") from None
     call = dict(bound.arguments)
     for name, param in sig.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in call:
@@ -139,7 +141,7 @@ class Capture:
 
     def flat_inputs(self, call: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The graph inputs of a normalized call, by placeholder name."""
-        return _tensor_leaves(call)
+        return tensor_inputs(call)
 
     def __repr__(self) -> str:
         return f"Capture({self.signature.describe()}; {len(self.graph_module.graph.nodes)} nodes)"
@@ -156,6 +158,6 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any]) -> Capture:
     finally:
         module.train(was_training)
     gm, input_names = _flatten_exported(exported)
-    if sorted(input_names) != sorted(_tensor_leaves(call)):
-        raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(_tensor_leaves(call))}")
+    if sorted(input_names) != sorted(tensor_inputs(call)):
+        raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")
     return Capture(signature_of(call), gm, input_names, time.perf_counter() - start)

@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "tgate_fx.demo",
     "macs": "tgate_fx.macs_cli",
     "inspect": "tgate_fx.inspect_cli",
+    "export": "tgate_fx.export.cli",
 }
 
 

@@ -69,8 +69,8 @@ class Step:
     drops_uncond: bool
     caches: dict[str, Any]
 
-    def finish(self, prediction: torch.Tensor, return_dict: bool, denoiser: torch.nn.Module):
-        """The denoiser's return value for ``prediction``.
+    def finish(self, prediction: torch.Tensor, return_dict: bool, output_cls: type | None = None):
+        """The denoiser's return value for ``prediction``: a tuple, or ``output_cls(sample=...)``.
 
         After the gate the pipeline still sends a CFG batch and combines
         ``u + g * (c - u)``; returning the prediction for both halves makes
@@ -80,7 +80,7 @@ class Step:
             prediction = torch.cat([prediction, prediction])
         if not return_dict:
             return (prediction,)
-        return output_class(denoiser)(sample=prediction)
+        return output_cls(sample=prediction)
 
 
 class GenerationTracker:

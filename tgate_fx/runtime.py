@@ -35,7 +35,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from .analysis import AttentionSite, find_attention_sites
 from .capture import Capture, InputSignature, capture_denoiser, normalize_call, signature_of
 from .config import TGateConfig
-from .generation import GenerationTracker, take_unconditional_half
+from .generation import GenerationTracker, output_class, take_unconditional_half
 from .plan import Plan, VariantSpec
 from .variants import Variant, build_variant
 
@@ -70,6 +70,7 @@ class TGateDenoiser(torch.nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
+        self._output_class = output_class(denoiser)
         self._captures: dict[InputSignature, CapturedGraphs] = {}
         self._compiler: Callable | None = None
         self._compiled: dict[Variant, Callable] = {}
@@ -184,7 +185,7 @@ class TGateDenoiser(torch.nn.Module):
             inputs[name] = step.caches[site]
         outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
         step.caches.update(zip(variant.records, outputs[1:]))
-        return step.finish(outputs[0], return_dict, self.denoiser)
+        return step.finish(outputs[0], return_dict, self._output_class)
 
     def extra_repr(self) -> str:
         return f"tgate_config={self.tgate_config}"

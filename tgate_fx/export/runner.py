@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture import normalize_call, signature_of
+from ..capture import normalize_call, signature_of, tensor_inputs
 from ..config import TGateConfig
 from ..generation import GenerationTracker, take_unconditional_half
 from .bundle import read_plan
@@ -47,23 +47,16 @@ def _import_ort():
     return onnxruntime
 
 
-def _signature_holder(class_name: str, parameters: list) -> Any:
-    """An object whose ``forward`` has the denoiser's signature, for :func:`normalize_call`."""
+def _forward_signature(parameters: list) -> inspect.Signature:
+    """The denoiser's ``forward`` signature, from its parameters as ``plan.json`` lists them."""
     params = []
     for entry in parameters:
         name, kind = entry[0], getattr(inspect.Parameter, entry[1])
-        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            params.append(inspect.Parameter(name, kind))
-        elif not params:
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) or not params:
             params.append(inspect.Parameter(name, kind))  # the sample is always passed
         else:
             params.append(inspect.Parameter(name, kind, default=None))
-
-    def forward(*args, **kwargs):
-        raise NotImplementedError
-
-    forward.__signature__ = inspect.Signature(params)
-    return type(class_name, (), {"forward": staticmethod(forward)})()
+    return inspect.Signature(params)
 
 
 def _namespace(attributes: dict) -> dict[str, Any]:
@@ -134,7 +127,7 @@ class OnnxDenoiser:
         for name, value in _namespace(den.get("attributes", {})).items():
             setattr(self, name, value)
         self._class_name = den["class"].rsplit(".", 1)[-1]
-        self._forward = _signature_holder(self._class_name, den["forward_parameters"])
+        self._forward = _forward_signature(den["forward_parameters"])
         self._sample_arg = den["sample_arg"]
         module, _, cls = den["output_class"].rpartition(".")
         self._output_class = getattr(importlib.import_module(module), cls)
@@ -231,7 +224,7 @@ class OnnxDenoiser:
             outputs = self._run(call, name, step.caches, f"step {step.plan.step} ({name})")
             prediction = outputs[0]
             step.caches.update(outputs[1])
-            (prediction,) = step.finish(prediction, False, None)
+            return step.finish(prediction, return_dict, self._output_class)
         if not return_dict:
             return (prediction,)
         return self._output_class(sample=prediction)
@@ -267,7 +260,7 @@ class OnnxDenoiser:
         capture = self.bundle["captures"][cid]
         variant = capture["variants"][vname]
         session = self._sessions[cid, vname]
-        tensors = _flat_tensors(call)
+        tensors = tensor_inputs(call)
         cache_inputs = {name: site for site, name in variant["reads"].items()}
         binding = session.io_binding()
         keep = []  # arrays bound by pointer must outlive the run
@@ -330,14 +323,6 @@ class OnnxDenoiser:
         mode = repr(self.tgate_config) if self.tgate_config else "plain"
         return (f"OnnxDenoiser({self.directory!r}, {self._class_name}, {mode}, {len(self._sessions)} sessions, "
                 f"providers={self.providers})")
-
-
-def _flat_tensors(call: dict) -> dict[str, torch.Tensor]:
-    # The graph inputs are named as the capture named them; reuse its naming
-    # rather than restate it (see the report: capture.py could make it public).
-    from ..capture import _tensor_leaves
-
-    return _tensor_leaves(call)
 
 
 def _check_session(session, variant: dict, path: str) -> None:
