@@ -237,7 +237,7 @@ class PlanMacs:
         }
 
     def __str__(self) -> str:
-        from .report import _table
+        from ._format import table as _table
 
         counted = "Linear + Conv + SDPA core" if self.include_attention else "Linear + Conv (calflops convention)"
         cfg_batch = self.baseline_step_batch
