@@ -82,10 +82,16 @@ class _DynamoLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
         self.limit_hits = 0
+        self.last_reason = ""
 
     def emit(self, record):
-        if "recompile_limit" in record.getMessage() or "cache_size_limit" in record.getMessage():
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
             self.limit_hits += 1
+            # The warning names the guard that failed last: what made dynamo recompile.
+            for line in message.splitlines():
+                if "last reason:" in line:
+                    self.last_reason = line.split("last reason:", 1)[1].strip()[:300]
 
 
 def _dynamo_counts() -> dict[str, int]:
@@ -101,10 +107,12 @@ def _dynamo_counts() -> dict[str, int]:
 class Bench:
     """One column's pipeline and how to run one generation of it."""
 
-    def __init__(self, workload: Workload, column: Column, compile_backend: str = "inductor"):
+    def __init__(self, workload: Workload, column: Column, compile_backend: str = "inductor",
+                 compile_options: dict | None = None):
         self.workload = workload
         self.column = column
         self.compile_backend = compile_backend
+        self.compile_options = compile_options or {}
         self.pipe = workload.build()
         self.clock = _StepClock(self.pipe.scheduler)
         self.generate: Callable[[], torch.Tensor] = lambda: workload.generate(self.pipe)
@@ -126,11 +134,15 @@ def _baseline(b: Bench) -> None:
 
 
 def _compile_denoiser(b: Bench) -> None:
-    b.denoiser.compile(backend=b.compile_backend)
+    b.denoiser.compile(**_compile_kwargs(b))
+
+
+def _compile_kwargs(b: Bench) -> dict:
+    return {"backend": b.compile_backend, **({"options": b.compile_options} if b.compile_options else {})}
 
 
 def _tgate_fx(b: Bench, compile: bool = False) -> None:
-    options = {"backend": b.compile_backend} if compile else False
+    options = _compile_kwargs(b) if compile else False
     tgate_fx.optimize(b.pipe, config=b.workload.tgate, compile=options)
     b.finish_hooks.append(lambda: _tgate_fx_info(b))
 
@@ -309,14 +321,15 @@ def _send(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def worker_main(workload: str, column: str, threads: int, backend: str, latents_path: str) -> int:
+def worker_main(workload: str, column: str, threads: int, backend: str, latents_path: str,
+                compile_options: str = "{}") -> int:
     torch.set_num_threads(threads)
     dynamo_log = _DynamoLog()
     logging.getLogger("torch._dynamo").addHandler(dynamo_log)
     col = {**COLUMNS, **CONTRAST_COLUMNS}[column]
     try:
         start = time.perf_counter()
-        bench = Bench(WORKLOADS[workload], col, backend)
+        bench = Bench(WORKLOADS[workload], col, backend, json.loads(compile_options))
         _send({"ready": True, "setup_seconds": time.perf_counter() - start})
     except _Skip as e:
         _send({"skipped": str(e)})
@@ -345,6 +358,7 @@ def worker_main(workload: str, column: str, threads: int, backend: str, latents_
                 if latents is not None:
                     torch.save(latents, latents_path)
                 _send({"info": bench.info, "dynamo": counts, "limit_hits": dynamo_log.limit_hits,
+                       "recompile_reason": dynamo_log.last_reason,
                        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                        "threads": torch.get_num_threads()})
                 return 0

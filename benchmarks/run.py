@@ -54,7 +54,7 @@ class Worker:
     """A column's worker process, driven line by line."""
 
     def __init__(self, workload: str, column: str, threads: int, backend: str, tmpdir: str,
-                 cold_cache: bool = True):
+                 cold_cache: bool = True, compile_options: str = "{}"):
         self.column = column
         env = dict(ENV)
         if cold_cache:
@@ -66,7 +66,7 @@ class Worker:
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", workload, column, str(threads), backend,
-             self.latents_path],
+             self.latents_path, compile_options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, cwd=ROOT)
 
     def read(self) -> dict:
@@ -95,14 +95,14 @@ def _median(values):
 
 
 def bench_workload(name: str, columns: list[str], repeats: int, compiled_repeats: int, threads: int,
-                   backend: str, tmpdir: str, cold_cache: bool) -> dict:
+                   backend: str, tmpdir: str, cold_cache: bool, compile_options: str = "{}") -> dict:
     from columns import COLUMNS
 
     workers: dict[str, Worker] = {}
     results: dict[str, dict] = {}
     _log(f"[{name}] starting {len(columns)} worker processes (one per column) ...")
     for key in columns:
-        workers[key] = Worker(name, key, threads, backend, tmpdir, cold_cache)
+        workers[key] = Worker(name, key, threads, backend, tmpdir, cold_cache, compile_options)
     try:
         for key in columns:
             ready = workers[key].read()
@@ -325,6 +325,37 @@ def goals(s: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def _phase_note(rows: dict, macs: dict) -> str:
+    """What the per-step times say about the goals, in numbers."""
+    t, b = rows.get("tgate_fx", {}), rows.get("baseline", {})
+    if "info" not in t or "steps" not in b:
+        return ""
+    variants = t["info"]["plan_variants"]
+    per_step, base = macs["linear_conv"]["per_step"], macs["linear_conv"]["step_b2"]
+
+    def ratio(row, ref, names):
+        idx = [i for i, v in enumerate(variants) if v in names]
+        return sum(row["steps"][i] for i in idx) / sum(ref["steps"][i] for i in idx), idx
+
+    full, idx = ratio(t, b, ("sp_compute", "sp_record", "gate"))
+    reuse, ridx = ratio(t, b, ("sp_reuse",))
+    fi, fidx = ratio(t, b, ("fi_record", "fi_reuse"))
+    reuse_macs = sum(per_step[i] for i in ridx) / (base * len(ridx)) if ridx else float("nan")
+    fi_macs = sum(per_step[i] for i in fidx) / (base * len(fidx)) if fidx else float("nan")
+    text = (f"Where the time goes (tgate_fx eager, time / baseline time on the same steps): steps that compute "
+            f"every attention ({len(idx)} steps) {full:.3f}; self-attention reuse steps {reuse:.3f} for "
+            f"{reuse_macs:.3f} of the MACs (the skipped SDPA core and softmax are not in the MAC count); "
+            f"steps after the gate {fi:.3f} for {fi_macs:.3f} of the MACs (batch 1 instead of 2).")
+    tc, bc = rows.get("tgate_fx_compiled", {}), rows.get("baseline_compiled", {})
+    if "steps" in tc and "steps" in bc:
+        cfull, _ = ratio(tc, bc, ("sp_compute", "sp_record", "gate"))
+        creuse, _ = ratio(tc, bc, ("sp_reuse",))
+        cfi, _ = ratio(tc, bc, ("fi_record", "fi_reuse"))
+        text += (f" Compiled against compiled: {cfull:.3f}, {creuse:.3f} and {cfi:.3f}; compiled baseline "
+                 f"against eager baseline, whole generation: {b['median'] / bc['median']:.2f}x.")
+    return text
+
+
 def phase_table(s: dict, macs: dict, plan_variants: list[str]) -> list[str]:
     """Per T-GATE phase: share of MACs and of measured denoiser time, baseline vs tgate_fx."""
     rows = s["rows"]
@@ -390,12 +421,16 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
             f"- torch {mach['torch']} (threads per process: {args.threads}), diffusers {mach['diffusers']}, "
             f"transformers {mach['transformers']}, tgate {mach['tgate']}, Python {mach['python']}",
             f"- Load average (1 min, `os.getloadavg()`): {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, "
-            f"{min(loads):.2f}-{max(loads):.2f} over the run. The machine was shared with other work: with "
-            f"{mach['cores']} cores and a load above {mach['cores']}, other processes compete for the cores, "
-            "so absolute times are noisy. Columns are timed round-robin (one generation of each per round, "
-            "order rotated every round) so that they share the same load, and every ratio is between medians "
-            "of the same run.",
-            f"- compile backend: `{args.backend}` (default mode), "
+            f"{min(loads):.2f}-{max(loads):.2f} over the run (sampled between workloads). The machine is shared "
+            "with other work; "
+            + (f"the load stayed at or below the {mach['cores']} cores. " if max(loads) <= mach["cores"] else
+               f"a load above its {mach['cores']} cores means other processes competed for them, so absolute "
+               "times are noisy. ")
+            + "Columns are timed round-robin (one generation of each per round, order rotated every round) so "
+            "that they share the same load, and every ratio is between medians of the same run.",
+            f"- compile backend: `{args.backend}` (default mode"
+            + (f", options `{getattr(args, 'compile_options', '{}')}`" if getattr(args, "compile_options", "{}")
+               not in ("{}", "") else "") + "), "
             + ("inductor's default on-disk cache" if args.warm_compile_cache else
                "each compiled column in a fresh inductor cache directory (cold compile)")
             + f"; compiled columns: {args.compiled_repeats} timed "
@@ -450,6 +485,9 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
         for goal, verdict, detail in p["goals"]:
             out.append(f"- **{verdict}** {goal}: {detail}")
         out.append("")
+        note = _phase_note(rows, macs)
+        if note:
+            out += [note, ""]
         t = rows.get("tgate_fx", {})
         if "info" in t:
             out += ["Per phase of the T-GATE plan: denoiser time of the phase's steps (median over the runs, "
@@ -501,9 +539,11 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
                 g1, g2 = pab["runs"]
                 out += [f"PAB under torch.compile: its hooks keep Python state (the timestep, a call counter) that "
                         f"dynamo guards on, so the denoiser recompiles at each step; after {g1['graphs']} graphs "
-                        f"dynamo hits `torch._dynamo.config.recompile_limit` "
-                        f"({_recompile_limit()}) and runs the denoiser's frame uncompiled from then on (generation "
-                        f"2 compiles {g2['graphs']} graphs and enters {g2['frames']} compiled frames).", ""]
+                        f"dynamo hits `torch._dynamo.config.recompile_limit` ({_recompile_limit()}); from then on "
+                        "it compiles nothing more for that frame and runs uncompiled whenever none of the cached "
+                        f"graphs' guards match (generation 2: {g2['graphs']} new graphs)."
+                        + (f" The last guard that failed: `{pab['recompile_reason']}`."
+                           if pab.get("recompile_reason") else ""), ""]
         out += ["Wall time of every timed run (s): "] + [
             f"- {r['label']}: " + ", ".join(f"{x:.2f}" for x in r["walls"]) for r in rows.values() if "walls" in r]
         out.append("")
@@ -568,6 +608,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads per worker (default: all cores; on a busy shared machine 1 is steadier)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled columns")
+    parser.add_argument("--compile-options", default="{}",
+                        help='JSON dict of inductor options for the compiled columns, e.g. \'{"freezing": true}\' '
+                             "(passed as torch.compile(..., options=...))")
     parser.add_argument("--contrast-backend", default="eager",
                         help="backend of the two-generation compile-counter contrast (default eager: PAB "
                              "recompiles at every step, and inductor would spend minutes on each); 'none' skips it")
@@ -582,6 +625,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.png = args.png or os.path.splitext(args.out)[0] + ".png"
+    try:
+        if not isinstance(json.loads(args.compile_options), dict):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--compile-options must be a JSON object, got {args.compile_options!r}")
     if args.render:
         with open(args.render) as f:
             raw = json.load(f)
@@ -619,7 +667,7 @@ def main(argv=None) -> int:
         for name in workloads:
             macs = run_macs(name)
             res = bench_workload(name, columns, args.repeats, args.compiled_repeats, args.threads, args.backend,
-                                 tmpdir, not args.warm_compile_cache)
+                                 tmpdir, not args.warm_compile_cache, args.compile_options)
             loads.append(os.getloadavg()[0])
             summary = summarize(name, res, macs)
             per[name] = {"macs": macs, "summary": summary, "goals": goals(summary)}
@@ -632,7 +680,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     with open(args.raw, "w") as f:
         json.dump({"args": {k: getattr(args, k) for k in ("argv", "threads", "backend", "contrast_backend",
-                                                          "repeats", "compiled_repeats", "warm_compile_cache")},
+                                                          "repeats", "compiled_repeats", "warm_compile_cache",
+                                                          "compile_options")},
                    "machine": mach, "loads": loads, "wall": wall, "per": per}, f)
     _write(args, mach, loads, wall, per)
     _log(f"raw measurements: {args.raw}; total {wall / 60:.1f} min")
@@ -652,7 +701,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         from columns import worker_main
 
-        sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]))
+        sys.exit(worker_main(*sys.argv[2:4], int(sys.argv[4]), *sys.argv[5:8]))
     if len(sys.argv) > 1 and sys.argv[1] == "--macs":
         sys.exit(macs_main(sys.argv[2]))
     sys.exit(main())
