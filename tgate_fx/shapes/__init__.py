@@ -1,1 +1,65 @@
-"""A small text-to-image model trained on generated pictures of shapes."""
+"""A small text-to-image model trained on generated pictures of shapes, shipped with the package.
+
+* :mod:`tgate_fx.shapes.data`: the deterministic generator of captioned
+  pictures, with a held-out split of attribute combinations;
+* :mod:`tgate_fx.shapes.model`: the pipeline's components (a tiny Stable
+  Diffusion 1.x: CLIP text encoder, UNet with cross-attention, VAE);
+* :mod:`tgate_fx.shapes.train`: the training script that made the shipped
+  weights (``python -m tgate_fx.shapes.train --out DIR``);
+* :mod:`tgate_fx.shapes.evaluator`: a classifier that reads the attributes
+  back from a picture, for text-alignment accuracy and a Fréchet distance.
+
+The shipped pipeline draws 32x32 pictures of captions such as
+``"a red circle in the top left on a blue background"`` (see
+:func:`tgate_fx.shapes.data.combinations` for every valid caption).
+
+Example::
+
+    import torch
+    from tgate_fx.shapes import load_pipeline
+    pipe = load_pipeline()
+    image = pipe("a yellow triangle in the centre on a black background", num_inference_steps=25,
+                 guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["PIPELINE_PATH", "load_pipeline"]
+
+PIPELINE_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes" / "pipeline"
+
+
+def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  path: str | os.PathLike | None = None):
+    """The shipped shapes pipeline (a diffusers ``StableDiffusionPipeline``), loaded offline.
+
+    Args:
+        device: Where to put the pipeline.
+        dtype: Its parameters' dtype (``torch.float32`` or ``torch.bfloat16``/``torch.float16``).
+        path: A pipeline directory written by :mod:`tgate_fx.shapes.train`;
+            default: the one shipped in the package, :data:`PIPELINE_PATH`.
+
+    The progress bar is off: a 32x32 picture takes a fraction of a second.
+    """
+    from diffusers import DiffusionPipeline
+
+    path = Path(path) if path is not None else PIPELINE_PATH
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no pipeline at {path} (model_index.json missing); expected the shipped "
+            f"{PIPELINE_PATH} or a directory written by `python -m tgate_fx.shapes.train --out DIR`"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    with warnings.catch_warnings():
+        # Newer diffusers rename torch_dtype to dtype; older ones only know torch_dtype.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
