@@ -5,4 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
 cd "$root"
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other
+# work, spinning threads stall each other and make small models 10x slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec tgate-fx generate "$@"
