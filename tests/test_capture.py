@@ -5,7 +5,7 @@ import torch
 
 import tgate_fx
 from conftest import latents, record_calls
-from tgate_fx.capture import capture_denoiser, normalize_call, signature_of
+from tgate_fx.capture import capture_denoiser, normalize_call, parameter_paths, signature_of
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
 
@@ -24,8 +24,10 @@ def test_captured_graph_equals_eager_denoiser(family):
     assert torch.equal(got[0], expected)
     # parameters are the model's own tensors, not copies
     own = dict(denoiser.named_parameters())
-    params = dict(capture.graph_module.named_parameters())
-    assert params and all(p.data_ptr() == own[name].data_ptr() for name, p in params.items())
+    params, paths = dict(capture.graph_module.named_parameters()), parameter_paths(capture.graph_module)
+    assert params and all(p is own[paths[name]] for name, p in params.items())
+    # read with one attribute lookup each: the generated code does not walk the module tree
+    assert "getattr(self." not in capture.graph_module.code
 
 
 def test_python_number_timestep_becomes_a_graph_input():
@@ -81,5 +83,6 @@ def test_every_variant_shares_the_denoiser_parameters():
     variants = [v for c in runtime.captures for v in c.variants.values()]
     assert len(variants) == 6
     for v in variants:
+        paths = parameter_paths(v.graph_module)
         for name, p in v.graph_module.named_parameters():
-            assert p.data_ptr() == own[name], (v.name, name)
+            assert p.data_ptr() == own[paths[name]], (v.name, name)

@@ -10,7 +10,11 @@ The exported program is turned into a *flat* ``GraphModule``: its placeholders
 are the tensor leaves of the call (named after their argument, e.g.
 ``added_cond_kwargs_text_embeds``), its output is a tuple whose first element
 is the denoiser's prediction. Parameters are ``get_attr`` nodes that refer to
-the denoiser's own parameter objects: nothing is copied.
+the denoiser's own parameter objects: nothing is copied. They are registered
+on the graph module under flat names (``down_blocks_0_resnets_0_conv1_weight``)
+so that the generated code reads each with one attribute lookup instead of a
+walk down the module tree (a walk costs about a quarter of a small UNet's
+call); :func:`parameter_paths` maps the flat names back to the denoiser's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Capture", "InputSignature", "capture_denoiser", "normalize_call", "signature_of", "tensor_inputs"]
+__all__ = [
+    "Capture",
+    "InputSignature",
+    "capture_denoiser",
+    "normalize_call",
+    "parameter_paths",
+    "signature_of",
+    "tensor_inputs",
+]
+
+# node.meta key of a get_attr node: the attribute's path in the denoiser.
+ATTR_PATH = "tgate_fx_attr_path"
 
 
 @dataclass(frozen=True)
@@ -117,9 +132,48 @@ def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphM
             continue
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    gm = fx.GraphModule(unlifted, graph, class_name="CapturedDenoiser")
+    gm = fx.GraphModule(_flat_attributes(unlifted, graph), graph, class_name="CapturedDenoiser")
     gm.graph.lint()
     return gm, input_names
+
+
+def _flat_attributes(owner: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module:
+    """A module holding every attribute ``graph`` reads, under a flat name; get_attr targets renamed to match."""
+    root = torch.nn.Module()
+    for node in graph.nodes:
+        if node.op == "call_module":  # e.g. export's `_guards_fn`
+            name = node.target.replace(".", "_")
+            root.add_module(name, owner.get_submodule(node.target))
+            node.target = name
+            continue
+        if node.op != "get_attr":
+            continue
+        path = node.meta.get(ATTR_PATH, node.target)
+        value = _attribute(owner, path)
+        name = path.replace(".", "_")
+        while hasattr(root, name) and getattr(root, name) is not value:
+            name += "_"
+        if isinstance(value, torch.nn.Parameter):
+            root.register_parameter(name, value)
+        elif isinstance(value, torch.Tensor):
+            root.register_buffer(name, value)
+        else:
+            setattr(root, name, value)
+        node.meta[ATTR_PATH] = path
+        node.target = name
+    return root
+
+
+def _attribute(owner: torch.nn.Module, path: str) -> Any:
+    value: Any = owner
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def parameter_paths(graph_module: fx.GraphModule) -> dict[str, str]:
+    """Flat attribute name -> the attribute's path in the denoiser, for every get_attr of a captured graph."""
+    return {n.target: n.meta.get(ATTR_PATH, n.target) for n in graph_module.graph.nodes if n.op == "get_attr"}
 
 
 class Capture:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 
 from .analysis import TAG, AttentionSite
+from .capture import ATTR_PATH
 from .macs import MacCount, format_macs, plan_macs
 from .plan import Plan
 from ._format import roles_summary, sites_table, table
@@ -66,7 +67,7 @@ def _module_path(node: fx.Node, sites: frozenset[str]) -> str:
         return tag["site"]
     if node.op == "get_attr":
         # Parameter reads carry no module stack: their owner is in the attribute path.
-        owner = str(node.target).rpartition(".")[0]
+        owner = str(node.meta.get(ATTR_PATH, node.target)).rpartition(".")[0]
         return next((s for s in sites if owner == s or owner.startswith(s + ".")), owner)
     stack = node.meta.get("nn_module_stack") or {}
     if stack:

@@ -5,8 +5,9 @@ dropout and scaled-dot-product attention as random even at ``p=0``; this pass
 treats them as the pure functions they are at inference. Operators that
 mutate their inputs or have side effects stay. Placeholders stay too (see
 :class:`RemoveUnusedInputs`). Afterwards, submodules and parameters that no
-remaining ``get_attr`` reads are deleted from the ``GraphModule``: a variant
-holds only the weights it uses. Guarantees: outputs are unchanged.
+remaining ``get_attr`` reads are deleted from the ``GraphModule`` (captured
+graphs hold their parameters directly, under flat names): a variant holds
+only the weights it uses. Guarantees: outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -27,4 +28,8 @@ class EliminateDeadCode(GraphPass):
         before = len(graph_module.graph.nodes)
         graph_module.graph.eliminate_dead_code(is_impure_node=lambda n: _keep(n))
         graph_module.delete_all_unused_submodules()
+        read = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+        for name in [*graph_module._parameters, *graph_module._buffers]:
+            if name not in read:
+                delattr(graph_module, name)
         return PassResult(graph_module, len(graph_module.graph.nodes) != before)
