@@ -28,9 +28,10 @@ _SHARED: dict = {}
 def eager_denoiser(pipe):
     """Temporarily run an optimized pipeline with its original eager denoiser."""
     import tgate_fx
+    from tgate_fx.api import DENOISER_ATTRIBUTES
 
     runtime = tgate_fx.get_runtime(pipe)
-    name = next(n for n in ("unet", "transformer") if getattr(pipe, n, None) is runtime)
+    name = next(n for n in DENOISER_ATTRIBUTES if getattr(pipe, n, None) is runtime)
     object.__setattr__(pipe, name, runtime.denoiser)
     try:
         yield pipe

@@ -9,12 +9,9 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .config import TGateConfig
-from .runtime import TGateDenoiser
+from .runtime import DENOISER_ATTRIBUTES, TGateDenoiser
 
 __all__ = ["DENOISER_ATTRIBUTES", "get_runtime", "optimize", "restore"]
-
-# Where diffusers pipelines keep their denoiser, in order of preference.
-DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
 def _unwrap(module: Any) -> Any:

@@ -39,7 +39,10 @@ from .generation import GenerationTracker, output_class, take_unconditional_half
 from .plan import Plan, VariantSpec
 from .variants import Variant, build_variant
 
-__all__ = ["CapturedGraphs", "TGateDenoiser"]
+__all__ = ["DENOISER_ATTRIBUTES", "CapturedGraphs", "TGateDenoiser"]
+
+# Where diffusers pipelines keep their denoiser, in order of preference.
+DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
 @dataclass
@@ -105,7 +108,7 @@ class TGateDenoiser(torch.nn.Module):
         # dynamo context (same backend and options). Its own frame around this
         # module compiles no graph: `__call__` below is disabled for dynamo.
         pipe = self._pipeline()
-        for name in ("unet", "transformer"):
+        for name in DENOISER_ATTRIBUTES:
             wrapper = getattr(pipe, name, None)
             if isinstance(wrapper, OptimizedModule) and wrapper._orig_mod is self:
                 return wrapper.dynamo_ctx
