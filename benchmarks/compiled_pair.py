@@ -18,9 +18,9 @@ Writes ``benchmarks/results/compiled_pair_<workload>.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,35 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tgate_fx  # noqa: E402
 from tgate_fx._format import table  # noqa: E402
+from common import TimedDenoiser, cpu_model  # noqa: E402
 from workloads import STEPS, WORKLOADS  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-class _Timed:
-    """Stands in for the pipeline's denoiser and records the wall time of each call."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.times: list[float] = []
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self.times.append(time.perf_counter() - start)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -91,7 +66,7 @@ def main(argv=None) -> int:
     tgate_fx.optimize(tgate, config=workload.tgate, compile=compile_kwargs or True)
     getattr(base, attr).compile(**compile_kwargs)
     runtime = tgate_fx.get_runtime(tgate)
-    timed = {"tgate_fx": _Timed(getattr(tgate, attr)), "baseline": _Timed(getattr(base, attr))}
+    timed = {"tgate_fx": TimedDenoiser(getattr(tgate, attr)), "baseline": TimedDenoiser(getattr(base, attr))}
     pipes = {"tgate_fx": tgate, "baseline": base}
     for name, pipe in pipes.items():
         object.__setattr__(pipe, attr, timed[name])
@@ -118,22 +93,18 @@ def main(argv=None) -> int:
     median = {n: statistics.median(w) for n, w in walls.items()}
     per_step = {n: [statistics.median(r[s] for r in rows) for s in range(STEPS)] for n, rows in steps.items()}
     rows = [("steps", "variant", "compiled tgate_fx s/step", "compiled baseline s/step", "ratio")]
-    s = 0
-    while s < STEPS:
-        variant = plan.steps[s].variant.name
-        end = s
-        while end + 1 < STEPS and plan.steps[end + 1].variant.name == variant:
-            end += 1
-        t = sum(per_step["tgate_fx"][s:end + 1]) / (end - s + 1)
-        b = sum(per_step["baseline"][s:end + 1]) / (end - s + 1)
-        rows.append((str(s) if s == end else f"{s}-{end}", variant, f"{t:.4f}", f"{b:.4f}", f"{t / b:.3f}"))
-        s = end + 1
+    # runs of consecutive steps on the same graph variant
+    for variant, run in itertools.groupby(range(STEPS), key=lambda i: plan.steps[i].variant.name):
+        run = list(run)
+        t, b = (statistics.mean(per_step[n][i] for i in run) for n in ("tgate_fx", "baseline"))
+        span = str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+        rows.append((span, variant, f"{t:.4f}", f"{b:.4f}", f"{t / b:.3f}"))
 
     lines = [
         f"# Compiled tgate_fx vs compiled baseline, one process: {workload.title}", "",
         f"Written by `python benchmarks/compiled_pair.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
         f" on {time.strftime('%Y-%m-%d %H:%M')}.", "",
-        f"- CPU: {_cpu()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} thread(s); "
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} thread(s); "
         f"load average {load[0]:.2f} at the start, {load[1]:.2f} at the end (other processes share the cores).",
         f"- Both pipelines in this process, inductor (default mode, options {options or 'none'}); {args.runs} timed generations each after "
         "one warm-up, alternating (order reversed every run). T-GATE: "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,27 +40,10 @@ import tgate_fx  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import TimedDenoiser, cpu_model  # noqa: E402
 from workloads import STEPS, WORKLOADS  # noqa: E402  (the torch benchmark's workloads)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "onnx.md")
-
-
-class _Timed:
-    """Wraps a denoiser to add up the time spent inside it."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.seconds = 0.0
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _size(directory: str) -> int:
@@ -92,7 +74,7 @@ def bench(key: str, runs: int, workdir: str) -> dict:
     torch_latents = workload.generate(pipe)
     tgate_fx.restore(pipe)
 
-    timed = {name: _Timed(OnnxDenoiser.from_dir(d, pipeline=pipe)) for name, d in dirs.items()}
+    timed = {name: TimedDenoiser(OnnxDenoiser.from_dir(d, pipeline=pipe)) for name, d in dirs.items()}
     totals: dict[str, list[float]] = {name: [] for name in dirs}
     inside: dict[str, list[float]] = {name: [] for name in dirs}
     cpu: dict[str, list[float]] = {name: [] for name in dirs}
@@ -101,7 +83,7 @@ def bench(key: str, runs: int, workdir: str) -> dict:
     for i in range(runs + 1):
         for name, den in timed.items():
             object.__setattr__(pipe, attribute, den)
-            den.seconds = 0.0
+            den.times.clear()
             start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = workload.generate(pipe)
             total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -144,7 +126,7 @@ def _markdown(results: list[dict], runs: int, load: tuple) -> str:
     import onnxruntime
 
     out = ["# onnxruntime: baseline vs T-GATE", "",
-           f"Measured by `python benchmarks/onnx_bench.py --runs {runs}` on {platform.machine()} with "
+           f"Measured by `python benchmarks/onnx_bench.py --runs {runs}` on {cpu_model()} with "
            f"{os.cpu_count()} cores (shared: load average {load[0]:.1f} before, {load[1]:.1f} after), "
            f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider (default session options), "
            f"torch {torch.__version__}. Random weights; {STEPS} steps, `output_type=\"latent\"`. "

@@ -49,12 +49,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tgate_fx  # noqa: E402
 from tgate_fx.shapes import data, evaluator, load_pipeline  # noqa: E402
+from common import cpu_model  # noqa: E402
 
 DEFAULT = {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}
 _START = time.time()
@@ -65,14 +67,8 @@ def _log(message: str) -> None:
 
 
 def _machine() -> list[str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
     return [
-        f"- CPU: {model}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}, "
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
