@@ -148,7 +148,7 @@ def _tgate_fx(b: Bench, compile: bool = False) -> None:
 
 
 def _tgate_fx_info(b: Bench) -> None:
-    from tgate_fx.macs import plan_macs
+    from tgate_fx.accounting.macs import plan_macs
 
     runtime = tgate_fx.get_runtime(b.pipe)
     by_batch = {g.capture.signature.tensors[0][1][0]: g for g in runtime.captures}

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tgate_fx  # noqa: E402
-from tgate_fx._format import table  # noqa: E402
+from tgate_fx.accounting._format import table  # noqa: E402
 from common import TimedDenoiser, cpu_model  # noqa: E402
 from workloads import STEPS, WORKLOADS  # noqa: E402
 

@@ -176,8 +176,8 @@ def macs_main(name: str) -> int:
     import torch
 
     from tgate_fx.archs import ArchGraphs, arch_from_pipeline, get_arch
-    from tgate_fx.macs import count_macs, plan_macs
-    from tgate_fx.plan import Plan
+    from tgate_fx.accounting.macs import count_macs, plan_macs
+    from tgate_fx.core.plan import Plan
     from workloads import STEPS, WORKLOADS
 
     w = WORKLOADS[name]

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tgate_fx.archs import PIXART_ALPHA_TRANSFORMER, SD15_UNET, get_arch  # noqa: E402
-from tgate_fx.config import TGateConfig  # noqa: E402
+from tgate_fx.methods import TGateConfig  # noqa: E402
 from tgate_fx.tiny import make_tokenizer  # noqa: E402
 
 __all__ = ["PROMPT", "STEPS", "WORKLOADS", "Workload"]

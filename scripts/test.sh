@@ -4,4 +4,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
 cd "$root"
+# Idle OpenMP threads sleep instead of spinning (see generate.sh): a shared CPU otherwise slows tiny models 10x.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec python -m pytest -q "$@"

@@ -5,8 +5,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from conftest import record_calls
-from tgate_fx.analysis import TAG, find_attention_sites
-from tgate_fx.capture import capture_denoiser, normalize_call
+from tgate_fx.core.analysis import TAG, find_attention_sites
+from tgate_fx.core.capture import capture_denoiser, normalize_call
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
 

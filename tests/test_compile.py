@@ -42,7 +42,7 @@ def test_compiles_once_per_variant_and_never_again(how):
         # The wrapper's own frame around the runtime: it stops at the runtime's
         # (deliberately untraced) bookkeeping and holds no graph.
         assert c1["frames"]["total"] == len(plan.variants) + 1
-        assert sum(breaks.values()) == 1 and "TGateDenoiser.__call__" in next(iter(breaks))
+        assert sum(breaks.values()) == 1 and "OptimizedDenoiser" in next(iter(breaks))
     else:
         assert not breaks  # and fullgraph=True would have raised on any break inside a variant
 

@@ -1,4 +1,5 @@
-"""Each pass, on a tiny captured model: the graph it leaves and the numbers against the eager model."""
+"""Each pass, on a small captured block (one diffusers Transformer2DModel with self- and cross-attention):
+the graph it leaves and the numbers against the eager block."""
 
 import operator
 
@@ -7,32 +8,49 @@ import torch
 import torch.fx as fx
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from conftest import record_calls
-from tgate_fx.analysis import TAG, find_attention_sites
-from tgate_fx.capture import capture_denoiser, normalize_call, parameter_paths
-from tgate_fx.passes import (
-    EliminateDeadCode,
-    ExposeAttentionOutputs,
-    RemoveUnusedInputs,
-    ReplaceAttentionWithCache,
-    cache_input_name,
-)
-from tgate_fx.tiny import FAMILIES, tiny_pipeline
-from tgate_fx.variants import copy_graph_module
+from tgate_fx.core.analysis import TAG, find_attention_sites
+from tgate_fx.core.capture import capture_denoiser, parameter_paths
+from tgate_fx.core.variants import copy_graph_module
+from tgate_fx.passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
-@pytest.fixture(scope="module", params=["sd15", "pixart_alpha"])
+@pytest.fixture(scope="module", params=["attention_2d", "attention_1d"])
 def captured(request):
-    family = request.param
-    pipe = tiny_pipeline(family)
-    denoiser, calls = record_calls(pipe, FAMILIES[family].denoiser, num_inference_steps=2)
-    call, _ = normalize_call(denoiser, *calls[0])
-    capture = capture_denoiser(denoiser, call)
+    """A tiny Transformer2DModel (two transformer blocks), captured: the block every UNet and DiT is made of."""
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if request.param == "attention_2d":  # UNet style: a (B, C, H, W) feature map
+        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=2,
+                                   cross_attention_dim=12, norm_num_groups=4).eval()
+        sample = torch.randn(2, 16, 4, 4, generator=g)
+    else:  # DiT style: patch tokens
+        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                   cross_attention_dim=12, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+                                   num_embeds_ada_norm=10, out_channels=4).eval()
+        sample = torch.randn(2, 4, 8, 8, generator=g)
+    call = {"hidden_states": sample, "encoder_hidden_states": torch.randn(2, 5, 12, generator=g)}
+    if request.param == "attention_1d":
+        call["timestep"] = torch.tensor([3, 3])
+        call["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    capture = capture_denoiser(block, call)
     sites = find_attention_sites(capture.graph_module)
-    return denoiser, call, capture, sites
+    assert {s.role for s in sites} == {"self", "cross"}
+    return block, call, capture, sites
+
+
+def _values(gm, paths):
+    """The tagged value node of each attention site in ``paths``, in ``gm``'s graph."""
+    found = {n.meta[TAG]["site"]: n for n in gm.graph.nodes if n.meta.get(TAG, {}).get("value")}
+    return [found[p] for p in paths]
+
+
+def cache_input_name(path):
+    return "cache_" + path.replace(".", "_")
 
 
 def _run(gm, capture, call, extra=None):
@@ -69,11 +87,12 @@ def _apply(gm, *passes):
     return gm
 
 
-def test_expose_attention_outputs_returns_the_eager_values(captured):
+def test_expose_values_returns_the_eager_values(captured):
     denoiser, call, capture, sites = captured
     self_sites = [s.path for s in sites if s.role == "self"]
     before = len(capture.graph_module.graph.nodes)
-    gm = _apply(copy_graph_module(capture.graph_module), ExposeAttentionOutputs(self_sites))
+    gm = copy_graph_module(capture.graph_module)
+    gm = _apply(gm, ExposeValues(_values(gm, self_sites)))
     assert len(gm.graph.nodes) == before  # outputs only: nothing added, nothing recomputed
     assert len(capture.graph_module.graph.nodes) == before  # the capture itself is untouched
     out = _run(gm, capture, call)
@@ -87,7 +106,9 @@ def test_expose_attention_outputs_returns_the_eager_values(captured):
 def test_expose_with_cfg_mean_averages_the_two_halves(captured):
     denoiser, call, capture, sites = captured
     paths = [s.path for s in sites]
-    gm = _apply(copy_graph_module(capture.graph_module), ExposeAttentionOutputs(paths, cfg_mean=True))
+    gm = copy_graph_module(capture.graph_module)
+    values = _values(gm, paths)
+    gm = _apply(gm, ExposeValues(values, cfg_mean=values))
     # chunk, two getitems, add, div per site; each new node knows its value and provenance
     new = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in
            (aten.chunk.default, operator.getitem, aten.add.Tensor, aten.div.Tensor)
@@ -105,7 +126,9 @@ def test_replace_with_cache_removes_attention_work(captured):
     denoiser, call, capture, sites = captured
     cross = [s.path for s in sites if s.role == "cross"]
     base = capture.graph_module
-    gm = _apply(copy_graph_module(base), ReplaceAttentionWithCache(cross), EliminateDeadCode(), RemoveUnusedInputs())
+    gm = copy_graph_module(base)
+    replacements = [(v, cache_input_name(p)) for v, p in zip(_values(gm, cross), cross)]
+    gm = _apply(gm, ReplaceValuesWithCache(replacements), EliminateDeadCode(), RemoveUnusedInputs())
     assert _count(gm, SDPA) == _count(base, SDPA) - len(cross)
     linears_per_site = 4  # q, k, v, out
     assert _count(gm, aten.linear.default) <= _count(base, aten.linear.default) - linears_per_site * len(cross)
@@ -140,7 +163,9 @@ class _FixedOutput(AttnProcessor2_0):
 def test_replaced_site_uses_the_cache_it_is_given(captured):
     denoiser, call, capture, sites = captured
     site = next(s for s in sites if s.role == "self")
-    gm = _apply(copy_graph_module(capture.graph_module), ReplaceAttentionWithCache([site.path]), EliminateDeadCode())
+    gm = copy_graph_module(capture.graph_module)
+    gm = _apply(gm, ReplaceValuesWithCache([(_values(gm, [site.path])[0], cache_input_name(site.path))]),
+                EliminateDeadCode())
     cache = torch.randn(site.value_shape, generator=torch.Generator().manual_seed(1))
     out = _run(gm, capture, call, {cache_input_name(site.path): cache})
     module = denoiser.get_submodule(site.path)
@@ -175,10 +200,13 @@ def test_eliminate_dead_code_keeps_side_effects_and_drops_random_ops():
     assert [n for n, _ in gm.named_parameters()] == ["lin.weight", "lin.bias"]
 
 
-def test_passes_reject_untagged_sites(captured):
-    _, _, capture, _ = captured
-    with pytest.raises(ValueError, match="no tagged attention value for sites"):
-        ExposeAttentionOutputs(["not.a.site"])(copy_graph_module(capture.graph_module))
+def test_passes_reject_nodes_of_another_graph(captured):
+    _, _, capture, sites = captured
+    node = _values(capture.graph_module, [sites[0].path])[0]
+    with pytest.raises(ValueError, match="not in the graph"):
+        ExposeValues([node])(copy_graph_module(capture.graph_module))
+    with pytest.raises(ValueError, match="not in the graph"):
+        ReplaceValuesWithCache([(node, "cache_x")])(copy_graph_module(capture.graph_module))
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd15_controlnet"])
@@ -198,7 +226,7 @@ def test_fidelity_graphs_do_no_cross_attention_work(family):
         computed = {n.meta[TAG]["site"] for n in v.graph_module.graph.nodes
                     if n.op == "call_function" and n.target is SDPA}
         cross_sites = {s.path for s in capture.sites if s.role == "cross"}
-        assert cross_sites and cross_sites <= set(v.reads) and not computed & cross_sites
+        assert cross_sites and cross_sites <= {k.site for k in v.reads} and not computed & cross_sites
         paths = parameter_paths(v.graph_module)
         for name, _ in v.graph_module.named_parameters():
             assert not any(paths[name].startswith(s + ".") for s in cross_sites), name

@@ -6,7 +6,7 @@ import torch
 import tgate_fx
 from conftest import PROMPT, latents, shared_optimized
 from oracle import run_oracle
-from tgate_fx.runtime import TGateDenoiser
+from tgate_fx.core.runtime import OptimizedDenoiser
 from tgate_fx.tiny import tiny_pipeline
 
 SETTINGS = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
@@ -98,7 +98,7 @@ def test_lcm_flag_is_checked_against_the_call():
 def test_attributes_pipelines_read_are_forwarded():
     pipe = tgate_fx.optimize(shared_optimized("sdxl"), **SETTINGS)
     runtime, unet = pipe.unet, pipe.unet.denoiser
-    assert isinstance(runtime, TGateDenoiser)
+    assert isinstance(runtime, OptimizedDenoiser)
     assert runtime.config is unet.config and runtime.config.in_channels == 4
     assert runtime.dtype == torch.float32 and runtime.device == torch.device("cpu")
     assert runtime.add_embedding is unet.add_embedding

@@ -1,19 +1,22 @@
-"""tgate_fx: T-GATE for diffusers pipelines, as torch.fx graph rewrites.
+"""tgate_fx: training-free acceleration of diffusers pipelines (T-GATE, DeepCache), as torch.fx graph rewrites.
 
 Example::
 
     import tgate_fx
-    tgate_fx.optimize(pipe, gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)
+    tgate_fx.optimize(pipe, gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)      # T-GATE
+    tgate_fx.optimize(pipe, tgate=tgate_fx.TGateConfig(10, 1, 1, 0),
+                      deepcache=tgate_fx.DeepCacheConfig(cache_interval=3))           # composed
     image = pipe(prompt, num_inference_steps=25).images[0]
     print(tgate_fx.report(pipe))
     tgate_fx.restore(pipe)
 """
 
+from .accounting.macs import count_macs, plan_macs
+from .accounting.report import report
 from .api import get_runtime, optimize, restore
-from .config import TGateConfig
-from .macs import count_macs, plan_macs
-from .plan import Plan
-from .report import report
+from .core.plan import Plan
+from .methods import DeepCacheConfig, TGateConfig
 
-__all__ = ["Plan", "TGateConfig", "count_macs", "get_runtime", "optimize", "plan_macs", "report", "restore"]
-__version__ = "0.1.0"
+__all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
+           "report", "restore"]
+__version__ = "0.2.0"

@@ -6,17 +6,13 @@ import inspect
 from typing import Any
 
 import torch
-from torch._dynamo.eval_frame import OptimizedModule
 
-from .config import TGateConfig
-from .runtime import DENOISER_ATTRIBUTES, TGateDenoiser
+from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
+from .methods import DeepCacheConfig, TGateConfig, as_methods
 
-__all__ = ["DENOISER_ATTRIBUTES", "get_runtime", "optimize", "restore"]
+__all__ = ["get_runtime", "optimize", "restore"]
 
-
-def _unwrap(module: Any) -> Any:
-    """The module inside a ``torch.compile`` wrapper (or the module itself)."""
-    return getattr(module, "_orig_mod", module) if isinstance(module, OptimizedModule) else module
+_TGATE_ARGS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "lcm")
 
 
 def _denoiser_attribute(pipe: Any) -> str:
@@ -25,69 +21,92 @@ def _denoiser_attribute(pipe: Any) -> str:
 
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"optimize() takes a diffusers DiffusionPipeline, got {type(pipe).__name__}")
-    for name in DENOISER_ATTRIBUTES:
-        module = _unwrap(getattr(pipe, name, None))
-        if isinstance(module, TGateDenoiser):
-            module = module.denoiser
-        if isinstance(module, torch.nn.Module):
-            text_conditioned = "encoder_hidden_states" in inspect.signature(module.forward).parameters
-            if not text_conditioned or not any(isinstance(m, Attention) for m in module.modules()):
-                raise TypeError(
-                    f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
-                    "denoiser with diffusers Attention modules for T-GATE to cache; supported denoisers "
-                    "are UNet2DConditionModel and "
-                    "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel)"
-                )
-            return name
-    raise TypeError(
-        f"{type(pipe).__name__} has no supported denoiser: expected a torch module at "
-        f"pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}"
-    )
+    found = find_denoiser(pipe)
+    if found is None:
+        raise TypeError(
+            f"{type(pipe).__name__} has no supported denoiser: expected a torch module at "
+            f"pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}"
+        )
+    name, module = found
+    if isinstance(module, OptimizedDenoiser):
+        module = module.denoiser
+    text_conditioned = "encoder_hidden_states" in inspect.signature(module.forward).parameters
+    if not text_conditioned or not any(isinstance(m, Attention) for m in module.modules()):
+        raise TypeError(
+            f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
+            "denoiser with diffusers Attention modules; supported denoisers "
+            "are UNet2DConditionModel and "
+            "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel)"
+        )
+    return name
 
 
-def get_runtime(pipe: Any) -> TGateDenoiser:
-    """The :class:`TGateDenoiser` installed in ``pipe`` by :func:`optimize`.
+def get_runtime(pipe: Any) -> OptimizedDenoiser:
+    """The :class:`~tgate_fx.core.runtime.OptimizedDenoiser` installed in ``pipe`` by :func:`optimize`.
 
     Raises:
         ValueError: if ``pipe`` is not optimized.
     """
-    for name in DENOISER_ATTRIBUTES:
-        module = _unwrap(getattr(pipe, name, None))
-        if isinstance(module, TGateDenoiser):
-            return module
+    found = find_denoiser(pipe)
+    if found is not None and isinstance(found[1], OptimizedDenoiser):
+        return found[1]
     raise ValueError(f"{type(pipe).__name__} is not optimized; call tgate_fx.optimize(pipe) first")
 
 
 def optimize(
     pipe: Any,
-    gate_step: int = 10,
-    sp_interval: int = 5,
-    fi_interval: int = 1,
-    warm_up: int = 2,
+    gate_step: int | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
     lcm: bool | None = None,
     *,
     config: TGateConfig | None = None,
+    tgate: TGateConfig | bool | None = None,
+    deepcache: DeepCacheConfig | None = None,
+    methods: Any = None,
     compile: bool | dict = False,
 ):
-    """Make a diffusers pipeline run its denoiser with T-GATE; returns the same pipeline.
+    """Make a diffusers pipeline run its denoiser with T-GATE, DeepCache, or both; returns the same pipeline.
 
-    The denoiser (``pipe.unet`` or ``pipe.transformer``) is replaced by a
-    :class:`~tgate_fx.runtime.TGateDenoiser`. Nothing is captured yet: the
-    first call of each input signature captures the denoiser with
+    Methods are given by keyword, one config each, and compose: every step
+    runs the union of the methods' rewrites for that step.
+
+    * ``optimize(pipe, gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)``:
+      T-GATE with the reference's argument names (any of them selects T-GATE;
+      the others take :class:`TGateConfig`'s defaults);
+    * ``optimize(pipe)``: T-GATE with its defaults;
+    * ``optimize(pipe, deepcache=DeepCacheConfig(cache_interval=3, cache_branch_id=0))``:
+      DeepCache alone;
+    * ``optimize(pipe, tgate=TGateConfig(10, 1, 1, 0), deepcache=DeepCacheConfig(3, 0))``:
+      both (the combination the T-GATE paper reports); ``tgate=True`` takes
+      T-GATE's defaults;
+    * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
+
+    The denoiser (``pipe.unet`` or ``pipe.transformer``) is replaced by an
+    :class:`~tgate_fx.core.runtime.OptimizedDenoiser`. Nothing is captured
+    yet: the first call of each input signature captures the denoiser with
     ``torch.export`` and builds the graph variants the step plan needs. The
-    pipeline is called as before. Applying it again replaces the settings and
+    pipeline is called as before. Applying it again replaces the methods and
     keeps the captured graphs; :func:`restore` puts the original denoiser back.
 
     Args:
         pipe: A diffusers pipeline (SD 1.x/2.x, SD-XL, PixArt-alpha/sigma, LCM
-            variants, img2img, ControlNet, ...).
-        gate_step, sp_interval, fi_interval, warm_up, lcm: see :class:`TGateConfig`.
-        config: A :class:`TGateConfig`, instead of the individual settings.
+            variants, img2img, ControlNet, ...). DeepCache needs a UNet.
+        gate_step, sp_interval, fi_interval, warm_up, lcm: T-GATE settings, see :class:`TGateConfig`.
+        config: A :class:`TGateConfig`, instead of the individual settings (same as ``tgate=``).
+        tgate: A :class:`TGateConfig`, or ``True`` for its defaults.
+        deepcache: A :class:`DeepCacheConfig`.
+        methods: A list of method configs, instead of the keywords.
         compile: ``True`` compiles every graph variant with ``torch.compile``
             (once each, at first use); a dict is passed to ``torch.compile`` as
             options, e.g. ``{"backend": "inductor", "mode": "max-autotune"}``.
             ``pipe.unet.compile(...)`` and ``pipe.unet = torch.compile(pipe.unet)``
             after ``optimize`` do the same.
+
+    Raises:
+        TypeError, ValueError: for bad settings (naming them), a pipeline
+            without a supported denoiser, or the same method given twice.
 
     Example::
 
@@ -96,19 +115,17 @@ def optimize(
         print(tgate_fx.report(pipe))
         tgate_fx.restore(pipe)
     """
-    if config is None:
-        config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm)
-    elif not isinstance(config, TGateConfig):
-        raise TypeError(f"config must be a TGateConfig, got {type(config).__name__}")
+    chosen = _chosen_methods(dict(zip(_TGATE_ARGS, (gate_step, sp_interval, fi_interval, warm_up, lcm))),
+                             config, tgate, deepcache, methods)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     name = _denoiser_attribute(pipe)
-    current = _unwrap(getattr(pipe, name))
-    if isinstance(current, TGateDenoiser):
+    current = unwrap_compiled(getattr(pipe, name))
+    if isinstance(current, OptimizedDenoiser):
         runtime = current
-        runtime.configure(config, pipe)
+        runtime.configure(chosen, pipe)
     else:
-        runtime = TGateDenoiser(current, config, pipe)
+        runtime = OptimizedDenoiser(current, chosen, pipe)
         # Bypass DiffusionPipeline.__setattr__: it would record the runtime's class
         # in the pipeline config, and save_pretrained would then write it there.
         object.__setattr__(pipe, name, runtime)
@@ -117,15 +134,40 @@ def optimize(
     return pipe
 
 
+def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods) -> list:
+    given = {k: v for k, v in tgate_args.items() if v is not None}
+    if methods is not None:
+        if given or config is not None or tgate is not None or deepcache is not None:
+            raise TypeError("pass methods=[...] alone, or the method keywords, not both")
+        return as_methods(methods)
+    if config is not None and tgate is not None:
+        raise TypeError("config= and tgate= both give T-GATE settings; pass one")
+    tgate = config if config is not None else tgate
+    if tgate is True:
+        tgate = TGateConfig()
+    if tgate is False:
+        tgate = None
+    if tgate is not None and not isinstance(tgate, TGateConfig):
+        raise TypeError(f"tgate (or config) must be a TGateConfig or True, got {type(tgate).__name__}")
+    if given:
+        if tgate is not None:
+            raise TypeError(f"T-GATE settings given twice: {sorted(given)} and a TGateConfig; pass one")
+        tgate = TGateConfig(**given)
+    if deepcache is not None and not isinstance(deepcache, DeepCacheConfig):
+        raise TypeError(f"deepcache must be a DeepCacheConfig, got {type(deepcache).__name__}")
+    if tgate is None and deepcache is None:
+        tgate = TGateConfig()  # the call users know: optimize(pipe) is T-GATE with its defaults
+    return as_methods([c for c in (tgate, deepcache) if c is not None])
+
+
 def restore(pipe: Any):
     """Put back the original denoiser (the very same module object); returns the pipeline.
 
     A pipeline that is not optimized is returned unchanged.
     """
-    for name in DENOISER_ATTRIBUTES:
-        module = _unwrap(getattr(pipe, name, None))
-        if isinstance(module, TGateDenoiser):
-            # A plain assignment also puts the original class back in the
-            # pipeline config, in case `pipe.unet = torch.compile(...)` changed it.
-            setattr(pipe, name, module.denoiser)
+    found = find_denoiser(pipe)
+    if found is not None and isinstance(found[1], OptimizedDenoiser):
+        # A plain assignment also puts the original class back in the
+        # pipeline config, in case `pipe.unet = torch.compile(...)` changed it.
+        setattr(pipe, found[0], found[1].denoiser)
     return pipe

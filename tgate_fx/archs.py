@@ -5,8 +5,8 @@ it), the resolution and text length the T-GATE paper measures it at, its
 T-GATE defaults (``/work/shared/docs/tgate-reference.md``) and whether its
 pipeline runs classifier-free guidance. It builds the denoiser under
 ``torch.device("meta")`` and the call a diffusers pipeline makes to it, so
-that :func:`tgate_fx.capture.capture_denoiser` can export SD-XL or PixArt in
-seconds on a laptop, and :mod:`tgate_fx.macs` can count what every T-GATE
+that :func:`tgate_fx.core.capture.capture_denoiser` can export SD-XL or PixArt in
+seconds on a laptop, and :mod:`tgate_fx.accounting.macs` can count what every T-GATE
 variant costs.
 
 Example::
@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from .analysis import find_attention_sites
-from .capture import capture_denoiser
-from .config import TGateConfig
-from .runtime import CapturedGraphs
+from .core.capture import capture_denoiser
+from .core.variants import CapturedGraphs
+from .methods import TGateConfig
 
 __all__ = ["ARCHS", "Arch", "ArchGraphs", "arch_from_pipeline", "get_arch"]
 
@@ -347,7 +346,7 @@ class Arch:
         """Export the meta-device denoiser at ``batch_size`` and find its attention sites."""
         denoiser = self.build_denoiser()
         capture = capture_denoiser(denoiser, self.make_call(batch_size))
-        return CapturedGraphs(capture, find_attention_sites(capture.graph_module))
+        return CapturedGraphs.from_capture(capture)
 
     def describe(self) -> str:
         """One line: name, class, size, text length, CFG."""
@@ -405,16 +404,12 @@ def arch_from_pipeline(pipe: Any, *, height: int | None = None, width: int | Non
         TypeError: if the denoiser is neither a ``UNet2DConditionModel`` nor a
             ``PixArtTransformer2DModel``.
     """
-    from .api import DENOISER_ATTRIBUTES
-    from .runtime import TGateDenoiser
+    from .core.runtime import OptimizedDenoiser, find_denoiser
 
-    denoiser = None
-    for attr in DENOISER_ATTRIBUTES:
-        denoiser = getattr(pipe, attr, None)
-        if isinstance(denoiser, TGateDenoiser):
-            denoiser = denoiser.denoiser
-        if isinstance(denoiser, torch.nn.Module):
-            break
+    found = find_denoiser(pipe)
+    denoiser = found[1] if found else None
+    if isinstance(denoiser, OptimizedDenoiser):
+        denoiser = denoiser.denoiser
     model_class = type(denoiser).__name__
     if model_class not in ("UNet2DConditionModel", "PixArtTransformer2DModel"):
         raise TypeError(f"{type(pipe).__name__} has denoiser {model_class}; supported: UNet2DConditionModel, "
@@ -448,7 +443,7 @@ class ArchGraphs:
     """The captures of one architecture, one per batch size, made on first use.
 
     Calling it with a batch size returns a
-    :class:`~tgate_fx.runtime.CapturedGraphs` (capture, attention sites, and
+    :class:`~tgate_fx.core.variants.CapturedGraphs` (capture, attention sites, and
     the graph variants built from it so far), which is what
     :func:`tgate_fx.macs.plan_macs` and :mod:`tgate_fx.inspection` read.
 

@@ -6,7 +6,13 @@ A bundle is a directory::
     weights.bin               every weight tensor once, shared by all the models below
     b2_sp_compute.onnx        one model per (capture, variant) that the plan runs;
     b2_gate.onnx              "b2" = the capture at denoiser batch 2 (the CFG batch),
-    b1_fi_reuse.onnx          "b1" = batch 1 (after the gate), ...
+    b1_fi_reuse.onnx          "b1" = batch 1 (after T-GATE's gate), ...
+
+``plan.json`` lists every step as it ran: its capture, its variant, whether
+it drops the unconditional half, and the caches it reads and writes (cache
+keys ``method:site:slot``). A runtime follows these steps; it never derives a
+schedule. Version 2 (methods composed); version 1 bundles (T-GATE only)
+must be exported again.
 
 This module owns the file names, the format tag and the checks that a
 ``plan.json`` is complete and agrees with the files next to it. It needs only
@@ -19,17 +25,12 @@ import json
 import os
 from typing import Any
 
-__all__ = ["FORMAT", "PLAN_FILE", "VERSION", "WEIGHTS_FILE", "read_plan", "record_name"]
+__all__ = ["FORMAT", "PLAN_FILE", "VERSION", "WEIGHTS_FILE", "read_plan"]
 
 FORMAT = "tgate_fx.onnx"
-VERSION = 1
+VERSION = 2
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.bin"
-
-
-def record_name(site: str) -> str:
-    """Output name of the cache write for ``site`` (its read is ``cache_<site>``)."""
-    return "record_" + site.replace(".", "_")
 
 
 def _require(data: dict, key: str, where: str) -> Any:
@@ -57,6 +58,10 @@ def read_plan(directory: str) -> dict:
                                 "tgate_fx.export.export_onnx (or `tgate-fx export`)")
     with open(path) as f:
         plan = json.load(f)
+    if plan.get("format") == FORMAT and plan.get("version") == 1:
+        raise ValueError(f"{path} is a version-1 bundle (T-GATE only, schedule recomputed at run time); this "
+                         f"tgate_fx reads version {VERSION}, which stores every step: export it again "
+                         "with tgate_fx.export.export_onnx or `tgate-fx export`")
     if plan.get("format") != FORMAT or plan.get("version") != VERSION:
         raise ValueError(f"{path} has format {plan.get('format')!r} version {plan.get('version')!r}; "
                          f"this tgate_fx reads format {FORMAT!r} version {VERSION}")
@@ -82,13 +87,22 @@ def read_plan(directory: str) -> dict:
             if bad:
                 raise ValueError(f"{where}: cache names {bad} are not among its inputs {sorted(inputs)} "
                                  f"or outputs {sorted(outputs)}")
-    if plan.get("tgate") is not None and plan["plan"].get("config") != plan["tgate"]:
-        raise ValueError(f"{path}: the T-GATE settings {plan['tgate']} differ from those its plan was made with "
-                         f"{plan['plan'].get('config')}")
+    if plan.get("methods") != plan["plan"].get("methods"):
+        raise ValueError(f"{path}: the methods {plan.get('methods')} differ from those its plan was made with "
+                         f"{plan['plan'].get('methods')}")
+    written: set[str] = set()
     for step in _require(plan["plan"], "steps", path):
         cid, vname = step.get("capture"), step.get("variant")
         if cid not in plan["captures"] or vname not in plan["captures"][cid]["variants"]:
             raise ValueError(f"step {step.get('step')} of {path} runs variant {vname!r} of capture {cid!r}, "
                              f"which the bundle does not describe (captures: "
                              f"{ {c: sorted(v['variants']) for c, v in plan['captures'].items()} })")
+        variant = plan["captures"][cid]["variants"][vname]
+        if sorted(step.get("reads", [])) != sorted(variant["reads"]) or \
+                sorted(step.get("writes", [])) != sorted(variant["writes"]):
+            raise ValueError(f"step {step.get('step')} of {path}: its reads/writes differ from variant {vname!r}'s")
+        unwritten = [k for k in variant["reads"] if k not in written]
+        if unwritten:
+            raise ValueError(f"step {step.get('step')} of {path} reads caches {unwritten} that no earlier step writes")
+        written.update(variant["writes"])
     return plan

@@ -1,11 +1,12 @@
-"""Export the graph variants of a T-GATE plan to ONNX, with the plan beside them.
+"""Export the graph variants of a plan (any methods, composed) to ONNX, with the plan beside them.
 
 :func:`export_onnx` runs one generation of the pipeline at the requested
 shapes with the torch runtime (:func:`tgate_fx.optimize`), which captures the
-denoiser and builds exactly the variants the plan uses. It then writes each
-of those variant graphs as an ONNX model, the weights once for all of them,
-and ``plan.json`` (see :mod:`tgate_fx.export.bundle`). It consumes the plan
-and the variants; it does not derive a schedule of its own.
+denoiser and builds exactly the variants the plan uses, and records which
+capture and variant each step ran. It then writes each of those variant
+graphs as an ONNX model, the weights once for all of them, and
+``plan.json`` with the steps as they ran (see :mod:`tgate_fx.export.bundle`).
+It consumes the plan and the variants; it does not derive a schedule of its own.
 
 Exporter choice: the graphs are flat ATen graphs (``aten.linear``,
 ``aten.scaled_dot_product_attention``, ``aten.dropout`` with ``p=0``, ...).
@@ -39,15 +40,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__
-from ..api import DENOISER_ATTRIBUTES, optimize
-from ..capture import capture_denoiser, normalize_call, signature_of
-from ..config import TGateConfig
-from ..generation import output_class, take_unconditional_half
-from ..passes import cache_input_name
-from ..plan import Plan, VariantSpec
-from ..runtime import CapturedGraphs, TGateDenoiser
-from ..variants import Variant, build_variant, copy_graph_module
-from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, record_name
+from ..api import _chosen_methods, optimize
+from ..core.capture import capture_denoiser, normalize_call, signature_of
+from ..core.generation import output_class
+from ..core.method import Method
+from ..core.plan import Plan, VariantSpec
+from ..core.runtime import OptimizedDenoiser, find_denoiser
+from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant, copy_graph_module
+from ..methods import DeepCacheConfig, TGateConfig
+from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE
 from .weights import WeightsWriter
 
 __all__ = ["EXPORTERS", "export_onnx"]
@@ -55,8 +56,8 @@ __all__ = ["EXPORTERS", "export_onnx"]
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 18
 
-# The variant of a plain (no T-GATE) export: every attention computed, no cache.
-_FULL = VariantSpec("full")
+# The variant of a plain export (no method): every attention computed, no cache.
+_FULL = Resolved(VariantSpec("full"), (), ())
 
 # Attributes of the denoiser, besides ``config`` and ``dtype``, that the
 # supported pipelines read (SD-XL: the size of the added-conditions embedding;
@@ -83,13 +84,11 @@ def _import_onnx():
 
 
 def _denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
-    for name in DENOISER_ATTRIBUTES:
-        module = getattr(pipe, name, None)
-        if isinstance(module, TGateDenoiser):
-            return name, module.denoiser
-        if isinstance(module, torch.nn.Module):
-            return name, module
-    raise TypeError(f"{type(pipe).__name__} has no denoiser module at pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}")
+    found = find_denoiser(pipe)
+    if found is None:
+        raise TypeError(f"{type(pipe).__name__} has no denoiser module at pipe.unet or pipe.transformer")
+    name, module = found
+    return name, module.denoiser if isinstance(module, OptimizedDenoiser) else module
 
 
 def _dtype_name(dtype) -> str:
@@ -173,48 +172,30 @@ def _capture_ids(signatures: list, sample_arg: str) -> list[str]:
     return ids
 
 
-def _run_tgate(pipe, attribute: str, sample_arg: str, config: TGateConfig, call: dict):
-    """One T-GATE generation; returns (plan, per-step (CapturedGraphs, Variant)).
+def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
+    """One generation with ``methods``; returns (plan, per-step (StepPlan, CapturedGraphs, Variant)).
 
     An optimized pipeline keeps its runtime, whose captures and variants are
-    reused (they do not depend on the settings); its settings are put back
-    after. Each step's capture is found as the runtime finds it: by the
-    signature of the call, halved where the step drops the unconditional batch.
+    reused (they do not depend on the settings); its methods are put back after.
     """
     saved = getattr(pipe, attribute)
-    previous = saved.tgate_config if isinstance(saved, TGateDenoiser) else None
-    seen: list[tuple] = []
-
-    def record(module, args, kwargs):
-        full, _ = normalize_call(module.denoiser, args, kwargs)
-        sample = full[sample_arg]
-        seen.append((signature_of(full), signature_of(take_unconditional_half(full, sample.shape[0]))))
-
+    previous = saved.methods if isinstance(saved, OptimizedDenoiser) else None
     try:
-        optimize(pipe, config=config)
+        optimize(pipe, methods=methods)
         runtime = getattr(pipe, attribute)
         runtime.reset()
-        handle = runtime.register_forward_pre_hook(record, with_kwargs=True)
-        try:
+        with runtime.tracing() as trace:
             pipe(**call)
-        finally:
-            handle.remove()
         plan = runtime.last_plan
-        graphs = {g.capture.signature: g for g in runtime.captures}
     finally:
         if previous is not None and getattr(pipe, attribute) is saved:
-            optimize(pipe, config=previous)
+            optimize(pipe, methods=previous)
         else:
             object.__setattr__(pipe, attribute, saved)
-    if plan is None or len(seen) != plan.num_steps:
-        raise RuntimeError(f"the traced generation made {len(seen)} denoiser calls for a plan of "
+    if plan is None or len(trace) != plan.num_steps:
+        raise RuntimeError(f"the traced generation made {len(trace)} denoiser calls for a plan of "
                            f"{plan.num_steps if plan else '?'} steps; nothing consistent to export")
-    steps = []
-    for entry, (full, half) in zip(plan.steps, seen):
-        signature = half if plan.cfg and not entry.cfg else full
-        g = graphs[signature]
-        steps.append((g, g.variants[entry.variant]))
-    return plan, steps
+    return plan, trace
 
 
 def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
@@ -233,8 +214,10 @@ def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
     graphs = {}
     for signature, recorded in recorder.calls.items():
         capture = capture_denoiser(denoiser, recorded)
-        variant = build_variant(capture.graph_module, [], _FULL)
-        graphs[signature] = (CapturedGraphs(capture, [], {_FULL: variant}), variant)
+        variant = build_variant(capture.graph_module, _FULL)
+        captured = CapturedGraphs.from_capture(capture)
+        captured.variants[_FULL] = variant
+        graphs[signature] = (captured, variant)
     return [graphs[signature] for signature in recorder.order]
 
 
@@ -254,7 +237,7 @@ def _example_inputs(variant: Variant) -> list[torch.Tensor]:
 
 
 def _output_names(variant: Variant) -> list[str]:
-    return ["prediction"] + [record_name(site) for site in variant.records]
+    return ["prediction"] + [key.output_name() for key in variant.records]
 
 
 def _without_noop_squeezes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -364,16 +347,19 @@ def _check_io(model, variant: Variant, where: str) -> None:
         raise RuntimeError(f"{where}: the exporter wrote outputs {outs}, expected {_output_names(variant)}")
 
 
-def _trace(pipe, attribute: str, denoiser: torch.nn.Module, config: TGateConfig | None, call: dict):
+def _trace(pipe, attribute: str, denoiser: torch.nn.Module, methods: list[Method], call: dict):
     """Run the generation; returns the plan as JSON data and ``[(capture id, CapturedGraphs, {name: Variant})]``."""
     sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
-    if config is not None:
-        plan, per_step = _run_tgate(pipe, attribute, sample_arg, config, call)
-        plan_steps = plan.to_dict()["steps"]
+    if methods:
+        plan, trace = _run_methods(pipe, attribute, methods, call)
+        per_step = [(g, v) for _, g, v in trace]
+        plan_steps = [{"step": s.step, "phase": s.phase, "spec": s.variant.name, "cfg": s.cfg,
+                       "drops_uncond": s.drops_uncond, "methods": {n: m.label for n, m in s.methods.items()}}
+                      for s, _, _ in trace]
     else:
         per_step = _run_plain(pipe, attribute, denoiser, call)
-        plan_steps = [{"step": i, "phase": "plain", "variant": _FULL.name, "reads": [], "writes": []}
-                      for i in range(len(per_step))]
+        plan_steps = [{"step": i, "phase": "plain", "spec": "full", "cfg": None, "drops_uncond": False,
+                       "methods": {}} for i in range(len(per_step))]
     # Captures in order of first use, each with the variants the plan runs on it.
     used: dict = {}
     for graphs, variant in per_step:
@@ -381,9 +367,11 @@ def _trace(pipe, attribute: str, denoiser: torch.nn.Module, config: TGateConfig 
     ids = dict(zip(used, _capture_ids(list(used), sample_arg)))
     plan_data = {
         "num_steps": len(plan_steps),
-        "cfg": plan.cfg if config is not None else None,
-        "config": config.to_dict() if config is not None else None,
-        "steps": [{**entry, "capture": ids[g.capture.signature]} for entry, (g, _) in zip(plan_steps, per_step)],
+        "cfg": plan.cfg if methods else None,
+        "methods": {m.name: m.config.to_dict() for m in methods},
+        "steps": [{**entry, "variant": v.name, "capture": ids[g.capture.signature],
+                   "reads": [str(k) for k in v.reads], "writes": [str(k) for k in v.records]}
+                  for entry, (g, v) in zip(plan_steps, per_step)],
     }
     return plan_data, [(ids[sig], graphs, variants) for sig, (graphs, variants) in used.items()]
 
@@ -419,20 +407,22 @@ def _write_models(captures, out_dir: str, exporter: str, opset: int, say):
                 "file": file,
                 "inputs": _io_info(model.graph.input),
                 "outputs": _io_info(model.graph.output),
-                "reads": dict(variant.cache_inputs),
-                "writes": {site: record_name(site) for site in variant.records},
-                "spec": {"reuse": sorted(variant.spec.reuse), "record": sorted(variant.spec.record),
-                         "cfg_mean": variant.spec.cfg_mean},
+                "reads": {str(k): k.input_name() for k in variant.reads},
+                "writes": {str(k): k.output_name() for k in variant.records},
+                "spec": {"name": variant.spec.name,
+                         "rewrites": sorted([r.method, r.group, r.action, r.reduce] for r in variant.spec.rewrites),
+                         "skipped": [[str(k), why] for k, why in variant.resolved.skipped]},
             }
             shapes = {t["name"]: t["shape"] for t in entry["variants"][variant.name]["inputs"]}
             shapes.update({t["name"]: t["shape"] for t in entry["variants"][variant.name]["outputs"]})
-            for site in graphs.sites:
-                for name in (cache_input_name(site.path), record_name(site.path)):
-                    if name in shapes:
-                        cache = caches.setdefault(site.path, {"role": site.role, "input": cache_input_name(site.path),
-                                                              "output": record_name(site.path), "shapes": {}})
-                        # Per model: pre-gate records are at the CFG batch, the gate's CFG mean at half.
-                        cache["shapes"][file[: -len(".onnx")]] = shapes[name]
+            roles = {s.path: s.role for s in graphs.sites}
+            for key in [*variant.reads, *variant.records]:
+                cache = caches.setdefault(str(key), {"method": key.method, "site": key.site, "slot": key.slot,
+                                                     "role": roles.get(key.site), "input": key.input_name(),
+                                                     "output": key.output_name(), "shapes": {}})
+                # Per model: records before a batch change are at the CFG batch, a CFG mean at half.
+                name = key.input_name() if key.input_name() in shapes else key.output_name()
+                cache["shapes"][file[: -len(".onnx")]] = shapes[name]
             say(f"[{k}/{len(jobs)}] {file}: {len(model.graph.node)} nodes, {refs} weight references, "
                 f"{time.perf_counter() - t0:.1f} s")
             del model
@@ -449,27 +439,30 @@ def export_onnx(
     batch_size: int = 1,
     num_inference_steps: int = 25,
     *,
-    tgate: bool = True,
-    gate_step: int = 10,
-    sp_interval: int = 5,
-    fi_interval: int = 1,
-    warm_up: int = 2,
+    tgate: bool | TGateConfig = True,
+    gate_step: int | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
     config: TGateConfig | None = None,
+    deepcache: DeepCacheConfig | None = None,
+    methods: Any = None,
     prompt: str = "a photo",
     exporter: str = "torchscript",
     opset: int = DEFAULT_OPSET,
     progress: bool | Callable[[str], None] | None = None,
     **call_kwargs,
 ) -> str:
-    """Export a diffusers pipeline's denoiser as ONNX phase graphs plus their plan; returns ``out_dir``.
+    """Export a diffusers pipeline's denoiser as ONNX graph variants plus their plan; returns ``out_dir``.
 
     The pipeline runs one generation (``output_type="latent"``) at the given
     shapes to capture its denoiser and build the plan's variants; it is left
     as it was. Each variant becomes ``<capture>_<variant>.onnx`` in
-    ``out_dir``: pre-gate variants at the CFG batch (``2 * batch_size``),
-    post-gate ones at ``batch_size``. Cache reads are inputs
-    ``cache_<site>``, cache writes outputs ``record_<site>``; the first output
-    is the prediction. All weights go to one ``weights.bin``, each tensor once.
+    ``out_dir``: CFG steps at the CFG batch (``2 * batch_size``), steps that
+    drop the unconditional half (after T-GATE's gate) at ``batch_size``.
+    Cache reads are inputs ``cache_<method>_<site>_<slot>``, cache writes
+    outputs ``record_<method>_<site>_<slot>``; the first output is the
+    prediction. All weights go to one ``weights.bin``, each tensor once.
     ``plan.json`` holds the schedule and everything a runtime needs (see
     :class:`~tgate_fx.export.OnnxDenoiser`).
 
@@ -480,9 +473,15 @@ def export_onnx(
         height, width: Image size, as passed to the pipeline (``None``: its default).
         batch_size: Prompts per call.
         num_inference_steps: Steps of the exported schedule.
-        tgate: ``False`` exports the plain denoiser: one variant, no caches.
+        tgate: T-GATE: ``True`` (default; with the settings below, else its
+            defaults), a :class:`~tgate_fx.TGateConfig`, or ``False``.
         gate_step, sp_interval, fi_interval, warm_up: see :class:`~tgate_fx.TGateConfig`.
         config: A :class:`~tgate_fx.TGateConfig` instead of the individual settings.
+        deepcache: A :class:`~tgate_fx.DeepCacheConfig` (composes with T-GATE;
+            pass ``tgate=False`` for DeepCache alone).
+        methods: A list of method configs, instead of the keywords.
+            ``tgate=False`` with no other method exports the plain
+            denoiser: one variant, no caches.
         prompt: Prompt of the tracing generation (its content does not matter).
         exporter: ``"torchscript"`` or ``"dynamo"`` (needs ``onnxscript``).
         opset: ONNX opset (>= 18 for ``"dynamo"``).
@@ -506,12 +505,10 @@ def export_onnx(
                          f"{exporter!r}, got {opset!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if config is None:
-        config = TGateConfig(gate_step, sp_interval, fi_interval, warm_up)
-    elif not isinstance(config, TGateConfig):
-        raise TypeError(f"config must be a TGateConfig, got {type(config).__name__}")
-    if tgate:
-        Plan(num_inference_steps, config, cfg=True)  # checks gate_step against the steps before any work
+    chosen = _export_methods(tgate, dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval,
+                                          warm_up=warm_up), config, deepcache, methods)
+    if chosen:
+        Plan(num_inference_steps, chosen, cfg=True)  # checks the settings against the steps before any work
     for reserved in ("prompt", "output_type", "num_inference_steps", "generator"):
         if reserved in call_kwargs:
             raise ValueError(f"{reserved!r} is set by export_onnx itself; remove it from the call arguments")
@@ -528,8 +525,8 @@ def export_onnx(
     _remove_previous_bundle(out_dir)
     start = time.perf_counter()
     say(f"tracing one {num_inference_steps}-step generation of {type(pipe).__name__} "
-        f"({'T-GATE ' + repr(config) if tgate else 'plain'})")
-    plan_data, captures = _trace(pipe, attribute, denoiser, config if tgate else None, call)
+        f"({', '.join(m.title + ' ' + m.describe() for m in chosen) or 'plain'})")
+    plan_data, captures = _trace(pipe, attribute, denoiser, chosen, call)
     say(f"traced in {time.perf_counter() - start:.1f} s: "
         + ", ".join(f"{cid} ({', '.join(variants)})" for cid, _, variants in captures))
     captures_data, caches, shared, written = _write_models(captures, out_dir, exporter, opset, say)
@@ -543,7 +540,7 @@ def export_onnx(
         "call": {"height": height, "width": width, "batch_size": batch_size,
                  "num_inference_steps": num_inference_steps,
                  **{k: _json_value(v) for k, v in call_kwargs.items()}},
-        "tgate": config.to_dict() if tgate else None,
+        "methods": plan_data["methods"],
         "plan": plan_data,
         "captures": captures_data,
         "caches": caches,
@@ -557,3 +554,17 @@ def export_onnx(
         f"to {out_dir} in {time.perf_counter() - start:.1f} s; bundle {total / 2**20:.1f} MiB vs denoiser weights "
         f"{plan_json['denoiser']['weight_bytes'] / 2**20:.1f} MiB")
     return out_dir
+
+
+def _export_methods(tgate, tgate_args: dict, config, deepcache, methods) -> list[Method]:
+    """The methods of an export; ``[]`` for a plain one."""
+    if methods is not None:
+        return _chosen_methods({}, None, None, None, methods)
+    if tgate is False:
+        if any(v is not None for v in tgate_args.values()) or config is not None:
+            raise TypeError("tgate=False, but T-GATE settings were given")
+        return _chosen_methods({}, None, None, deepcache, None) if deepcache is not None else []
+    if tgate is True:  # the default: T-GATE, with the settings given or its defaults
+        given = config is not None or any(v is not None for v in tgate_args.values())
+        tgate = None if given else TGateConfig()
+    return _chosen_methods(tgate_args, config, tgate, deepcache, None)

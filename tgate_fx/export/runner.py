@@ -1,22 +1,24 @@
 """Run an exported bundle with onnxruntime, in place of a diffusers pipeline's denoiser.
 
-:class:`OnnxDenoiser` is what :class:`~tgate_fx.runtime.TGateDenoiser` is for
-torch graphs, with ONNX Runtime sessions instead: it stands in for
+:class:`OnnxDenoiser` is what :class:`~tgate_fx.core.runtime.OptimizedDenoiser`
+is for torch graphs, with ONNX Runtime sessions instead: it stands in for
 ``pipe.unet`` / ``pipe.transformer`` in an unmodified pipeline. On each call it
 
 1. binds the arguments to the denoiser's ``forward`` parameters, as recorded
-   in ``plan.json`` (:func:`tgate_fx.capture.normalize_call`);
-2. asks a :class:`~tgate_fx.generation.GenerationTracker` for the step (the
-   same accounting as the torch runtime: new generations, CFG detection, the
-   step's :class:`~tgate_fx.plan.StepPlan`), and keeps the unconditional half
-   of a CFG batch after the gate;
-3. checks the call against the shapes the bundle was exported for, and runs
-   the step's variant with the caches it reads;
+   in ``plan.json`` (:func:`tgate_fx.core.capture.normalize_call`);
+2. asks a :class:`~tgate_fx.core.generation.GenerationTracker` for the step
+   (the same accounting as the torch runtime: new generations, CFG
+   detection), which it reads from the steps stored in ``plan.json``: it
+   never derives a schedule; a generation of another length or CFG state
+   than the exported one is refused;
+3. keeps the unconditional half of a CFG batch where the stored step drops
+   it, checks the call against the shapes the bundle was exported for, and
+   runs the step's variant with the caches it reads;
 4. keeps the caches it writes (as ``OrtValue``\\ s, on the session's device)
-   and returns the prediction, twice after the gate (:meth:`Step.finish`).
+   and returns the prediction, twice where the unconditional half was
+   dropped (:meth:`Step.finish`).
 
-A bundle exported without T-GATE has one variant and no tracker: every call
-runs it.
+A plain bundle (no method) has one variant and no tracker: every call runs it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture import normalize_call, signature_of, tensor_inputs
-from ..config import TGateConfig
-from ..generation import GenerationTracker, take_unconditional_half
+from dataclasses import dataclass, field
+
+from ..core.capture import normalize_call, signature_of, tensor_inputs
+from ..core.generation import GenerationTracker, take_unconditional_half
 from .bundle import read_plan
 
 __all__ = ["OnnxDenoiser"]
@@ -73,6 +76,30 @@ def _namespace(attributes: dict) -> dict[str, Any]:
         return {k: types.SimpleNamespace(**build(v)) if isinstance(v, dict) else v for k, v in d.items()}
 
     return build(root)
+
+
+@dataclass(frozen=True)
+class _StoredStep:
+    step: int
+    variant: str
+    capture: str
+    cfg: bool
+    drops_uncond: bool
+
+
+@dataclass
+class _StoredPlan:
+    """The steps of ``plan.json``, shaped as the tracker reads a plan."""
+
+    num_steps: int
+    cfg: bool
+    steps: list[_StoredStep] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "_StoredPlan":
+        steps = [_StoredStep(s["step"], s["variant"], s["capture"], bool(s["cfg"]), bool(s["drops_uncond"]))
+                 for s in data["steps"]]
+        return cls(data["num_steps"], bool(data["cfg"]), steps)
 
 
 def _describe(tensors: list[dict]) -> str:
@@ -131,15 +158,10 @@ class OnnxDenoiser:
         self._sample_arg = den["sample_arg"]
         module, _, cls = den["output_class"].rpartition(".")
         self._output_class = getattr(importlib.import_module(module), cls)
-        self.tgate_config = TGateConfig(**bundle["tgate"]) if bundle.get("tgate") else None
-        # The captures that hold each variant; the call's shapes pick one.
-        self._variant_captures: dict[str, list[str]] = {}
-        for cid, capture in bundle["captures"].items():
-            for vname in capture["variants"]:
-                self._variant_captures.setdefault(vname, []).append(cid)
+        self.methods: dict[str, dict] = dict(bundle.get("methods") or {})
+        self.stored_plan = _StoredPlan.from_json(bundle["plan"]) if self.methods else None
         self._cache_device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self._tracker: GenerationTracker | None = None
-        self._checked_plan = None
         if pipeline is not None:
             self._attach(pipeline)
 
@@ -186,9 +208,19 @@ class OnnxDenoiser:
         return pipe
 
     def _attach(self, pipe) -> None:
-        if self.tgate_config is not None:
-            self._tracker = GenerationTracker(self.tgate_config, pipe, self._sample_arg)
-        self._checked_plan = None
+        if self.stored_plan is not None:
+            self._tracker = GenerationTracker(self._plan_for, pipe, self._sample_arg)
+
+    def _plan_for(self, num_steps: int, cfg: bool) -> _StoredPlan:
+        """The stored plan, if this generation is the exported one."""
+        plan = self.stored_plan
+        if (num_steps, cfg) != (plan.num_steps, plan.cfg):
+            raise ValueError(
+                f"this generation ({num_steps} steps, CFG {'on' if cfg else 'off'}) is not the one the bundle "
+                f"stores ({plan.num_steps} steps, CFG {'on' if plan.cfg else 'off'}); a bundle runs its exported "
+                f"schedule step by step: export again with num_inference_steps={num_steps}"
+                + ("" if cfg == plan.cfg else " and the guidance of this call"))
+        return plan
 
     # --- what the pipeline calls besides forward -------------------------------
     def reset(self) -> None:
@@ -201,7 +233,7 @@ class OnnxDenoiser:
 
     @property
     def last_plan(self):
-        """The :class:`~tgate_fx.plan.Plan` of the current or last generation (``None`` without T-GATE)."""
+        """The stored plan of the current or last generation (``None`` for a plain bundle)."""
         return self._tracker.last_plan if self._tracker is not None else None
 
     # --- the call --------------------------------------------------------------
@@ -210,73 +242,47 @@ class OnnxDenoiser:
 
     def forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self._forward, args, kwargs)
-        if self.tgate_config is None:
-            prediction = self._run(call, "full", {}, "plain export")[0]
-        else:
-            if self._tracker is None:
-                raise RuntimeError("this OnnxDenoiser runs T-GATE and counts steps from its pipeline; attach it "
-                                   "with OnnxDenoiser.from_dir(..., pipeline=pipe) or .install(pipe)")
-            step = self._tracker.next_step(call)
-            self._check_plan(self._tracker.last_plan)
-            if step.drops_uncond:
-                call = take_unconditional_half(call, call[self._sample_arg].shape[0])
-            name = step.plan.variant.name
-            outputs = self._run(call, name, step.caches, f"step {step.plan.step} ({name})")
-            prediction = outputs[0]
-            step.caches.update(outputs[1])
-            return step.finish(prediction, return_dict, self._output_class)
-        if not return_dict:
-            return (prediction,)
-        return self._output_class(sample=prediction)
+        if self.stored_plan is None:
+            cid = self._capture_for(call, list(self.bundle["captures"]), "plain export")
+            prediction = self._run(call, cid, "full", {}, "plain export")[0]
+            if not return_dict:
+                return (prediction,)
+            return self._output_class(sample=prediction)
+        if self._tracker is None:
+            raise RuntimeError("this OnnxDenoiser runs a cached schedule and counts steps from its pipeline; "
+                               "attach it with OnnxDenoiser.from_dir(..., pipeline=pipe) or .install(pipe)")
+        step = self._tracker.next_step(call)
+        stored: _StoredStep = step.plan
+        if stored.drops_uncond:
+            call = take_unconditional_half(call, call[self._sample_arg].shape[0])
+        where = f"step {stored.step} ({stored.variant})"
+        self._capture_for(call, [stored.capture], where)
+        prediction, written = self._run(call, stored.capture, stored.variant, step.caches, where)
+        step.caches.update(written)
+        return step.finish(prediction, return_dict, self._output_class)
 
-    def _check_plan(self, plan) -> None:
-        """The tracker's plan must be one the bundle can run, and equal to the exported one at its length."""
-        if plan is self._checked_plan:
-            return
-        exported = self.bundle["plan"]
-        missing = sorted({s.variant.name for s in plan.steps} - set(self._variant_captures))
-        if missing:
-            raise ValueError(
-                f"this generation ({plan.num_steps} steps, CFG {'on' if plan.cfg else 'off'}) needs variants "
-                f"{missing}, which the bundle lacks: it was exported for {exported['num_steps']} steps with CFG "
-                f"{'on' if exported['cfg'] else 'off'} and has {sorted(self._variant_captures)}; export again "
-                f"with num_inference_steps={plan.num_steps}"
-            )
-        if plan.num_steps == exported["num_steps"] and plan.cfg == exported["cfg"]:
-            ours = [{k: v for k, v in s.items()} for s in plan.to_dict()["steps"]]
-            theirs = [{k: v for k, v in s.items() if k != "capture"} for s in exported["steps"]]
-            if ours != theirs:
-                diff = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-                raise ValueError(f"plan.json disagrees with this tgate_fx's plan at step {diff}: "
-                                 f"{theirs[diff]} vs {ours[diff]}; export the bundle again")
-        self._checked_plan = plan
-
-    def _run(self, call: dict, vname: str, caches: dict, where: str):
-        """Run variant ``vname`` on ``call``; returns (prediction tensor, {site: written cache})."""
-        cids = self._variant_captures.get(vname)
-        if not cids:
-            raise ValueError(f"{where}: the bundle has no variant {vname!r} (it has {sorted(self._variant_captures)})")
-        cid = self._capture_for(call, cids, where)
+    def _run(self, call: dict, cid: str, vname: str, caches: dict, where: str):
+        """Run variant ``vname`` of capture ``cid`` on ``call``; returns (prediction, {cache key: written cache})."""
         capture = self.bundle["captures"][cid]
         variant = capture["variants"][vname]
         session = self._sessions[cid, vname]
         tensors = tensor_inputs(call)
-        cache_inputs = {name: site for site, name in variant["reads"].items()}
+        cache_inputs = {name: key for key, name in variant["reads"].items()}
         binding = session.io_binding()
         keep = []  # arrays bound by pointer must outlive the run
         for spec in variant["inputs"]:
             name = spec["name"]
             if name in cache_inputs:
-                site = cache_inputs[name]
-                if site not in caches:
-                    raise RuntimeError(f"{where} reads the cache of {site!r}, which no earlier step of this "
+                key = cache_inputs[name]
+                if key not in caches:
+                    raise RuntimeError(f"{where} reads the cache {key!r}, which no earlier step of this "
                                        "generation wrote; a generation must start at its first step")
-                binding.bind_ortvalue_input(name, caches[site])
+                binding.bind_ortvalue_input(name, caches[key])
             else:
                 array = _numpy(tensors[name])
                 keep.append(array)
                 binding.bind_cpu_input(name, array)
-        written = {name: site for site, name in variant["writes"].items()}
+        written = {name: key for key, name in variant["writes"].items()}
         for spec in variant["outputs"]:
             device = self._cache_device if spec["name"] in written else "cpu"
             binding.bind_output(spec["name"], device)
@@ -320,7 +326,7 @@ class OnnxDenoiser:
                          f"exported ones {capture['constants']}; they are baked into the graphs")
 
     def __repr__(self) -> str:
-        mode = repr(self.tgate_config) if self.tgate_config else "plain"
+        mode = ", ".join(f"{k}={v}" for k, v in self.methods.items()) or "plain"
         return (f"OnnxDenoiser({self.directory!r}, {self._class_name}, {mode}, {len(self._sessions)} sessions, "
                 f"providers={self.providers})")
 

@@ -9,9 +9,8 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..analysis import TAG
 
-__all__ = ["GraphPass", "PassResult", "new_node", "site_values"]
+__all__ = ["GraphPass", "PassResult", "new_node"]
 
 
 class GraphPass(PassBase):
@@ -41,20 +40,3 @@ def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node) -> fx.Nod
         if key in like.meta:
             node.meta[key] = like.meta[key]
     return node
-
-
-def site_values(graph: fx.Graph, sites) -> dict[str, fx.Node]:
-    """The tagged value node of each site path in ``sites``.
-
-    Raises:
-        ValueError: naming the sites the graph has no value node for.
-    """
-    found = {}
-    for node in graph.nodes:
-        tag = node.meta.get(TAG)
-        if tag and tag.get("value") and tag["site"] in sites:
-            found[tag["site"]] = node
-    missing = [s for s in sites if s not in found]
-    if missing:
-        raise ValueError(f"no tagged attention value for sites {missing}; run find_attention_sites first")
-    return found

@@ -1,4 +1,4 @@
-"""``tgate-fx inspect``: the attention sites, step plan and graph variants T-GATE makes of a denoiser.
+"""``tgate-fx inspect``: the attention sites, step plan and graph variants the methods make of a denoiser.
 
 The denoiser is built on the ``meta`` device, so no weights are read:
 either a full-size architecture (``--arch sdxl``) or the denoiser of a
@@ -13,6 +13,7 @@ Example::
 
     tgate-fx inspect --arch sdxl
     tgate-fx inspect --arch pixart_alpha --graph fi_reuse
+    tgate-fx inspect --arch sdxl --deepcache --no-tgate --graph dc_partial
     tgate-fx inspect --model tiny-sd --steps 10 --gate-step 4 --diff sp_compute fi_record --verbose
 """
 
@@ -22,18 +23,15 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .macs_cli import add_plan_arguments, plan_from_args
+from ._models import load_model
+from .macs import add_plan_arguments, plan_from_args
 
 __all__ = ["add_arguments", "run"]
-
-TINY_PREFIX = "tiny-"
-# "tiny-sd" is the SD-1.5 tiny pipeline; "tiny-<family>" any of tgate_fx.tiny.FAMILIES.
-TINY_ALIASES = {"sd": "sd15"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``inspect`` options to ``parser``."""
-    from .archs import ARCHS
+    from ..archs import ARCHS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--arch", choices=list(ARCHS), help="full-size architecture (meta device)")
@@ -48,37 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="with --diff, list every node")
 
 
-def _load_model(spec: str):
-    if spec.startswith(TINY_PREFIX):
-        from .tiny import FAMILIES, tiny_pipeline
-
-        family = TINY_ALIASES.get(spec[len(TINY_PREFIX):], spec[len(TINY_PREFIX):])
-        if family not in FAMILIES:
-            names = ", ".join(["tiny-sd"] + [TINY_PREFIX + f for f in FAMILIES])
-            raise ValueError(f"unknown tiny model {spec!r}; choose one of {names}")
-        return tiny_pipeline(family)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(spec)
-
-
 def run(args: argparse.Namespace) -> int:
     """Inspect and print; returns the exit status."""
-    from .archs import arch_from_pipeline, get_arch
-    from .inspection import inspect_arch
+    from ..accounting.inspection import inspect_arch
+    from ..archs import arch_from_pipeline, get_arch
 
     try:
         if args.arch:
             arch = get_arch(args.arch).with_size(args.height, args.width)
         else:
-            arch = replace(arch_from_pipeline(_load_model(args.model), height=args.height, width=args.width),
+            arch = replace(arch_from_pipeline(load_model(args.model)[0], height=args.height, width=args.width),
                            source=args.model)
         plan = plan_from_args(args, arch)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         # Checked before the captures, which take seconds.
         for name in ([args.graph] if args.graph else []) + list(args.diff or []):
-            if name not in plan.variants:
+            if name.split("~")[0] not in plan.variants:
                 raise ValueError(f"this plan has no variant {name!r}; its variants are {', '.join(plan.variants)}")
     except (TypeError, ValueError, OSError) as e:
         print(f"tgate-fx inspect: {e}", file=sys.stderr)

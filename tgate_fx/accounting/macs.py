@@ -1,4 +1,4 @@
-"""Multiply-accumulate (MAC) accounting of captured graphs, graph variants and whole T-GATE plans.
+"""Multiply-accumulate (MAC) accounting of captured graphs, graph variants and whole plans.
 
 MACs are read from the graphs' fake-tensor metadata (``node.meta["val"]``),
 so a graph captured on the ``meta`` device (see :mod:`tgate_fx.archs`) is
@@ -30,10 +30,10 @@ from typing import Any, Callable, Union
 
 import torch.fx as fx
 
-from .analysis import TAG
+from ..core.analysis import TAG
+from ..core.plan import Plan
+from ..core.variants import CapturedGraphs, walk_plan
 from .cost import node_macs
-from .plan import Plan, VariantSpec
-from .runtime import CapturedGraphs
 
 __all__ = ["MacCount", "PhaseMacs", "PlanMacs", "StepMacs", "count_macs", "format_macs", "plan_macs"]
 
@@ -157,13 +157,13 @@ class PhaseMacs:
 
 @dataclass
 class PlanMacs:
-    """The MACs of a whole generation, step by step, with and without T-GATE.
+    """The MACs of a whole generation, step by step, with and without the plan's methods.
 
     The baseline runs the denoiser as captured (every attention site
     computed) at every step, at the CFG batch ``2 * batch_size`` when the
-    plan runs classifier-free guidance; T-GATE runs each step's variant at
-    the batch it runs at (``2 * batch_size`` up to the gate, ``batch_size``
-    after it).
+    plan runs classifier-free guidance; the plan runs each step's variant at
+    the batch it runs at (``batch_size`` where a method drops the
+    unconditional half, e.g. after T-GATE's gate).
 
     Attributes:
         plan: The plan counted.
@@ -185,17 +185,17 @@ class PlanMacs:
 
     @property
     def total(self) -> int:
-        """MACs of the generation with T-GATE."""
+        """MACs of the generation with the plan's methods."""
         return sum(s.macs for s in self.steps)
 
     @property
     def baseline(self) -> int:
-        """MACs of the generation without T-GATE."""
+        """MACs of the generation without them."""
         return self.baseline_step.total * len(self.steps)
 
     @property
     def saving(self) -> float:
-        """Fraction of the baseline's MACs T-GATE removes."""
+        """Fraction of the baseline's MACs the plan removes."""
         return 1.0 - self.total / self.baseline if self.baseline else 0.0
 
     def phases(self) -> list[PhaseMacs]:
@@ -217,14 +217,18 @@ class PlanMacs:
         return [(run, run[0]) for run in runs]
 
     def to_dict(self) -> dict[str, Any]:
+        methods = {m.name: m.config.to_dict() for m in self.plan.methods}
         return {
             "num_steps": self.plan.num_steps,
             "cfg": self.plan.cfg,
-            "config": self.plan.config.to_dict(),
+            "methods": methods,
+            **({"config": next(iter(methods.values()))} if len(methods) == 1 else {}),
             "batch_size": self.batch_size,
             "include_attention": self.include_attention,
             "baseline_macs": self.baseline,
-            "tgate_macs": self.total,
+            "optimized_macs": self.total,
+            # One method: also under "<method>_macs" ("tgate_macs"), as before methods composed.
+            **({f"{next(iter(methods))}_macs": self.total} if len(methods) == 1 else {}),
             "saving": self.saving,
             "per_eval_macs": self.per_eval.total,
             "per_eval_by_role": dict(self.per_eval.by_role),
@@ -261,8 +265,9 @@ class PlanMacs:
             rows.append((p.phase, str(len(p.steps)), format_macs(p.macs), format_macs(p.baseline),
                          f"{1 - p.macs / p.baseline:.1%}" if p.baseline else "-"))
         lines += _table(rows) + [""]
+        label = " + ".join(m.title for m in self.plan.methods)
         lines.append(f"baseline (batch {cfg_batch} every step): {format_macs(self.baseline)}   "
-                     f"T-GATE: {format_macs(self.total)}   saved: {self.saving:.1%}")
+                     f"{label}: {format_macs(self.total)}   saved: {self.saving:.1%}")
         return "\n".join(lines)
 
     @property
@@ -272,7 +277,7 @@ class PlanMacs:
 
 
 def _graph_source(graphs: Any) -> GraphSource:
-    from .archs import Arch, ArchGraphs, get_arch
+    from ..archs import Arch, ArchGraphs, get_arch
 
     if isinstance(graphs, str):
         return ArchGraphs(get_arch(graphs))
@@ -305,13 +310,13 @@ def plan_macs(graphs: Union[str, Any, CapturedGraphs, GraphSource], plan: Plan, 
             an :class:`~tgate_fx.archs.ArchGraphs` (reuse one to share captures
             between calls), or a single ``CapturedGraphs`` when every step runs
             at its batch.
-        plan: The step plan (``Plan(num_steps, TGateConfig(...), cfg=...)``).
+        plan: The step plan (``Plan(num_steps, [TGateConfig(...), ...], cfg=...)``).
         batch_size: Images per generation; CFG steps run at twice this.
         include_attention: Also count the SDPA core.
 
-    Variants are built with :func:`~tgate_fx.variants.build_variant`, the way
-    the runtime builds them, and counted after their dead code is removed; the
-    baseline and ``per_eval`` count the capture as exported.
+    Variants are built step by step with :func:`~tgate_fx.core.variants.walk_plan`,
+    the way the runtime builds them, and counted after their dead code is
+    removed; the baseline and ``per_eval`` count the capture as exported.
 
     Example::
 
@@ -322,20 +327,22 @@ def plan_macs(graphs: Union[str, Any, CapturedGraphs, GraphSource], plan: Plan, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     source = _graph_source(graphs)
-    counts: dict[tuple[VariantSpec, int], MacCount] = {}
 
-    def variant_count(spec: VariantSpec, batch: int) -> MacCount:
-        if (spec, batch) not in counts:
-            counts[spec, batch] = count_macs(source(batch).variant(spec).graph_module, include_attention)
-        return counts[spec, batch]
+    def graphs_for(step) -> CapturedGraphs:
+        captured = source(2 * batch_size if step.cfg else batch_size)
+        captured.annotate(plan.methods)
+        return captured
 
+    counts: dict[int, MacCount] = {}
     steps, variants = [], {}
-    for s in plan.steps:
+    for s, (captured, variant) in zip(plan.steps, walk_plan(plan, graphs_for)):
         batch = 2 * batch_size if s.cfg else batch_size
-        count = variant_count(s.variant, batch)
-        steps.append(StepMacs(s.step, s.phase, s.variant.name, batch, count.total))
-        prev = variants.get(s.variant.name)
-        variants[s.variant.name] = VariantMacs(s.variant.name, batch, count, (prev.steps if prev else ()) + (s.step,))
+        if id(variant) not in counts:
+            counts[id(variant)] = count_macs(variant.graph_module, include_attention)
+        count = counts[id(variant)]
+        steps.append(StepMacs(s.step, s.phase, variant.name, batch, count.total))
+        prev = variants.get(variant.name)
+        variants[variant.name] = VariantMacs(variant.name, batch, count, (prev.steps if prev else ()) + (s.step,))
     baseline_batch = 2 * batch_size if plan.cfg else batch_size
     baseline = count_macs(source(baseline_batch).capture.graph_module, include_attention)
     per_eval = count_macs(source(batch_size).capture.graph_module, include_attention)

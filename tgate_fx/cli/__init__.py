@@ -13,15 +13,15 @@ import sys
 __all__ = ["main"]
 
 COMMANDS = {
-    "generate": "tgate_fx.demo",
-    "macs": "tgate_fx.macs_cli",
-    "inspect": "tgate_fx.inspect_cli",
-    "export": "tgate_fx.export.cli",
+    "generate": "tgate_fx.cli.generate",
+    "macs": "tgate_fx.cli.macs",
+    "inspect": "tgate_fx.cli.inspect",
+    "export": "tgate_fx.cli.export",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tgate-fx", description="T-GATE for diffusers pipelines, as FX graph rewrites")
+    parser = argparse.ArgumentParser(prog="tgate-fx", description="Training-free acceleration of diffusers pipelines (T-GATE, DeepCache), as FX graph rewrites")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -5,14 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._checks import check_int
+
 __all__ = ["TGateConfig"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -50,10 +45,10 @@ class TGateConfig:
     lcm: bool | None = None
 
     def __post_init__(self) -> None:
-        _check_int("gate_step", self.gate_step, 1)
-        _check_int("sp_interval", self.sp_interval, 1)
-        _check_int("fi_interval", self.fi_interval, 1)
-        _check_int("warm_up", self.warm_up, 0)
+        check_int("gate_step", self.gate_step, 1)
+        check_int("sp_interval", self.sp_interval, 1)
+        check_int("fi_interval", self.fi_interval, 1)
+        check_int("warm_up", self.warm_up, 0)
         if self.lcm is not None and not isinstance(self.lcm, bool):
             raise TypeError(f"lcm must be None, True or False, got {self.lcm!r}")
 

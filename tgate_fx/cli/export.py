@@ -1,4 +1,4 @@
-"""Export a pipeline's T-GATE phase graphs to ONNX: one model per variant, shared weights, plan.json.
+"""Export a pipeline's graph variants (T-GATE, DeepCache, both) to ONNX: one model per variant, shared weights, plan.json.
 
 Runs one generation at the requested shapes to capture the graphs the step
 plan uses, writes them to --out, and prints the files. Run the bundle with
@@ -6,6 +6,7 @@ plan uses, writes them to --out, and prints the files. Run the bundle with
 
 Examples:
   tgate-fx export --model tiny-sd --out bundle --steps 25
+  tgate-fx export --model tiny-sdxl --out bundle --deepcache --gate-step 10 --sp-interval 1 --warm-up 0
   tgate-fx export --model /models/sd15 --out sd15_onnx --height 512 --width 512 --steps 25
   tgate-fx export --model /models/sd15 --out sd15_fp16 --dtype float16 --device cuda
 """
@@ -16,12 +17,12 @@ import argparse
 import os
 import sys
 
+from ._methods import add_method_arguments, methods_from_args
+from ._models import load_model
+
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = __doc__.strip().splitlines()[0]
-
-# tiny-sd is the documented name; the other tiny families work the same way.
-_TINY_ALIASES = {"tiny-sd": "sd15"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,11 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the exported plan (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale of the traced call (default: the pipeline's)")
-    parser.add_argument("--gate-step", type=int, default=10)
-    parser.add_argument("--sp-interval", type=int, default=5)
-    parser.add_argument("--fi-interval", type=int, default=1)
-    parser.add_argument("--warm-up", type=int, default=2)
-    parser.add_argument("--no-tgate", action="store_true", help="export the plain denoiser (one variant, no caches)")
+    add_method_arguments(parser, note="; with every method off, the plain denoiser is exported")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torch ONNX exporter (dynamo needs the onnxscript package)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -50,45 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_pipeline(args):
-    import torch
-
-    dtype = getattr(torch, args.dtype)
-    name = args.model
-    if name.startswith("tiny-"):
-        from ..tiny import FAMILIES, tiny_pipeline
-
-        family = _TINY_ALIASES.get(name, name[len("tiny-"):])
-        if family not in FAMILIES:
-            raise ValueError(f"unknown tiny model {name!r}; use tiny-sd or one of "
-                             f"{', '.join('tiny-' + f for f in sorted(FAMILIES))}")
-        pipe = tiny_pipeline(family, dtype=dtype)
-        call = dict(pipe.tiny_call_kwargs)
-    elif os.path.isdir(name):
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
-        call = {}
-    else:
-        raise ValueError(f"--model {name!r} is neither tiny-sd (or tiny-<family>) nor a pipeline directory")
-    return pipe.to(args.device), call
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``tgate-fx export``; returns the process exit code."""
-    from .exporter import export_onnx
+    import torch
+
+    from ..export.exporter import export_onnx
 
     try:
+        methods = methods_from_args(args, {"tgate": None})
         print(f"[tgate-fx export] loading {args.model}", file=sys.stderr, flush=True)
-        pipe, call = _load_pipeline(args)
+        pipe, call = load_model(args.model, getattr(torch, args.dtype), args.device)
         for key, value in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance_scale)):
             if value is not None:
                 call[key] = value
         height, width = call.pop("height", None), call.pop("width", None)
         out = export_onnx(
             pipe, args.out, height=height, width=width, batch_size=args.batch_size,
-            num_inference_steps=args.steps, tgate=not args.no_tgate, gate_step=args.gate_step,
-            sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up,
+            num_inference_steps=args.steps, tgate=False, methods=methods or None,
             exporter=args.exporter, opset=args.opset, progress=True, **call,
         )
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
@@ -103,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m tgate_fx.export.cli --model tiny-sd --out DIR``."""
+    """Stand-alone entry point: ``python -m tgate_fx.cli.export --model tiny-sd --out DIR``."""
     parser = add_arguments(argparse.ArgumentParser(prog="tgate-fx export", description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     return run(parser.parse_args(argv))

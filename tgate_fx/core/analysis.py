@@ -1,4 +1,4 @@
-"""Analysis: find the attention sites of a captured denoiser and tag their nodes.
+"""Analysis: find the regions of a captured denoiser (attention sites, module outputs) and tag them.
 
 An *attention site* is one call of a diffusers ``Attention`` module, found
 through ``node.meta["nn_module_stack"]`` (the module may sit anywhere in a
@@ -13,8 +13,13 @@ node's stack, not only innermost). For each site this module decides:
   caches and what a cache read replaces.
 
 Every node of a site gets ``node.meta["tgate_fx"] = {"site": path, "role": role}``,
-and the value node additionally ``"value": True``. Passes read these tags;
-nothing downstream matches node names.
+and the value node additionally ``"value": True``. Methods read these
+regions to place their own tags; passes read tags; nothing downstream
+matches node names.
+
+Besides attention sites, :class:`Regions` knows every module call of the
+graph (its path and class) and finds the single value leaving a module
+(:meth:`Regions.output_of`): a UNet's down/mid/up path, transformer blocks.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .cost import node_macs
+from ..accounting.cost import node_macs
 
-__all__ = ["TAG", "AttentionSite", "find_attention_sites", "site_tag"]
+__all__ = ["TAG", "AttentionSite", "Regions", "analyze", "find_attention_sites", "site_tag"]
 
 TAG = "tgate_fx"
 TEXT_INPUT = "encoder_hidden_states"
@@ -156,3 +161,54 @@ def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = A
             attention_macs=sum(node_macs(n, include_attention=True) - node_macs(n) for n in nodes),
         ))
     return sites
+
+
+@dataclass
+class Regions:
+    """The regions of one captured graph.
+
+    Attributes:
+        graph_module: The (tagged) captured graph.
+        attention: Its attention sites, in graph order.
+        modules: Path -> class name of every module called in the graph, in
+            order of first appearance (``"up_blocks.3.resnets.0"`` ->
+            ``"diffusers...ResnetBlock2D"``).
+    """
+
+    graph_module: fx.GraphModule
+    attention: list[AttentionSite]
+    modules: dict[str, str]
+
+    def children(self, path: str, name: str) -> list[str]:
+        """Paths ``path.name.<i>`` that exist, by index: ``children("up_blocks.3", "resnets")``."""
+        prefix = f"{path}.{name}." if path else f"{name}."
+        found = {int(p[len(prefix):]) for p in self.modules if p.startswith(prefix) and p[len(prefix):].isdigit()}
+        return [f"{prefix}{i}" for i in sorted(found)]
+
+    def output_of(self, path: str) -> fx.Node:
+        """The one node computed inside module ``path`` that is read outside it.
+
+        Raises:
+            ValueError: if the module was not called, or more than one of its values leaves it.
+        """
+        inside = [n for n in self.graph_module.graph.nodes if n.op == "call_function"
+                  and any(_within(p, path) for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+        members = set(inside)
+        leaving = [n for n in inside if any(u not in members for u in n.users)]
+        if len(leaving) != 1:
+            raise ValueError(f"module {path!r} has {len(leaving)} values read outside it "
+                             f"({[n.name for n in leaving]}); expected exactly one")
+        return leaving[0]
+
+
+def _module_paths(gm: fx.GraphModule) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            out.setdefault(path, _type_name(module_type))
+    return out
+
+
+def analyze(gm: fx.GraphModule) -> Regions:
+    """Find and tag the regions of a captured graph (see :func:`find_attention_sites`)."""
+    return Regions(gm, find_attention_sites(gm), _module_paths(gm))

@@ -1,19 +1,21 @@
 """Runtime: the module that stands in for the denoiser inside an unmodified diffusers pipeline.
 
-:class:`TGateDenoiser` is installed as ``pipe.unet`` / ``pipe.transformer`` by
+:class:`OptimizedDenoiser` is installed as ``pipe.unet`` / ``pipe.transformer`` by
 :func:`tgate_fx.optimize`. On each call it
 
 1. normalizes the arguments and asks its
-   :class:`~tgate_fx.generation.GenerationTracker` for the step: the
-   :class:`~tgate_fx.plan.Plan` entry, whether CFG is dropped, the caches;
-2. after the gate, keeps only the unconditional half of a CFG batch, as the
-   reference feeds the negative conditioning;
-3. captures the denoiser for the call's input signature if it has not yet,
-   builds the step's graph variant if it has not yet, and runs it with the
-   caches it reads;
-4. stores the caches the variant writes, and returns the prediction. After
-   the gate it returns the prediction twice, ``cat([eps, eps])``, so that the
-   pipeline's guidance ``u + g * (c - u)`` leaves it unchanged.
+   :class:`~tgate_fx.core.generation.GenerationTracker` for the step: the
+   :class:`~tgate_fx.core.plan.Plan` entry (composed from every method),
+   whether the unconditional half is dropped, the caches;
+2. where a method drops it, keeps only the unconditional half of a CFG
+   batch, as the reference T-GATE feeds the negative conditioning;
+3. captures the denoiser for the call's input signature if it has not yet
+   (and lets each method tag the capture), builds the step's graph variant
+   if it has not yet, and runs it with the caches it reads;
+4. stores the caches the variant writes, keyed by ``(method, site, slot)``,
+   and returns the prediction; where the unconditional half was dropped it
+   returns the prediction twice, ``cat([eps, eps])``, so that the pipeline's
+   guidance ``u + g * (c - u)`` leaves it unchanged.
 
 Everything a pipeline reads from its denoiser (``config``, ``dtype``,
 ``device``, submodules such as ``add_embedding``) is forwarded to the
@@ -22,54 +24,54 @@ original module, which stays registered as ``self.denoiser``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
-from .analysis import AttentionSite, find_attention_sites
-from .capture import Capture, InputSignature, capture_denoiser, normalize_call, signature_of
-from .config import TGateConfig
+from .capture import InputSignature, capture_denoiser, normalize_call, signature_of
 from .generation import GenerationTracker, output_class, take_unconditional_half
-from .plan import Plan, VariantSpec
-from .variants import Variant, build_variant
+from .method import Method
+from .plan import Plan
+from .variants import CapturedGraphs, Variant
 
-__all__ = ["DENOISER_ATTRIBUTES", "CapturedGraphs", "TGateDenoiser"]
+__all__ = ["DENOISER_ATTRIBUTES", "OptimizedDenoiser", "find_denoiser", "unwrap_compiled"]
 
 # Where diffusers pipelines keep their denoiser, in order of preference.
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
-@dataclass
-class CapturedGraphs:
-    """One capture, its attention sites, and the variants built from it so far."""
-
-    capture: Capture
-    sites: list[AttentionSite]
-    variants: dict[VariantSpec, Variant] = field(default_factory=dict)
-
-    def variant(self, spec: VariantSpec) -> Variant:
-        if spec not in self.variants:
-            self.variants[spec] = build_variant(self.capture.graph_module, self.sites, spec)
-        return self.variants[spec]
+def unwrap_compiled(module: Any) -> Any:
+    """The module inside a ``torch.compile`` wrapper (or the module itself)."""
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
 
 
-class TGateDenoiser(torch.nn.Module):
-    """Runs a denoiser as T-GATE graph variants, step by step.
+def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module] | None:
+    """``(attribute, module)`` of a pipeline's denoiser (``unet`` or ``transformer``), compile wrappers
+    removed; ``None`` if it has none. An optimized pipeline answers with its :class:`OptimizedDenoiser`."""
+    for name in DENOISER_ATTRIBUTES:
+        module = unwrap_compiled(getattr(pipe, name, None))
+        if isinstance(module, torch.nn.Module):
+            return name, module
+    return None
+
+
+class OptimizedDenoiser(torch.nn.Module):
+    """Runs a denoiser as graph variants, step by step, for one or more methods.
 
     Args:
         denoiser: The pipeline's ``unet`` or ``transformer``.
-        config: T-GATE settings.
+        methods: The methods (see :func:`tgate_fx.methods.as_methods`).
         pipeline: The pipeline it serves; used to read the scheduler's steps
             and, where the pipeline exposes it, ``do_classifier_free_guidance``.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, config: TGateConfig, pipeline=None):
+    def __init__(self, denoiser: torch.nn.Module, methods: list[Method], pipeline=None):
         super().__init__()
         self.denoiser = denoiser
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
@@ -77,13 +79,30 @@ class TGateDenoiser(torch.nn.Module):
         self._captures: dict[InputSignature, CapturedGraphs] = {}
         self._compiler: Callable | None = None
         self._compiled: dict[Variant, Callable] = {}
-        self.configure(config, pipeline)
+        self._trace: list | None = None
+        self.configure(methods, pipeline)
 
-    def configure(self, config: TGateConfig, pipeline=None) -> None:
-        """Use new settings. Captures and variants are kept: they do not depend on the settings."""
-        self.tgate_config = config
+    def configure(self, methods: list[Method], pipeline=None) -> None:
+        """Use new methods or settings. Captures are kept (they do not depend on them); variants are
+        rebuilt where a method's tags change."""
+        if not methods:
+            raise ValueError("at least one method is needed")
+        self.methods = list(methods)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
-        self.generations = GenerationTracker(config, pipeline, self._sample_arg)
+        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg)
+        for graphs in self._captures.values():
+            graphs.annotate(self.methods)
+
+    def plan(self, num_steps: int, cfg: bool) -> Plan:
+        """The plan of a generation of ``num_steps`` steps under this runtime's methods."""
+        return Plan(num_steps, self.methods, cfg)
+
+    def method_config(self, method: str):
+        """The config of ``method`` (``"tgate"``, ``"deepcache"``, ...)."""
+        for m in self.methods:
+            if m.name == method:
+                return m.config
+        raise KeyError(f"method {method!r} is not applied (applied: {[m.name for m in self.methods]})")
 
     # --- torch.compile ---------------------------------------------------------
     def compile(self, *args, **kwargs) -> None:
@@ -159,8 +178,18 @@ class TGateDenoiser(torch.nn.Module):
         signature = signature_of(call)
         if signature not in self._captures:
             capture = capture_denoiser(self.denoiser, call)
-            self._captures[signature] = CapturedGraphs(capture, find_attention_sites(capture.graph_module))
+            self._captures[signature] = CapturedGraphs.from_capture(capture, self.methods)
         return self._captures[signature]
+
+    @contextlib.contextmanager
+    def tracing(self):
+        """Within the block, record every call as ``(StepPlan, CapturedGraphs, Variant)`` in the yielded list."""
+        trace: list = []
+        self._trace = trace
+        try:
+            yield trace
+        finally:
+            self._trace = None
 
     @property
     def captures(self) -> list[CapturedGraphs]:
@@ -182,13 +211,23 @@ class TGateDenoiser(torch.nn.Module):
         if step.drops_uncond:
             call = take_unconditional_half(call, call[self._sample_arg].shape[0])
         graphs = self.graphs_for(call)
-        variant = graphs.variant(step.plan.variant)
+        variant = graphs.variant(step.plan.variant, step.caches)
         inputs = graphs.capture.flat_inputs(call)
-        for site, name in variant.cache_inputs.items():
-            inputs[name] = step.caches[site]
+        for key, name in variant.cache_inputs.items():
+            inputs[name] = _checked_cache(step.caches[key], variant, name)
         outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
         step.caches.update(zip(variant.records, outputs[1:]))
+        if self._trace is not None:
+            self._trace.append((step.plan, graphs, variant))
         return step.finish(outputs[0], return_dict, self._output_class)
 
     def extra_repr(self) -> str:
-        return f"tgate_config={self.tgate_config}"
+        return ", ".join(m.describe() for m in self.methods)
+
+
+def _checked_cache(cache: torch.Tensor, variant: Variant, name: str) -> torch.Tensor:
+    expected = variant.input_meta[name]
+    if cache.shape != expected.shape or cache.dtype != expected.dtype:
+        raise RuntimeError(f"variant {variant.name!r} reads {name} as {tuple(expected.shape)} {expected.dtype}, but "
+                           f"the cache holds {tuple(cache.shape)} {cache.dtype}; the methods' schedules disagree")
+    return cache

@@ -1,4 +1,4 @@
-"""Generate an image with and without T-GATE from the same seed and print the speed-up.
+"""Generate an image with and without the methods (T-GATE by default) from the same seed and print the speed-up.
 
 The default model is the shapes pipeline shipped with the package
 (:mod:`tgate_fx.shapes`: a small Stable Diffusion trained here on captioned
@@ -23,6 +23,9 @@ import time
 
 import torch
 
+from ._methods import add_method_arguments, methods_from_args
+from ._models import MODEL_HELP, load_model
+
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_PROMPT = "a yellow triangle in the centre on a black background"
@@ -30,15 +33,10 @@ VIEW_SIZE = 256  # smallest side of the written PNGs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="shapes",
-                        help="'shapes' (the trained pipeline shipped with tgate_fx), 'tiny-sd' (random weights, "
-                             "built in code) or a local diffusers pipeline directory (default: %(default)s)")
+    parser.add_argument("--model", default="shapes", help=MODEL_HELP + " (default: %(default)s)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--steps", type=int, default=25, help="num_inference_steps (default: %(default)s)")
-    parser.add_argument("--gate-step", type=int, default=10)
-    parser.add_argument("--sp-interval", type=int, default=5)
-    parser.add_argument("--fi-interval", type=int, default=1)
-    parser.add_argument("--warm-up", type=int, default=2)
+    add_method_arguments(parser)
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
     parser.add_argument("--size", type=int, default=None, help="height = width in pixels (default: model's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,24 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs", help="directory for the PNGs (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-
-
-def _load(model: str, dtype: torch.dtype, device: str):
-    if model == "shapes":
-        from .shapes import load_pipeline
-
-        return load_pipeline(device, dtype), {"height": 32, "width": 32, "guidance_scale": 7.5}
-    if model == "tiny-sd":
-        from .tiny import tiny_pipeline
-
-        pipe = tiny_pipeline("sd15", dtype=dtype)
-        return pipe, {"height": 64, "width": 64, "guidance_scale": 7.5}
-    if not os.path.isdir(model):
-        raise SystemExit(f"--model must be 'shapes', 'tiny-sd' or a local pipeline directory; {model!r} is none of them")
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    return pipe.to(device), {}
 
 
 def _timed(pipe, prompt: str, seed: int, repeats: int, call: dict):
@@ -81,8 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
     import tgate_fx
 
-    dtype = getattr(torch, args.dtype)
-    pipe, call = _load(args.model, dtype, args.device)
+    try:
+        methods = methods_from_args(args, {"tgate": None})
+        if not methods:
+            raise ValueError("every method is off: nothing to compare with the baseline")
+        pipe, call = load_model(args.model, getattr(torch, args.dtype), args.device)
+    except (TypeError, ValueError) as e:
+        print(f"tgate-fx generate: {e}")
+        return 2
     pipe.set_progress_bar_config(disable=False, leave=False)
     call["num_inference_steps"] = args.steps
     if args.guidance_scale is not None:
@@ -97,16 +83,16 @@ def run(args: argparse.Namespace) -> int:
     base, base_time = _timed(pipe, args.prompt, args.seed, args.repeats, call)
 
     start = time.perf_counter()
-    tgate_fx.optimize(pipe, gate_step=args.gate_step, sp_interval=args.sp_interval,
-                      fi_interval=args.fi_interval, warm_up=args.warm_up)
-    print("T-GATE: warm-up (captures the graphs), then", args.repeats, "timed generations")
+    tgate_fx.optimize(pipe, methods=methods)
+    label = " + ".join(m.title for m in tgate_fx.get_runtime(pipe).methods)
+    print(f"{label}: warm-up (captures the graphs), then", args.repeats, "timed generations")
     _timed(pipe, args.prompt, args.seed, 1, call)
     overhead = time.perf_counter() - start
     fast, fast_time = _timed(pipe, args.prompt, args.seed, args.repeats, call)
     overhead -= fast_time  # what the first call cost beyond a normal generation
 
     paths = []
-    for name, images in (("baseline", base), ("tgate", fast)):
+    for name, images in (("baseline", base), ("optimized", fast)):
         path = os.path.join(args.out, f"{name}.png")
         picture = Image.fromarray((np.clip(images[0], 0, 1) * 255).round().astype("uint8"))
         if max(picture.size) < VIEW_SIZE:  # a 32x32 picture is a speck on screen: enlarge, keep the pixels
@@ -118,16 +104,16 @@ def run(args: argparse.Namespace) -> int:
     print(tgate_fx.get_runtime(pipe).last_plan)
     print()
     print(f"baseline            {base_time:8.3f} s   -> {paths[0]}")
-    print(f"T-GATE (tgate_fx)   {fast_time:8.3f} s   -> {paths[1]}")
+    print(f"{label + ' (tgate_fx)':19s} {fast_time:8.3f} s   -> {paths[1]}")
     print(f"speed-up            {base_time / fast_time:8.2f} x")
     print(f"capture overhead    {overhead:8.3f} s   (first call only: torch.export and graph rewriting)")
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
         print(f"note                load average {load:.1f} on {cores} cores: other processes compete for the CPU, "
               "so the times are noisy")
-    print(f"max pixel diff      {float(np.abs(base - fast).max()):8.4f}    (images in [0, 1]; T-GATE approximates)")
+    print(f"max pixel diff      {float(np.abs(base - fast).max()):8.4f}    (images in [0, 1]; {label} approximates)")
     if args.model == "shapes":
-        _read_back(args.prompt, {"baseline": base[0], "T-GATE": fast[0]})
+        _read_back(args.prompt, {"baseline": base[0], label: fast[0]})
     return 0
 
 
@@ -135,7 +121,7 @@ def _read_back(prompt: str, images: dict) -> None:
     """What the shapes evaluator sees in each picture, against the prompt."""
     import numpy as np
 
-    from .shapes import data, evaluator
+    from ..shapes import data, evaluator
 
     try:
         wanted = data.parse_caption(prompt).labels

@@ -13,8 +13,9 @@ scheduler's timesteps. A new generation starts
 
 At the start it reads the number of steps (the pipeline's ``num_timesteps``
 where it has one, else the scheduler's timesteps after its begin index),
-decides whether the generation runs classifier-free guidance, builds the
-:class:`~tgate_fx.plan.Plan` and clears the caches.
+decides whether the generation runs classifier-free guidance, asks for the
+generation's plan (a :class:`~tgate_fx.core.plan.Plan`, or the stored steps of
+an exported bundle) and clears the caches.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .config import TGateConfig
+from collections.abc import Callable
+
 from .plan import Plan, StepPlan
 
 __all__ = ["GenerationTracker", "Step", "output_class", "take_unconditional_half"]
@@ -58,16 +60,19 @@ class _Generation:
     plan: Plan
     timesteps: Any  # the scheduler's timesteps object when the generation started
     step: int = 0
-    caches: dict[str, Any] = field(default_factory=dict)
+    caches: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Step:
-    """One denoiser call: its plan entry and the generation's caches (site path -> tensor)."""
+    """One denoiser call: its plan entry and the generation's caches (cache key -> tensor)."""
 
     plan: StepPlan
-    drops_uncond: bool
-    caches: dict[str, Any]
+    caches: dict[Any, Any]
+
+    @property
+    def drops_uncond(self) -> bool:
+        return self.plan.drops_uncond
 
     def finish(self, prediction: torch.Tensor, return_dict: bool, output_cls: type | None = None):
         """The denoiser's return value for ``prediction``: a tuple, or ``output_cls(sample=...)``.
@@ -87,13 +92,14 @@ class GenerationTracker:
     """Counts steps and owns the caches of the current generation.
 
     Args:
-        config: T-GATE settings.
+        plan_for: ``(num_steps, cfg) -> Plan`` of a new generation (it raises
+            ``ValueError`` for a generation it cannot serve).
         pipeline: The pipeline whose denoiser calls are counted (held weakly).
         sample_arg: Name of the denoiser's latent input (``sample`` or ``hidden_states``).
     """
 
-    def __init__(self, config: TGateConfig, pipeline, sample_arg: str):
-        self.config = config
+    def __init__(self, plan_for: Callable[[int, bool], Plan], pipeline, sample_arg: str):
+        self.plan_for = plan_for
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.sample_arg = sample_arg
         self._generation: _Generation | None = None
@@ -141,13 +147,6 @@ class GenerationTracker:
             cfg = batch % 2 == 0 and bool(torch.equal(sample[: batch // 2], sample[batch // 2 :]))
         if cfg and batch % 2:
             raise ValueError(f"classifier-free guidance is on but the denoiser batch is odd ({batch})")
-        lcm = self.config.lcm
-        if lcm is True and cfg:
-            raise ValueError("lcm=True, but this call runs classifier-free guidance (a 2B batch of "
-                             "[uncond, cond]); use lcm=None, or guidance_scale <= 1")
-        if lcm is False and not cfg:
-            raise ValueError("lcm=False, but this call runs without classifier-free guidance; "
-                             "use lcm=None (decide per call) or lcm=True")
         return cfg
 
     def _current(self, call: dict[str, Any]) -> _Generation:
@@ -156,7 +155,7 @@ class GenerationTracker:
         if gen is not None and gen.step < gen.plan.num_steps and (timesteps is None or timesteps is gen.timesteps):
             return gen
         self._generation = None
-        plan = Plan(self.steps_in_generation(), self.config, self.detect_cfg(call))
+        plan = self.plan_for(self.steps_in_generation(), self.detect_cfg(call))
         self._generation = _Generation(plan, timesteps)
         self.last_plan = plan
         return self._generation
@@ -166,4 +165,4 @@ class GenerationTracker:
         gen = self._current(call)
         entry = gen.plan.steps[gen.step]
         gen.step += 1
-        return Step(entry, gen.plan.cfg and not entry.cfg, gen.caches)
+        return Step(entry, gen.caches)

@@ -1,4 +1,4 @@
-"""Inspect what T-GATE rewrites: attention sites, the step plan, and every graph variant of the plan.
+"""Inspect what the methods rewrite: attention sites, the step plan, and every graph variant of the plan.
 
 An :class:`Inspection` captures a denoiser (a full-size architecture on the
 ``meta`` device, or the denoiser of a pipeline, rebuilt on ``meta`` from its
@@ -26,14 +26,15 @@ from typing import Any, NamedTuple
 
 import torch.fx as fx
 
-from .analysis import TAG, AttentionSite
-from .capture import ATTR_PATH
-from .macs import MacCount, format_macs, plan_macs
-from .plan import Plan
+from ..core.analysis import TAG, AttentionSite
+from ..core.capture import ATTR_PATH
+from ..core.method import CacheKey
+from ..core.plan import Plan
+from ..core.variants import Variant
 from ._format import roles_summary, sites_table, table
-from .variants import Variant
+from .macs import MacCount, format_macs, plan_macs
 
-__all__ = ["Inspection", "NodeKey", "VariantDiff", "VariantInfo", "diff_variants", "inspect_arch",
+__all__ = ["Inspection", "computed_sites", "NodeKey", "VariantDiff", "VariantInfo", "diff_variants", "inspect_arch",
            "inspect_pipeline"]
 
 
@@ -163,8 +164,8 @@ class VariantInfo:
         steps: Steps that run it.
         variant: The built variant (graph, inputs, cache reads and writes).
         macs: Its MACs per call.
-        computed, reused, recorded: Site paths it computes, reads from a
-            cache, and writes to a cache (recorded sites are also computed).
+        computed: Attention-site paths it computes.
+        reused, recorded: Cache keys it reads and writes (recorded values are also computed).
     """
 
     name: str
@@ -173,8 +174,8 @@ class VariantInfo:
     variant: Variant
     macs: MacCount
     computed: tuple[str, ...]
-    reused: tuple[str, ...]
-    recorded: tuple[str, ...]
+    reused: tuple[CacheKey, ...]
+    recorded: tuple[CacheKey, ...]
 
 
 def _spans(steps: tuple[int, ...]) -> str:
@@ -185,6 +186,12 @@ def _spans(steps: tuple[int, ...]) -> str:
         else:
             runs.append([s])
     return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def computed_sites(variant: Variant) -> tuple[str, ...]:
+    """Attention-site paths whose output ``variant`` still computes."""
+    return tuple(dict.fromkeys(n.meta[TAG]["site"] for n in variant.graph_module.graph.nodes
+                               if n.op == "call_function" and n.meta.get(TAG, {}).get("value")))
 
 
 class Inspection:
@@ -205,13 +212,12 @@ class Inspection:
         self.batch_size = batch_size
         self.macs = plan_macs(graphs, plan, batch_size=batch_size, include_attention=include_attention)
         self.variants: dict[str, VariantInfo] = {}
+        built = {v.name: v for b in {vm.batch for vm in self.macs.variants.values()}
+                 for v in graphs(b).variants.values()}
         for name, vm in self.macs.variants.items():
-            captured = graphs(vm.batch)
-            variant = captured.variant(plan.variants[name])
-            reused = set(variant.reads)
+            variant = built[name]
             self.variants[name] = VariantInfo(
-                name, vm.batch, vm.steps, variant, vm.count,
-                computed=tuple(s.path for s in captured.sites if s.path not in reused),
+                name, vm.batch, vm.steps, variant, vm.count, computed=computed_sites(variant),
                 reused=tuple(variant.reads), recorded=tuple(variant.records))
         first = plan.steps[0]
         captured = graphs(2 * batch_size if first.cfg else batch_size)
@@ -253,8 +259,9 @@ class Inspection:
                          roles_summary(self.sites, list(v.recorded))))
         lines += table(rows) + [""]
         m = self.macs
+        label = " + ".join(meth.title for meth in self.plan.methods)
         lines.append(f"MACs ({'with' if m.include_attention else 'without'} SDPA core): baseline "
-                     f"{format_macs(m.baseline)}, T-GATE {format_macs(m.total)}, saved {m.saving:.1%}")
+                     f"{format_macs(m.baseline)}, {label} {format_macs(m.total)}, saved {m.saving:.1%}")
         return "\n".join(lines)
 
 
@@ -265,7 +272,7 @@ def inspect_arch(arch: Any, plan: Plan | None = None, *, batch_size: int = 1, in
     ``plan`` defaults to the architecture's published setting; ``graphs``
     (an :class:`~tgate_fx.archs.ArchGraphs` of the same arch) reuses captures.
     """
-    from .archs import Arch, ArchGraphs, get_arch
+    from ..archs import Arch, ArchGraphs, get_arch
 
     arch = get_arch(arch) if isinstance(arch, str) else arch
     if not isinstance(arch, Arch):
@@ -282,7 +289,7 @@ def inspect_pipeline(pipe: Any, plan: Plan | None = None, *, height: int | None 
 
     Sizes and T-GATE defaults are those of :func:`tgate_fx.archs.arch_from_pipeline`.
     """
-    from .archs import arch_from_pipeline
+    from ..archs import arch_from_pipeline
 
     return inspect_arch(arch_from_pipeline(pipe, height=height, width=width), plan, batch_size=batch_size,
                         include_attention=include_attention)

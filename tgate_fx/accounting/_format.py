@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .analysis import AttentionSite
+from ..core.analysis import AttentionSite
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -27,12 +27,17 @@ def sites_table(sites: list[AttentionSite]) -> list[str]:
     return table(rows)
 
 
-def roles_summary(sites: list[AttentionSite], paths: list[str]) -> str:
-    """'7 cross, 7 self' for the sites among ``paths``; '-' for none."""
+def roles_summary(sites: list[AttentionSite], paths) -> str:
+    """'7 cross, 7 self' for the attention sites among ``paths`` (site paths or cache keys); '-' for none.
+
+    A cache key of a site that is not an attention site counts under its method (``'1 deepcache'``).
+    """
     if not paths:
         return "-"
     by_path = {s.path: s.role for s in sites}
     counts: dict[str, int] = {}
     for p in paths:
-        counts[by_path[p]] = counts.get(by_path[p], 0) + 1
+        site, method = (p.site, p.method) if hasattr(p, "site") else (p, "other")
+        label = by_path.get(site, method)
+        counts[label] = counts.get(label, 0) + 1
     return ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))

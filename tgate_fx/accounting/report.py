@@ -1,12 +1,13 @@
-"""Report: a readable account of what T-GATE rewrote in an optimized pipeline."""
+"""Report: a readable account of what the methods rewrote in an optimized pipeline."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..core.plan import Plan
+from ..core.variants import CapturedGraphs
 from ._format import roles_summary, sites_table, table
-from .plan import Plan
-from .runtime import CapturedGraphs, TGateDenoiser
+from .inspection import computed_sites
 
 __all__ = ["report"]
 
@@ -15,15 +16,15 @@ def _variant_rows(graphs: CapturedGraphs) -> list[tuple[str, ...]]:
     rows = []
     total = len(graphs.sites)
     for v in graphs.variants.values():
-        computed = total - len(v.reads)
         rows.append((v.name, str(v.node_count()), str(sum(1 for _ in v.graph_module.parameters())),
-                     f"{computed}/{total}", roles_summary(graphs.sites, v.reads), roles_summary(graphs.sites, v.records),
-                     ", ".join(v.input_names[: len(v.input_names) - len(v.reads)])))
+                     f"{len(computed_sites(v))}/{total}", roles_summary(graphs.sites, v.reads),
+                     roles_summary(graphs.sites, v.records),
+                     ", ".join(n for n in v.input_names if not n.startswith("cache_"))))
     return rows
 
 
 def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | None = None) -> str:
-    """Describe an optimized pipeline: its settings, attention sites, step plan and graph variants.
+    """Describe an optimized pipeline: its methods, attention sites, step plan and graph variants.
 
     Sites and variants appear once the pipeline has run (they are captured
     from real calls). The plan shown is that of the last generation, or the
@@ -31,15 +32,13 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
     Each variant's ``GraphModule`` is reachable through
     ``tgate_fx.get_runtime(pipe).captures[i].variants``.
     """
-    from .api import get_runtime
+    from ..api import get_runtime
 
-    runtime: TGateDenoiser = get_runtime(pipe)
-    cfg_ = runtime.tgate_config
-    lines = [f"tgate_fx: {type(runtime.denoiser).__name__} in {type(pipe).__name__}",
-             f"settings: gate_step={cfg_.gate_step} sp_interval={cfg_.sp_interval} "
-             f"fi_interval={cfg_.fi_interval} warm_up={cfg_.warm_up} lcm={cfg_.lcm}", ""]
+    runtime = get_runtime(pipe)
+    lines = [f"tgate_fx: {type(runtime.denoiser).__name__} in {type(pipe).__name__}"]
+    lines += [f"{m.title}: {m.describe()}" for m in runtime.methods] + [""]
     if num_inference_steps is not None:
-        plan = Plan(num_inference_steps, cfg_, True if cfg is None else cfg)
+        plan = runtime.plan(num_inference_steps, True if cfg is None else cfg)
     else:
         plan = runtime.last_plan
     if not runtime.captures:

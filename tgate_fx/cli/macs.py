@@ -1,13 +1,17 @@
-"""``tgate-fx macs``: MACs of a whole generation with and without T-GATE, for a full-size architecture.
+"""``tgate-fx macs``: MACs of a whole generation with and without the methods, for a full-size architecture.
 
 The architecture is built on the ``meta`` device (no weights, no download),
 captured at the batches the plan runs at, and every step's graph variant is
-counted (see :mod:`tgate_fx.macs`). Settings default to the architecture's
-published T-GATE defaults.
+counted (see :mod:`tgate_fx.accounting.macs`). T-GATE is on by default with
+the architecture's published settings; ``--deepcache`` adds DeepCache
+(``--no-tgate`` for DeepCache alone). With more than one method, each
+method alone is counted too (``per_method`` in the JSON).
 
 Example::
 
     tgate-fx macs --arch sdxl
+    tgate-fx macs --arch sdxl --deepcache --no-tgate --cache-branch-id 1
+    tgate-fx macs --arch sdxl --deepcache --gate-step 10 --sp-interval 1 --warm-up 0 --json
     tgate-fx macs --arch pixart_sigma --gate-step 10 --json
     tgate-fx macs --arch lcm_sdxl --include-attention
 """
@@ -18,50 +22,48 @@ import argparse
 import json
 import sys
 
+from ._methods import add_method_arguments, methods_from_args
+
 __all__ = ["add_arguments", "add_plan_arguments", "plan_from_args", "run"]
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """The step and T-GATE settings shared by ``macs`` and ``inspect`` (default: the architecture's)."""
-    group = parser.add_argument_group("T-GATE settings (default: the architecture's published ones)")
+    """The step and method settings shared by ``macs`` and ``inspect`` (default: the architecture's)."""
+    group = parser.add_argument_group("generation")
     group.add_argument("--steps", type=int, help="denoising steps")
-    group.add_argument("--gate-step", type=int, help="steps < gate_step run CFG and compute cross-attention")
-    group.add_argument("--sp-interval", type=int, help="self-attention recompute interval before the gate")
-    group.add_argument("--fi-interval", type=int, help="self-attention recompute interval after the gate")
-    group.add_argument("--warm-up", type=int, help="steps that compute everything before any reuse")
     group.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     group.add_argument("--include-attention", action="store_true",
                        help="also count the SDPA core (Q K^T, A V); the paper's figures do not")
+    add_method_arguments(parser, note="; T-GATE settings default to the architecture's published ones")
 
 
 def plan_from_args(args: argparse.Namespace, arch):
-    """The :class:`~tgate_fx.plan.Plan` for ``arch`` with the command-line overrides applied."""
-    from dataclasses import replace
+    """The :class:`~tgate_fx.Plan` for ``arch`` with the command-line methods and overrides applied."""
+    from ..core.plan import Plan
 
-    from .plan import Plan
-
-    overrides = {name: getattr(args, name) for name in ("gate_step", "sp_interval", "fi_interval", "warm_up")
-                 if getattr(args, name, None) is not None}
-    config = replace(arch.tgate, **overrides)
-    return Plan(args.steps if args.steps is not None else arch.num_steps, config, cfg=arch.cfg)
+    methods = methods_from_args(args, {"tgate": arch.tgate})
+    if not methods:
+        raise ValueError("no method is on: keep T-GATE or add --deepcache")
+    return Plan(args.steps if args.steps is not None else arch.num_steps, methods, cfg=arch.cfg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``macs`` options to ``parser``."""
-    from .archs import ARCHS
+    from ..archs import ARCHS
 
     parser.add_argument("--arch", required=True, choices=list(ARCHS), help="full-size architecture")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the architecture's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the architecture's)")
     add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (baseline_macs, tgate_macs, phases, steps, ...)")
+                        help="print one JSON object (baseline_macs, optimized_macs, per_method, phases, steps, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Count and print; returns the exit status."""
-    from .archs import ArchGraphs, get_arch
-    from .macs import plan_macs
+    from ..accounting.macs import format_macs, plan_macs
+    from ..archs import ArchGraphs, get_arch
+    from ..core.plan import Plan
 
     try:
         arch = get_arch(args.arch).with_size(args.height, args.width)
@@ -71,14 +73,25 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         print(f"tgate-fx macs: {e}", file=sys.stderr)
         return 2
-    result = plan_macs(ArchGraphs(arch), plan, batch_size=args.batch_size, include_attention=args.include_attention)
+    graphs = ArchGraphs(arch)
+    result = plan_macs(graphs, plan, batch_size=args.batch_size, include_attention=args.include_attention)
+    per_method = {}
+    if len(plan.methods) > 1:
+        for method in plan.methods:
+            alone = plan_macs(graphs, Plan(plan.num_steps, [method], cfg=plan.cfg), batch_size=args.batch_size,
+                              include_attention=args.include_attention)
+            per_method[method.name] = alone.total
+        per_method["+".join(m.name for m in plan.methods)] = result.total
     if args.json:
         print(json.dumps({"arch": arch.name, "source": arch.source, "height": arch.height, "width": arch.width,
-                          "text_tokens": arch.text_tokens, **result.to_dict()}))
+                          "text_tokens": arch.text_tokens, **result.to_dict(),
+                          **({"per_method": per_method} if per_method else {})}))
     else:
         print(arch.describe())
         print(f"config: {arch.source}")
         print(result)
+        if per_method:
+            print("each method alone: " + ", ".join(f"{k} {format_macs(v)}" for k, v in per_method.items()))
     return 0
 
 

@@ -1,0 +1,76 @@
+"""Command-line flags of every method, generated once from its config dataclass.
+
+For each method in :data:`tgate_fx.methods.METHODS`, ``--<method>`` /
+``--no-<method>`` switch it on or off, and each int field of its config
+becomes ``--<field-name>`` (``--gate-step``, ``--cache-interval``). Help
+texts come from the config's docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+
+from ..methods import METHODS
+
+__all__ = ["add_method_arguments", "methods_from_args"]
+
+
+def _field_help(config_cls: type) -> dict[str, str]:
+    """First sentence of each ``name: text`` entry of the config's ``Attributes:`` section."""
+    doc = inspect.getdoc(config_cls) or ""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^\s{4}(\w+): (.+?)(?=^\s{4}\w+: |\Z)", doc.split("Attributes:", 1)[-1], re.S | re.M):
+        text = " ".join(m.group(2).split())
+        out[m.group(1)] = text.split(". ")[0].rstrip(".").replace("%", "%%")
+    return out
+
+
+def _int_fields(config_cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_cls) if f.type in (int, "int")]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, default_on: tuple[str, ...] = ("tgate",),
+                         note: str = "") -> None:
+    """Add ``--<method>``/``--no-<method>`` and the int settings of every method to ``parser``."""
+    for name, (config_cls, method_cls) in METHODS.items():
+        on = name in default_on
+        group = parser.add_argument_group(f"{method_cls.title} ({'on' if on else 'off'} by default{note})")
+        flag = name.replace("_", "-")
+        group.add_argument(f"--{flag}", dest=f"method_{name}", action="store_true", default=None,
+                           help=f"apply {method_cls.title}" + (" (the default)" if on else ""))
+        group.add_argument(f"--no-{flag}", dest=f"method_{name}", action="store_false",
+                           help=f"do not apply {method_cls.title}")
+        helps = _field_help(config_cls)
+        for field in _int_fields(config_cls):
+            group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"{name}__{field.name}", type=int,
+                               metavar="N", help=helps.get(field.name))
+
+
+def methods_from_args(args: argparse.Namespace, defaults: dict[str, object] | None = None) -> list:
+    """Method configs from parsed flags.
+
+    Args:
+        defaults: Method name -> config to start from where that method is on
+            by default (e.g. an architecture's published T-GATE settings); a
+            method switched on without a default starts from its config's defaults.
+
+    A setting of a method given without ``--<method>`` switches it on. Raises
+    ``ValueError`` for a setting of a method switched off.
+    """
+    defaults = dict(defaults or {})
+    chosen = []
+    for name, (config_cls, _) in METHODS.items():
+        settings = {f.name: getattr(args, f"{name}__{f.name}") for f in _int_fields(config_cls)
+                    if getattr(args, f"{name}__{f.name}", None) is not None}
+        switch = getattr(args, f"method_{name}", None)
+        if switch is False and settings:
+            flags = ", ".join("--" + k.replace("_", "-") for k in settings)
+            raise ValueError(f"--no-{name.replace('_', '-')} with {flags}: drop one")
+        on = switch if switch is not None else (name in defaults or bool(settings))
+        if on:
+            base = defaults.get(name) or config_cls()
+            chosen.append(dataclasses.replace(base, **settings))
+    return chosen

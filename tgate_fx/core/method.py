@@ -1,0 +1,159 @@
+"""What a method is, to the core: tags on nodes, and per-step rewrites of the tagged nodes.
+
+A *method* (T-GATE, DeepCache, ...) is data plus passes. The core knows it
+only through this interface:
+
+* :meth:`Method.annotate` tags the nodes of a captured graph that the method
+  may rewrite, under its own namespace (:func:`tag_key`), each with a *group*
+  (e.g. ``"cross"``: every cross-attention output), a *site* (a module path)
+  and a *slot* (which value of the site);
+* :meth:`Method.schedule` says, for every step of a generation, which groups
+  it records (exposes as cache writes) or reuses (replaces by cache reads),
+  as :class:`Rewrite`\\ s, and whether the step drops the unconditional half
+  of a CFG batch;
+* :meth:`Method.barriers` names steps at which every *other* method must
+  refresh its caches (compute everything), e.g. because the batch changes
+  there; :meth:`Method.validate` rejects a generation it cannot serve.
+
+Caches are keyed by :class:`CacheKey` ``(method, site, slot)``: two methods
+never share one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch.fx as fx
+
+__all__ = ["RECORD", "REUSE", "CacheKey", "Method", "MethodStep", "Rewrite", "tag_key", "tagged_nodes"]
+
+RECORD = "record"
+REUSE = "reuse"
+CFG_MEAN = "cfg_mean"
+
+
+class CacheKey(NamedTuple):
+    """Where a cached tensor belongs: the method that owns it, the site and the value of the site."""
+
+    method: str
+    site: str
+    slot: str
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.site}:{self.slot}"
+
+    def input_name(self) -> str:
+        """Graph input (placeholder) name of a read of this cache."""
+        return "cache_" + _flat(self)
+
+    def output_name(self) -> str:
+        """Graph output name of a write of this cache (as exported models name it)."""
+        return "record_" + _flat(self)
+
+
+def _flat(key: CacheKey) -> str:
+    return "_".join((key.method, key.site, key.slot)).replace(".", "_")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One change a method asks of a step's graph.
+
+    Attributes:
+        method: The method's name (its tag namespace and cache-key prefix).
+        group: Which of the method's tagged nodes (every node whose tag has this group).
+        action: ``"record"`` (the value becomes an extra output, stored as a
+            cache) or ``"reuse"`` (the value is replaced by a cache read; what
+            computed it becomes dead code).
+        reduce: For records: ``None`` (the value as is) or ``"cfg_mean"``
+            (the mean of the two halves of a CFG batch, unconditional first).
+    """
+
+    method: str
+    group: str
+    action: str
+    reduce: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in (RECORD, REUSE):
+            raise ValueError(f"Rewrite.action must be {RECORD!r} or {REUSE!r}, got {self.action!r}")
+        if self.reduce not in (None, CFG_MEAN) or (self.reduce and self.action != RECORD):
+            raise ValueError(f"Rewrite.reduce must be None or {CFG_MEAN!r} (records only), got {self.reduce!r}")
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.method}:{self.group}" + (f" ({self.reduce})" if self.reduce else "")
+
+
+@dataclass(frozen=True)
+class MethodStep:
+    """What one method does at one step.
+
+    Attributes:
+        label: Short name of the method's graph at this step (``"sp_reuse"``,
+            ``"dc_partial"``); a step's variant is named after its methods' labels.
+        rewrites: The rewrites the step needs.
+        drops_uncond: The step runs only the unconditional half of a CFG batch
+            (the prediction is returned for both halves).
+        phase: Name of the method's phase at this step (``""`` if it has none).
+        columns: ``(header, value)`` pairs the printed plan shows for this method.
+    """
+
+    label: str
+    rewrites: frozenset[Rewrite] = frozenset()
+    drops_uncond: bool = False
+    phase: str = ""
+    columns: tuple[tuple[str, str], ...] = field(default=())
+
+
+def tag_key(method: str) -> str:
+    """The ``node.meta`` key under which ``method`` tags nodes."""
+    return f"tgate_fx.{method}"
+
+
+def tagged_nodes(graph: fx.Graph, method: str, group: str) -> list[tuple[fx.Node, CacheKey]]:
+    """The nodes ``method`` tagged with ``group``, in graph order, with their cache keys."""
+    key = tag_key(method)
+    out = []
+    for node in graph.nodes:
+        tag = node.meta.get(key)
+        if tag is not None and tag["group"] == group:
+            out.append((node, CacheKey(method, tag["site"], tag["slot"])))
+    return out
+
+
+class Method(ABC):
+    """A training-free acceleration method, as the core sees it.
+
+    Subclasses set :attr:`name` (tags, cache keys, JSON) and :attr:`title`
+    (for people), and hold their config in :attr:`config`.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    config: Any
+
+    @abstractmethod
+    def annotate(self, graph_module: fx.GraphModule, regions: Any) -> None:
+        """Tag the nodes this method may rewrite (``node.meta[tag_key(name)] = {"group", "site", "slot"}``).
+
+        ``regions`` is the capture's :class:`~tgate_fx.core.analysis.Regions`.
+        Raises ``ValueError`` (naming the method and why) if the graph lacks
+        what the method needs.
+        """
+
+    @abstractmethod
+    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
+        """One :class:`MethodStep` per step of a generation of ``num_steps`` steps."""
+
+    def barriers(self, num_steps: int, cfg: bool) -> frozenset[int]:
+        """Steps at which the other methods must compute everything (refresh every cache)."""
+        return frozenset()
+
+    def validate(self, num_steps: int, cfg: bool) -> None:
+        """Raise ``ValueError`` if this method cannot serve such a generation."""
+
+    def describe(self) -> str:
+        """One line: the method and its settings."""
+        return f"{self.name}: {self.config}"

@@ -1,0 +1,196 @@
+"""The step plan: which graph variant runs at each denoising step, composed from every method.
+
+A :class:`Plan` is plain data. It is derived from the methods, the number of
+steps of a generation and whether that generation runs classifier-free
+guidance (CFG). Each step's variant is the union of every method's rewrites
+for that step; steps whose union is the same share one variant. It says
+nothing about graphs or tensors: the runtime turns each :class:`VariantSpec`
+into a graph.
+
+Example::
+
+    >>> from tgate_fx import Plan, TGateConfig, DeepCacheConfig
+    >>> plan = Plan(25, TGateConfig(gate_step=10), cfg=True)
+    >>> plan.steps[3].variant.name
+    'sp_reuse'
+    >>> plan = Plan(25, [TGateConfig(gate_step=10), DeepCacheConfig(cache_interval=3)], cfg=True)
+    >>> plan.steps[1].variant.name
+    'sp_compute+dc_partial'
+    >>> print(plan)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .method import RECORD, REUSE, Method, MethodStep, Rewrite
+
+__all__ = ["Plan", "StepPlan", "VariantSpec"]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """The rewrites of a graph variant (the union of every method's for a step).
+
+    Attributes:
+        name: Stable, human-readable name (the methods' labels joined by ``+``).
+        rewrites: What the variant records and reuses.
+    """
+
+    name: str
+    rewrites: frozenset[Rewrite] = frozenset()
+
+    def groups(self, action: str) -> tuple[str, ...]:
+        """``method:group`` of the rewrites with ``action``, sorted."""
+        return tuple(sorted(f"{r.method}:{r.group}" for r in self.rewrites if r.action == action))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One denoising step: its variant, CFG state, and what each method does.
+
+    Attributes:
+        step: 0-based index in the generation.
+        variant: The composed variant.
+        cfg: Whether the step's graph runs the CFG batch (``False`` after a
+            method dropped the unconditional half, or without CFG).
+        drops_uncond: The generation runs CFG but this step runs only the
+            unconditional half.
+        methods: Method name -> its :class:`MethodStep`.
+    """
+
+    step: int
+    variant: VariantSpec
+    cfg: bool
+    drops_uncond: bool
+    methods: dict[str, MethodStep]
+
+    @property
+    def phase(self) -> str:
+        phases = [m.phase for m in self.methods.values() if m.phase]
+        return "/".join(phases) or "-"
+
+
+def _as_methods(methods: Any) -> list[Method]:
+    from ..methods import as_methods  # the registry of method configs
+
+    return as_methods(methods)
+
+
+class Plan:
+    """Maps each step of a generation to a graph variant, CFG on/off, cache reads and writes.
+
+    Args:
+        num_steps: Denoiser calls in the generation.
+        methods: A method config (``TGateConfig(...)``), a :class:`Method`, or
+            a sequence of them.
+        cfg: Whether the generation runs classifier-free guidance.
+
+    Raises:
+        ValueError: if a method cannot serve the generation (e.g. T-GATE's
+            ``gate_step`` beyond ``num_steps``).
+    """
+
+    def __init__(self, num_steps: int, methods: Any, cfg: bool):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        self.num_steps = num_steps
+        self.methods: list[Method] = _as_methods(methods)
+        self.cfg = bool(cfg)
+        for method in self.methods:
+            method.validate(num_steps, self.cfg)
+        barriers = frozenset().union(*(m.barriers(num_steps, self.cfg) for m in self.methods))
+        per_method = {}
+        for method in self.methods:
+            schedule = method.schedule(num_steps, self.cfg, barriers - method.barriers(num_steps, self.cfg))
+            if len(schedule) != num_steps:
+                raise RuntimeError(f"method {method.name!r} scheduled {len(schedule)} steps for {num_steps}")
+            per_method[method.name] = schedule
+        self.steps = [self._step(i, {name: s[i] for name, s in per_method.items()}) for i in range(num_steps)]
+
+    def _step(self, i: int, methods: dict[str, MethodStep]) -> StepPlan:
+        rewrites = frozenset().union(*(m.rewrites for m in methods.values()))
+        name = "+".join(m.label for m in methods.values()) or "full"
+        drops = self.cfg and any(m.drops_uncond for m in methods.values())
+        return StepPlan(i, VariantSpec(name, rewrites), self.cfg and not drops, drops, methods)
+
+    @property
+    def config(self):
+        """The config of the only method (for a single-method plan)."""
+        if len(self.methods) != 1:
+            raise AttributeError(f"this plan composes {len(self.methods)} methods; read plan.methods")
+        return self.methods[0].config
+
+    def method(self, name: str) -> Method:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(f"no method {name!r} in this plan (it has {[m.name for m in self.methods]})")
+
+    @property
+    def variants(self) -> dict[str, VariantSpec]:
+        """The distinct variants this plan uses, in order of first use."""
+        out: dict[str, VariantSpec] = {}
+        for s in self.steps:
+            if out.setdefault(s.variant.name, s.variant) != s.variant:
+                raise RuntimeError(f"two different variants are named {s.variant.name!r}")
+        return out
+
+    def reads(self, step: int) -> tuple[str, ...]:
+        """``method:group`` of the caches the step reads."""
+        return self.steps[step].variant.groups(REUSE)
+
+    def writes(self, step: int) -> tuple[str, ...]:
+        """``method:group`` of the caches the step writes."""
+        return self.steps[step].variant.groups(RECORD)
+
+    def to_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "cfg": self.cfg,
+            "methods": {m.name: m.config.to_dict() for m in self.methods},
+            "steps": [
+                {"step": s.step, "phase": s.phase, "variant": s.variant.name, "cfg": s.cfg,
+                 "drops_uncond": s.drops_uncond,
+                 "methods": {name: m.label for name, m in s.methods.items()},
+                 "rewrites": sorted([r.method, r.group, r.action, r.reduce] for r in s.variant.rewrites)}
+                for s in self.steps
+            ],
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        settings = ", ".join(m.describe() for m in self.methods)
+        return f"Plan(num_steps={self.num_steps}, {settings}, cfg={self.cfg})"
+
+    def __str__(self) -> str:
+        short = len(self.methods) == 1
+
+        def groups(rewrites: Sequence[Rewrite]) -> str:
+            names = sorted({r.group if short else f"{r.method}:{r.group}" for r in rewrites})
+            text = ",".join(names) or "-"
+            reduced = sorted({r.method for r in rewrites if r.reduce})
+            if reduced:
+                text += " (CFG mean)" if short else f" (CFG mean: {','.join(reduced)})"
+            return text
+
+        method_headers = [h for m in self.steps[0].methods.values() for h, _ in m.columns]
+        header = ("step", "phase", "variant", "CFG", *method_headers, "reads", "writes")
+        rows = [header]
+        for s in self.steps:
+            cells = [v for m in s.methods.values() for _, v in m.columns]
+            rewrites = sorted(s.variant.rewrites, key=str)
+            rows.append((str(s.step), s.phase, s.variant.name, "on" if s.cfg else "off", *cells,
+                         groups([r for r in rewrites if r.action == REUSE]),
+                         groups([r for r in rewrites if r.action == RECORD])))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [repr(self)]
+        for k, r in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)

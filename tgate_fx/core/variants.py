@@ -1,0 +1,285 @@
+"""Build graph variants: a captured graph specialised by the passes for one step's rewrites.
+
+A step's :class:`~tgate_fx.core.plan.VariantSpec` names rewrites by method
+and group; here they meet a concrete graph. :func:`resolve` expands each
+rewrite to the nodes its method tagged, and settles how the rewrites of
+several methods combine, the way the eager reference code behaves:
+
+* two methods rewriting the same node (other than both recording it) is a
+  conflict: ``ValueError`` naming both methods and the site;
+* a read of a cache that no earlier step of the generation wrote is not
+  made: the value is computed (the reference's processors fall back to
+  computing when their cache is empty);
+* a record or read of a value that the step's other reads leave dead (e.g. an
+  attention site inside the UNet blocks DeepCache skips) is not made: the
+  value is not computed at that step, so nothing is recorded.
+
+:func:`build_variant` then runs the passes on a copy of the graph (sharing
+its parameters): :class:`~tgate_fx.passes.ExposeValues` for the records,
+:class:`~tgate_fx.passes.ReplaceValuesWithCache` for the reads,
+:class:`~tgate_fx.passes.EliminateDeadCode` and
+:class:`~tgate_fx.passes.RemoveUnusedInputs`. A variant's calling convention:
+inputs by placeholder name (the call's tensors, then cache reads
+``cache_<method>_<site>_<slot>``); outputs ``(prediction, *writes)`` in
+:attr:`Variant.records` order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
+from .analysis import Regions, analyze
+from .capture import Capture
+from .method import CFG_MEAN, RECORD, REUSE, CacheKey, Method, Rewrite, tagged_nodes
+from .plan import Plan, StepPlan, VariantSpec
+
+__all__ = ["CapturedGraphs", "Resolved", "Variant", "build_variant", "copy_graph_module", "resolve", "walk_plan"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec's rewrites on one graph: the nodes to expose and to replace, by cache key.
+
+    Attributes:
+        spec: The step's spec.
+        records: ``(cache key, cfg_mean)`` of each write, in graph order.
+        reads: Cache keys read, in graph order.
+        skipped: ``(cache key, reason)`` of each rewrite not made.
+    """
+
+    spec: VariantSpec
+    records: tuple[tuple[CacheKey, bool], ...]
+    reads: tuple[CacheKey, ...]
+    skipped: tuple[tuple[CacheKey, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.skipped:
+            return self.spec.name
+        digest = hashlib.sha1(repr((self.records, self.reads)).encode()).hexdigest()[:6]
+        return f"{self.spec.name}~{digest}"
+
+
+def _live(graph: fx.Graph, cut: set[fx.Node]) -> set[fx.Node]:
+    """Nodes the graph's outputs depend on when the ``cut`` nodes become inputs (cut nodes included)."""
+    live: set[fx.Node] = set()
+    stack = list(graph.output_node().all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in live:
+            continue
+        live.add(node)
+        if node not in cut:
+            stack.extend(node.all_input_nodes)
+    return live
+
+
+def _targets(graph: fx.Graph, spec: VariantSpec) -> list[tuple[fx.Node, CacheKey, Rewrite]]:
+    targets = []
+    owner: dict[fx.Node, tuple[CacheKey, Rewrite]] = {}
+    for rewrite in sorted(spec.rewrites, key=str):
+        for node, key in tagged_nodes(graph, rewrite.method, rewrite.group):
+            if node in owner:
+                other_key, other = owner[node]
+                if other.method != rewrite.method and not (other.action == RECORD == rewrite.action):
+                    raise ValueError(
+                        f"methods {other.method!r} and {rewrite.method!r} cannot be composed: both rewrite node "
+                        f"{node.name} ({other.action} of {other_key.site!r} vs {rewrite.action} of {key.site!r})")
+            owner.setdefault(node, (key, rewrite))
+            targets.append((node, key, rewrite))
+    return targets
+
+
+def resolve(graph: fx.Graph, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Resolved:
+    """Settle ``spec`` on a tagged ``graph``, given the caches written so far (``None``: all)."""
+    targets = _targets(graph, spec)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    available = None if available is None else set(available)
+    skipped = []
+    reads = []
+    for node, key, rewrite in targets:
+        if rewrite.action == REUSE:
+            if available is None or key in available:
+                reads.append((node, key))
+            else:
+                skipped.append((key, "not written yet: computed"))
+    live = _live(graph, {n for n, _ in reads})
+    for node, key in list(reads):
+        if node not in live:
+            reads.remove((node, key))
+            skipped.append((key, "read: value not needed at this step"))
+    cut = {n for n, _ in reads}
+    records = []
+    for node, key, rewrite in targets:
+        if rewrite.action != RECORD:
+            continue
+        if node in live and node not in cut:
+            records.append((node, key, rewrite.reduce == CFG_MEAN))
+        else:
+            skipped.append((key, "record: value not computed at this step"))
+    records.sort(key=lambda t: order[t[0]])
+    reads.sort(key=lambda t: order[t[0]])
+    return Resolved(spec, tuple((k, mean) for _, k, mean in records), tuple(k for _, k in reads),
+                    tuple(sorted(set(skipped))))
+
+
+@dataclass(eq=False)
+class Variant:
+    """A specialised graph and how to call it.
+
+    Attributes:
+        spec: The step spec it was built for.
+        resolved: How the spec's rewrites landed on the graph.
+        graph_module: The rewritten graph; ``print(variant.graph_module.code)`` reads as Python.
+        input_names: Placeholder names, in order.
+    """
+
+    spec: VariantSpec
+    resolved: Resolved
+    graph_module: fx.GraphModule
+    input_names: list[str]
+    input_meta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def reads(self) -> list[CacheKey]:
+        """Cache keys read, each from input ``key.input_name()``."""
+        return list(self.resolved.reads)
+
+    @property
+    def records(self) -> list[CacheKey]:
+        """Cache keys written, as outputs 1..n in this order."""
+        return [k for k, _ in self.resolved.records]
+
+    @property
+    def cache_inputs(self) -> dict[CacheKey, str]:
+        """Cache key -> placeholder name of its read."""
+        return {key: key.input_name() for key in self.resolved.reads}
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.graph_module(*(inputs[name] for name in self.input_names))
+
+    def node_count(self) -> int:
+        return sum(1 for n in self.graph_module.graph.nodes if n.op == "call_function")
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters."""
+    graph = fx.Graph()
+    outputs = graph.graph_copy(gm.graph, {})
+    graph.output(outputs)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def _find(graph: fx.Graph, keys: Iterable[CacheKey]) -> dict[CacheKey, fx.Node]:
+    wanted = set(keys)
+    found = {}
+    for node in graph.nodes:
+        for k, tag in node.meta.items():
+            if k.startswith("tgate_fx.") and isinstance(tag, dict) and "group" in tag:
+                key = CacheKey(k[len("tgate_fx."):], tag["site"], tag["slot"])
+                if key in wanted:
+                    found[key] = node
+    missing = wanted - set(found)
+    if missing:
+        raise ValueError(f"no tagged node for caches {sorted(map(str, missing))}; annotate the graph first")
+    return found
+
+
+def build_variant(base: fx.GraphModule, resolved: Resolved) -> Variant:
+    """Specialise ``base`` (a tagged capture graph) as ``resolved`` says; ``base`` is not modified."""
+    gm = copy_graph_module(base)
+    nodes = _find(gm.graph, [k for k, _ in resolved.records] + list(resolved.reads))
+    passes = []
+    if resolved.records:
+        passes.append(ExposeValues([nodes[k] for k, _ in resolved.records],
+                                   cfg_mean=[nodes[k] for k, mean in resolved.records if mean]))
+    if resolved.reads:
+        passes.append(ReplaceValuesWithCache([(nodes[k], k.input_name()) for k in resolved.reads]))
+    passes += [EliminateDeadCode(), RemoveUnusedInputs()]
+    for graph_pass in passes:
+        gm = graph_pass(gm).graph_module
+    gm.recompile()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return Variant(resolved.spec, resolved, gm, [n.name for n in placeholders],
+                   {n.name: n.meta["val"] for n in placeholders})
+
+
+def _method_tag(key: str) -> bool:
+    return key.startswith("tgate_fx.")
+
+
+@dataclass
+class CapturedGraphs:
+    """One capture, its regions, the methods' tags on it, and the variants built from it so far."""
+
+    capture: Capture
+    regions: Regions
+    variants: dict[Resolved, Variant] = field(default_factory=dict)
+    _annotated: tuple = ()
+    _resolved: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_capture(cls, capture: Capture, methods: list[Method] = ()) -> "CapturedGraphs":
+        graphs = cls(capture, analyze(capture.graph_module))
+        graphs.annotate(methods)
+        return graphs
+
+    @property
+    def sites(self):
+        """The attention sites of the capture."""
+        return self.regions.attention
+
+    def annotate(self, methods: list[Method]) -> None:
+        """Tag the graph for ``methods`` (again, if they changed; variants built for others are dropped)."""
+        signature = tuple((m.name, m.config) for m in methods)
+        if signature == self._annotated:
+            return
+        for node in self.capture.graph_module.graph.nodes:
+            for key in [k for k in node.meta if _method_tag(k)]:
+                del node.meta[key]
+        self.variants.clear()
+        self._resolved.clear()
+        for method in methods:
+            method.annotate(self.capture.graph_module, self.regions)
+        self._annotated = signature
+
+    def variant(self, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Variant:
+        """The variant for ``spec`` given the caches written so far (``None``: all), built on first use."""
+        graph = self.capture.graph_module.graph
+        reads = self._resolved.get(spec)
+        if reads is None:  # the cache keys the spec may read: resolve once per spec and availability
+            reads = self._resolved[spec] = frozenset(
+                k for r in spec.rewrites if r.action == REUSE for _, k in tagged_nodes(graph, r.method, r.group))
+        have = reads if available is None else reads.intersection(available)
+        resolved = self._resolved.get((spec, have))
+        if resolved is None:
+            resolved = self._resolved[spec, have] = resolve(graph, spec, have)
+        if resolved not in self.variants:
+            self.variants[resolved] = build_variant(self.capture.graph_module, resolved)
+        return self.variants[resolved]
+
+    def keys(self, method: str, group: str) -> list[CacheKey]:
+        return [k for _, k in tagged_nodes(self.capture.graph_module.graph, method, group)]
+
+
+def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs]) -> list[tuple[CapturedGraphs, Variant]]:
+    """Each step's capture and variant, as the runtime runs them (caches written step by step)."""
+    written: set[CacheKey] = set()
+    out = []
+    for step in plan.steps:
+        graphs = graphs_for(step)
+        variant = graphs.variant(step.variant, written)
+        written.update(variant.records)
+        out.append((graphs, variant))
+    return out
+
