@@ -121,6 +121,8 @@ def optimize(
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     name = _denoiser_attribute(pipe)
     current = unwrap_compiled(getattr(pipe, name))
+    for method in chosen:
+        method.check_denoiser(current.denoiser if isinstance(current, OptimizedDenoiser) else current)
     if isinstance(current, OptimizedDenoiser):
         runtime = current
         runtime.configure(chosen, pipe)

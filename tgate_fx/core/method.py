@@ -154,6 +154,12 @@ class Method(ABC):
     def validate(self, num_steps: int, cfg: bool) -> None:
         """Raise ``ValueError`` if this method cannot serve such a generation."""
 
+    def check_denoiser(self, denoiser: Any) -> None:
+        """Raise ``TypeError`` (saying why and what would work) if this method cannot apply to ``denoiser``.
+
+        Called by :func:`tgate_fx.optimize` before anything is installed.
+        """
+
     def describe(self) -> str:
         """One line: the method and its settings."""
         return f"{self.name}: {self.config}"

@@ -87,11 +87,17 @@ class OptimizedDenoiser(torch.nn.Module):
         rebuilt where a method's tags change."""
         if not methods:
             raise ValueError("at least one method is needed")
+        previous = getattr(self, "methods", None)
+        try:
+            for graphs in self._captures.values():
+                graphs.annotate(methods)
+        except Exception:
+            for graphs in self._captures.values():  # leave the runtime as it was
+                graphs.annotate(previous or [])
+            raise
         self.methods = list(methods)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg)
-        for graphs in self._captures.values():
-            graphs.annotate(self.methods)
 
     def plan(self, num_steps: int, cfg: bool) -> Plan:
         """The plan of a generation of ``num_steps`` steps under this runtime's methods."""

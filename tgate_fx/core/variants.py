@@ -58,10 +58,8 @@ class Resolved:
     reads: tuple[CacheKey, ...]
     skipped: tuple[tuple[CacheKey, str], ...] = ()
 
-    @property
-    def name(self) -> str:
-        if not self.skipped:
-            return self.spec.name
+    def alternative_name(self) -> str:
+        """``<spec name>~<digest>``: the name of a second resolution of one spec in one capture."""
         digest = hashlib.sha1(repr((self.records, self.reads)).encode()).hexdigest()[:6]
         return f"{self.spec.name}~{digest}"
 
@@ -145,10 +143,10 @@ class Variant:
     graph_module: fx.GraphModule
     input_names: list[str]
     input_meta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    name: str = ""
 
-    @property
-    def name(self) -> str:
-        return self.resolved.name
+    def __post_init__(self) -> None:
+        self.name = self.name or self.spec.name
 
     @property
     def reads(self) -> list[CacheKey]:
@@ -265,7 +263,10 @@ class CapturedGraphs:
         if resolved is None:
             resolved = self._resolved[spec, have] = resolve(graph, spec, have)
         if resolved not in self.variants:
-            self.variants[resolved] = build_variant(self.capture.graph_module, resolved)
+            variant = build_variant(self.capture.graph_module, resolved)
+            if any(v.name == variant.name for v in self.variants.values()):
+                variant.name = resolved.alternative_name()  # the same spec, resolved otherwise before
+            self.variants[resolved] = variant
         return self.variants[resolved]
 
     def keys(self, method: str, group: str) -> list[CacheKey]:

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PIPELINE_PATH", "load_pipeline"]
+__all__ = ["DIT_PIPELINE_PATH", "PIPELINE_PATH", "load_dit_pipeline", "load_pipeline"]
 
 PIPELINE_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes" / "pipeline"
+DIT_PIPELINE_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit" / "pipeline"
 
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -63,3 +64,15 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_dit_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      path: str | os.PathLike | None = None):
+    """The shipped shapes DiT pipeline (a diffusers ``PixArtAlphaPipeline``), loaded offline.
+
+    Same arguments as :func:`load_pipeline`; default path :data:`DIT_PIPELINE_PATH`.
+    Its conventional call settings (20 steps, guidance 4.5, no caption
+    cleaning, no resolution binning, 16 tokens) are
+    :func:`tgate_fx.shapes.evaluate.call_kwargs`.
+    """
+    return load_pipeline(device, dtype, DIT_PIPELINE_PATH if path is None else path)

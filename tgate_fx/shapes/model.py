@@ -91,15 +91,18 @@ def make_vae(*, seed: int = 0, scaling_factor: float = 1.0):
     )
 
 
-def make_unet(*, seed: int = 0):
-    """A randomly initialized UNet2DConditionModel for 8x8x8 latents, with cross-attention in every block."""
+def make_unet(*, seed: int = 0, channels: tuple[int, ...] = (32, 64, 64)):
+    """A randomly initialized UNet2DConditionModel for 8x8x8 latents, with cross-attention in every block.
+
+    ``channels``: the ``block_out_channels`` of its three resolution levels (8x8, 4x4, 2x2).
+    """
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     # diffusers' UNet reads ``attention_head_dim`` as the number of heads.
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        block_out_channels=(32, 64, 64), layers_per_block=1,
+        block_out_channels=tuple(channels), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=TEXT_WIDTH, attention_head_dim=4, norm_num_groups=16,

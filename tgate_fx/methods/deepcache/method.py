@@ -68,6 +68,17 @@ class DeepCache(Method):
             raise TypeError(f"DeepCache takes a DeepCacheConfig, got {type(config).__name__}")
         self.config = config
 
+    def check_denoiser(self, denoiser) -> None:
+        if not all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")) or \
+                getattr(denoiser, "mid_block", None) is None:
+            raise TypeError(f"DeepCache needs a UNet with down_blocks, mid_block and up_blocks (e.g. "
+                            f"UNet2DConditionModel); {type(denoiser).__name__} has none. For transformers "
+                            "(PixArt, DiT), use T-GATE")
+        block, levels = self.config.cache_branch_id // 3, len(denoiser.up_blocks)
+        if block >= levels:
+            raise ValueError(f"cache_branch_id={self.config.cache_branch_id} points at down block {block}, but "
+                             f"this UNet has {levels} levels; use 0 <= cache_branch_id < {3 * levels}")
+
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         site, before = entry_site(regions, self.config.cache_branch_id)
         regions.output_of(before).meta[tag_key(NAME)] = {"group": ENTRY, "site": site, "slot": "input"}
