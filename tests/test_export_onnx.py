@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 
 import tgate_fx  # noqa: E402
 from conftest import eager_denoiser, latents, shared_optimized  # noqa: E402
-from tgate_fx import Plan, TGateConfig  # noqa: E402
+from tgate_fx import DeepCacheConfig, Plan, TGateConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 from tgate_fx.export.bundle import PLAN_FILE, WEIGHTS_FILE  # noqa: E402
 
@@ -32,6 +32,11 @@ from tgate_fx.export.bundle import PLAN_FILE, WEIGHTS_FILE  # noqa: E402
 SETTINGS = {
     "default": (TGateConfig(), 11),
     "reuse": (TGateConfig(gate_step=3, sp_interval=2, fi_interval=2, warm_up=1), 6),
+}
+# Composed methods (UNets only): DeepCache alone, and with T-GATE.
+COMPOSED = {
+    "deepcache": ([DeepCacheConfig(cache_interval=3, cache_branch_id=1)], 7),
+    "tgate+deepcache": ([TGateConfig(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1), DeepCacheConfig(2, 0)], 8),
 }
 FAMILIES = ("sd15", "sdxl", "pixart_alpha")
 
@@ -52,6 +57,9 @@ def bundle(family: str, setting: str, tmp_path_factory) -> str:
         out = str(tmp_path_factory.mktemp(f"{family}_{setting}"))
         if setting == "plain":
             export_onnx(pipe, out, height, width, num_inference_steps=4, tgate=False, **call)
+        elif setting in COMPOSED:
+            methods, steps = COMPOSED[setting]
+            export_onnx(pipe, out, height, width, num_inference_steps=steps, methods=methods, **call)
         else:
             config, steps = SETTINGS[setting]
             export_onnx(pipe, out, height, width, num_inference_steps=steps, config=config, **call)
@@ -90,7 +98,8 @@ def test_onnx_tgate_matches_torch_tgate(family, setting, tmp_path_factory):
     directory = bundle(family, setting, tmp_path_factory)
     with onnx_denoiser(pipe, directory) as denoiser:
         got = latents(pipe, num_inference_steps=steps)
-        assert denoiser.last_plan == torch_plan
+        assert [s.variant for s in denoiser.last_plan.steps] == [s.variant.name for s in torch_plan.steps]
+        assert [s.drops_uncond for s in denoiser.last_plan.steps] == [s.drops_uncond for s in torch_plan.steps]
     diff = _diff(got, ref)
     print(f"{family} {setting}: max |onnx - torch| = {diff:.3g}, max |latent| = {ref.abs().max().item():.3g}")
     assert diff <= TOL, (diff, ref.abs().max().item())
@@ -101,11 +110,34 @@ def test_onnx_tgate_matches_torch_tgate(family, setting, tmp_path_factory):
         assert (plain - ref).abs().max().item() > 100 * diff
 
 
+@pytest.mark.parametrize("setting", list(COMPOSED))
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_onnx_composed_methods_match_torch(family, setting, tmp_path_factory):
+    methods, steps = COMPOSED[setting]
+    pipe = tgate_fx.optimize(shared_optimized(family), methods=methods)
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        ref = latents(pipe, num_inference_steps=steps)
+    directory = bundle(family, setting, tmp_path_factory)
+    with onnx_denoiser(pipe, directory) as denoiser:
+        got = latents(pipe, num_inference_steps=steps)
+        # the runner followed the stored steps, which are the torch runtime's, variant for variant
+        assert [s.variant for s in denoiser.last_plan.steps] == [v.name for _, _, v in trace]
+    diff = _diff(got, ref)
+    print(f"{family} {setting}: max |onnx - torch| = {diff:.3g}, max |latent| = {ref.abs().max().item():.3g}")
+    assert diff <= TOL, (diff, ref.abs().max().item())
+    with open(os.path.join(directory, PLAN_FILE)) as f:
+        plan = json.load(f)
+    assert plan["version"] == 2 and list(plan["methods"]) == [m.name for m in tgate_fx.get_runtime(pipe).methods]
+    assert all(set(s["methods"]) == set(plan["methods"]) for s in plan["plan"]["steps"])
+    partial = [s for s in plan["plan"]["steps"] if s["methods"]["deepcache"] == "dc_partial"]
+    assert partial and all(any(k.startswith("deepcache:") for k in s["reads"]) for s in partial)
+
+
 def test_plain_export_matches_plain_pipeline(tmp_path_factory):
     directory = bundle("sd15", "plain", tmp_path_factory)
     with open(os.path.join(directory, PLAN_FILE)) as f:
         plan = json.load(f)
-    assert plan["tgate"] is None
+    assert plan["methods"] == {}
     assert [v for c in plan["captures"].values() for v in c["variants"]] == ["full"]
     pipe = shared_optimized("sd15")
     with eager_denoiser(pipe):
@@ -154,8 +186,10 @@ def test_bundle_layout(tmp_path_factory):
     config, steps = SETTINGS["reuse"]
     with open(os.path.join(directory, PLAN_FILE)) as f:
         plan = json.load(f)
-    expected = Plan(steps, config, cfg=True).to_dict()
-    assert [{k: v for k, v in s.items() if k != "capture"} for s in plan["plan"]["steps"]] == expected["steps"]
+    expected = Plan(steps, config, cfg=True)
+    assert [(s["variant"], s["cfg"], s["drops_uncond"]) for s in plan["plan"]["steps"]] == [
+        (s.variant.name, s.cfg, s.drops_uncond) for s in expected.steps]
+    assert plan["plan"]["methods"] == plan["methods"] == {"tgate": config.to_dict()}
     # Pre-gate variants at the CFG batch, post-gate ones at the prompt batch.
     assert {c: sorted(v["variants"]) for c, v in plan["captures"].items()} == {
         "b2": ["gate", "sp_compute", "sp_record"], "b1": ["fi_record", "fi_reuse"]}
@@ -242,32 +276,35 @@ def test_plan_and_files_that_disagree_are_refused(tmp_path_factory, tmp_path):
         OnnxDenoiser.from_dir(str(directory))
 
 
-def test_generation_needing_a_variant_the_bundle_lacks(tmp_path_factory, tmp_path):
+def test_bundle_runs_only_its_stored_schedule(tmp_path_factory, tmp_path):
     directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
     pipe = shared_optimized("pixart_alpha")
-    # Other step counts run as long as the bundle has their variants...
-    tgate_fx.optimize(pipe, config=SETTINGS["reuse"][0])
-    ref = latents(pipe, num_inference_steps=8)
-    with onnx_denoiser(pipe, directory) as denoiser:
-        got = latents(pipe, num_inference_steps=8)
-        assert denoiser.last_plan.num_steps == 8
-    assert _diff(got, ref) <= TOL
-    # ...and a plan that needs another variant is refused, naming it. (A bundle
-    # whose settings were edited to plan sp_reuse steps, which were never exported.)
+    # The runner follows the stored steps; another step count is refused, saying what to do.
+    with onnx_denoiser(pipe, directory):
+        with pytest.raises(ValueError, match=r"8 steps.*stores \(6 steps.*num_inference_steps=8"):
+            latents(pipe, num_inference_steps=8)
+    # A plan.json whose methods were edited no longer matches its steps.
     edited = shutil.copytree(directory, tmp_path / "edited")
     with open(edited / PLAN_FILE) as f:
         plan = json.load(f)
-    plan["tgate"]["gate_step"] = 6
+    plan["methods"]["tgate"]["gate_step"] = 6
     with open(edited / PLAN_FILE, "w") as f:
         json.dump(plan, f)
     with pytest.raises(ValueError, match="differ from those its plan was made with"):
         OnnxDenoiser.from_dir(str(edited))
-    plan["plan"]["config"]["gate_step"] = 6
+    # A step that reads a cache no earlier step writes is refused.
+    plan["methods"]["tgate"]["gate_step"] = 3
+    plan["plan"]["steps"] = plan["plan"]["steps"][3:]
     with open(edited / PLAN_FILE, "w") as f:
         json.dump(plan, f)
-    with onnx_denoiser(pipe, str(edited)):
-        with pytest.raises(ValueError, match=r"needs variants \['sp_reuse'\].*num_inference_steps=8"):
-            latents(pipe, num_inference_steps=8)
+    with pytest.raises(ValueError, match="reads caches .* that no earlier step writes"):
+        OnnxDenoiser.from_dir(str(edited))
+    # A version-1 bundle (T-GATE only, schedule recomputed at run time) says to export again.
+    plan["version"] = 1
+    with open(edited / PLAN_FILE, "w") as f:
+        json.dump(plan, f)
+    with pytest.raises(ValueError, match="version-1 bundle.*export it again"):
+        OnnxDenoiser.from_dir(str(edited))
 
 
 def test_unattached_denoiser_says_how_to_attach(tmp_path_factory):
@@ -279,12 +316,12 @@ def test_unattached_denoiser_says_how_to_attach(tmp_path_factory):
 
 
 def test_cli_exports_tiny_sd(tmp_path):
-    from tgate_fx.export import cli
+    from tgate_fx.cli import export as cli
 
     out = tmp_path / "bundle"
     assert cli.main(["--model", "tiny-sd", "--out", str(out), "--steps", "1", "--no-tgate"]) == 0
     plan = OnnxDenoiser.from_dir(str(out)).bundle
-    assert plan["call"]["num_inference_steps"] == 1 and plan["tgate"] is None
+    assert plan["call"]["num_inference_steps"] == 1 and plan["methods"] == {}
     assert cli.main(["--model", "tiny-nothing", "--out", str(tmp_path / "x")]) == 2
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import tgate_fx
-from tgate_fx import archs, inspect_cli
-from tgate_fx.config import TGateConfig
-from tgate_fx.inspection import NodeKey, diff_variants, inspect_arch, inspect_pipeline
-from tgate_fx.plan import Plan
+from tgate_fx import archs
+from tgate_fx.cli import inspect as inspect_cli
+from tgate_fx.methods import TGateConfig
+from tgate_fx.accounting.inspection import NodeKey, diff_variants, inspect_arch, inspect_pipeline
+from tgate_fx.core.plan import Plan
 from tgate_fx.tiny import tiny_pipeline
 
 # Every variant of the reference schedule appears: 0 sp_compute, 1-2 sp_record, 3 sp_reuse, 4 gate,
@@ -37,7 +38,7 @@ def runtime_variants(pipe):
         pipe("a red circle", num_inference_steps=STEPS, output_type="latent",
              generator=torch.Generator().manual_seed(0), **pipe.tiny_call_kwargs)
         runtime = tgate_fx.get_runtime(pipe)
-        return {spec.name: variant for graphs in runtime.captures for spec, variant in graphs.variants.items()}
+        return {variant.name: variant for graphs in runtime.captures for variant in graphs.variants.values()}
     finally:
         tgate_fx.restore(pipe)
 
@@ -56,7 +57,7 @@ def test_meta_variants_are_the_runtime_variants(report, runtime_variants):
 def test_variant_table_counts_sites_by_action(report):
     sites = {s.path: s.role for s in report.sites}
     assert sorted(sites.values()).count("self") == 7 and sorted(sites.values()).count("cross") == 7
-    by_role = lambda paths: sorted(sites[p] for p in paths)  # noqa: E731
+    by_role = lambda paths: sorted(sites[getattr(p, "site", p)] for p in paths)  # noqa: E731
     v = report.variants
     assert v["sp_compute"].reused == v["sp_compute"].recorded == () and len(v["sp_compute"].computed) == 14
     assert by_role(v["sp_reuse"].reused) == ["self"] * 7 and by_role(v["sp_reuse"].computed) == ["cross"] * 7
@@ -135,7 +136,7 @@ def test_inspect_cli_tiny_model(capsys):
 def test_inspect_cli_graph_and_diff(monkeypatch, capsys, pipe, report):
     # Reuse the module's pipeline, and one set of captures for both runs: the CLI path is the same.
     original, cache = archs.ArchGraphs, {}
-    monkeypatch.setattr(inspect_cli, "_load_model", lambda spec: pipe)
+    monkeypatch.setattr(inspect_cli, "load_model", lambda spec: (pipe, {}))
     monkeypatch.setattr(archs, "ArchGraphs", lambda arch, progress=None: cache.setdefault(
         arch.name, original(arch, progress=lambda line: None)))
 

@@ -15,13 +15,14 @@ import torch
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from tgate_fx import archs, macs_cli
-from tgate_fx.analysis import find_attention_sites
+from tgate_fx import archs
+from tgate_fx.cli import macs as macs_cli
+from tgate_fx.core.analysis import find_attention_sites
 from tgate_fx.archs import ARCHS, ArchGraphs, arch_from_pipeline, get_arch
-from tgate_fx.capture import capture_denoiser, normalize_call, signature_of
-from tgate_fx.config import TGateConfig
-from tgate_fx.macs import count_macs, plan_macs
-from tgate_fx.plan import Plan
+from tgate_fx.core.capture import capture_denoiser, normalize_call, signature_of
+from tgate_fx.methods import TGateConfig
+from tgate_fx.accounting.macs import count_macs, plan_macs
+from tgate_fx.core.plan import Plan
 from tgate_fx.tiny import FAMILIES
 
 T = 1e12
@@ -174,7 +175,8 @@ def test_sdxl_per_evaluation_matches_reference_arithmetic(published_results):
     expected = 0
     for step in result.plan.steps:
         batch = 2 if step.cfg else 1
-        expected += batch * (per_eval - sum(roles[r] for r in step.variant.reuse))
+        reused = {r.group for r in step.variant.rewrites if r.action == "reuse"}
+        expected += batch * (per_eval - sum(roles[r] for r in reused))
     assert result.total == expected
     assert [s.batch for s in result.steps] == [2] * 10 + [1] * 15
 
