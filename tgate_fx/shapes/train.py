@@ -179,7 +179,7 @@ def _loss_weights(noise_schedule, loss_weight: str) -> torch.Tensor:
 def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, steps: int, batch_size: int,
                     lr: float, seed: int, log: dict, kind: str = "unet", loss_weight: str = "uniform",
                     ema_decay: float = EMA_DECAY, checkpoint=None, checkpoint_every: int = 0,
-                    denoiser_kwargs: dict | None = None):
+                    denoiser_kwargs: dict | None = None, init_from: str | os.PathLike | None = None):
     """Train a text encoder and a denoiser together; returns their EMA copies.
 
     ``kind``: ``"unet"`` (CLIP text encoder + UNet2DConditionModel) or ``"dit"``
@@ -187,6 +187,8 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
     ``checkpoint(step, text_encoder, denoiser)`` is called with the EMA weights
     every ``checkpoint_every`` steps. ``denoiser_kwargs`` go to
     :func:`tgate_fx.shapes.model.make_unet` or :func:`tgate_fx.shapes.dit.make_transformer`.
+    ``init_from``: a pipeline directory whose text encoder and denoiser to
+    start from, instead of random weights (to train a shipped model further).
     """
     from diffusers import DDPMScheduler
 
@@ -202,6 +204,9 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
         scheduler_config = dit.make_scheduler().config
     else:
         raise ValueError(f"kind must be 'unet' or 'dit', got {kind!r}")
+    if init_from is not None:
+        text_encoder = type(text_encoder).from_pretrained(Path(init_from) / "text_encoder")
+        denoiser = type(denoiser).from_pretrained(Path(init_from) / ("unet" if kind == "unet" else "transformer"))
     noise_schedule = DDPMScheduler.from_config(scheduler_config)
     v_prediction = noise_schedule.config.prediction_type == "v_prediction"
     weights = _loss_weights(noise_schedule, loss_weight)
@@ -295,7 +300,7 @@ def train(out: str | os.PathLike, *, seed: int = 0, n_images: int = 20000, vae_s
           vae_batch: int = 32, steps: int = 6000, batch_size: int = 64, lr: float = 1e-3,
           vae_from: str | None = None, kind: str = "unet", loss_weight: str = "uniform",
           ema_decay: float = EMA_DECAY, checkpoint_every: int = 0, denoiser_kwargs: dict | None = None,
-          decoder_steps: int = 1500) -> Path:
+          decoder_steps: int = 1500, init_from: str | os.PathLike | None = None) -> Path:
     """Train the pipeline and write it to ``out``; returns the path. See the module docstring."""
     out = Path(out)
     start = time.time()
@@ -304,7 +309,8 @@ def train(out: str | os.PathLike, *, seed: int = 0, n_images: int = 20000, vae_s
                  "seed": seed, "n_images": n_images, "vae_steps": vae_steps, "vae_batch": vae_batch,
                  "steps": steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
                  "caption_dropout": CAPTION_DROPOUT, "loss_weight": loss_weight, "ema_decay": ema_decay,
-                 "denoiser_kwargs": denoiser_kwargs or {}, "decoder_steps": decoder_steps}
+                 "denoiser_kwargs": denoiser_kwargs or {}, "decoder_steps": decoder_steps,
+                 "init_from": None if init_from is None else str(init_from)}
     if loss_weight == "min_snr":
         log["min_snr_gamma"] = MIN_SNR_GAMMA
     print(f"[data] rendering {n_images} training pictures", flush=True)
@@ -362,7 +368,7 @@ def train(out: str | os.PathLike, *, seed: int = 0, n_images: int = 20000, vae_s
                                              batch_size=batch_size, lr=lr, seed=seed, log=log, kind=kind,
                                              loss_weight=loss_weight, ema_decay=ema_decay,
                                              checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                                             denoiser_kwargs=denoiser_kwargs)
+                                             denoiser_kwargs=denoiser_kwargs, init_from=init_from)
     log["denoiser_seconds"] = round(time.time() - t, 1)
 
     pipe = _build_pipeline(kind, vae, text_encoder, tokenizer, denoiser)
@@ -409,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dit-layers", type=int, default=None, help="PixArt transformer blocks (default: 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vae-from", default=None, help="reuse the VAE of a trained pipeline's vae/ folder")
+    parser.add_argument("--init-from", default=None,
+                        help="start the text encoder and denoiser from a trained pipeline directory of the same --model")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -424,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     train(args.out, seed=args.seed, n_images=args.images, vae_steps=args.vae_steps, steps=args.steps,
           batch_size=args.batch_size, lr=args.lr, vae_from=args.vae_from, kind=args.model,
           loss_weight=args.loss_weight, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
-          denoiser_kwargs=denoiser_kwargs or None, decoder_steps=args.decoder_steps)
+          denoiser_kwargs=denoiser_kwargs or None, decoder_steps=args.decoder_steps,
+          init_from=args.init_from)
 
 
 if __name__ == "__main__":
