@@ -161,3 +161,48 @@ def test_optimize_keywords():
     with pytest.raises(TypeError, match="deepcache must be a DeepCacheConfig"):
         tgate_fx.optimize(pipe, deepcache=3)
     tgate_fx.optimize(pipe)
+
+
+def _published_step_macs(family, settings, deepcache, steps):
+    """Linear+Conv MACs of each UNet call the published T-GATE + DeepCache makes (forward hooks on the leaves)."""
+    import tgate
+
+    from reference_deepcache import TGATE_DEEPCACHE_LOADERS
+    from tgate_fx.tiny import tiny_pipeline
+
+    reference = getattr(tgate, TGATE_DEEPCACHE_LOADERS[family])(tiny_pipeline(family), *deepcache)
+    unet, per_call, handles = reference.unet, [], []
+    handles.append(unet.register_forward_pre_hook(lambda m, a, k: per_call.append(0), with_kwargs=True))
+
+    def count(module, args, out):
+        k = module.in_features if isinstance(module, torch.nn.Linear) else \
+            module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        per_call[-1] += out.numel() * k
+
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            handles.append(module.register_forward_hook(count))
+    try:
+        reference.tgate("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
+                        num_inference_steps=steps, output_type="latent", gate_step=settings[0],
+                        sp_interval=settings[1], fi_interval=settings[2], warm_up=settings[3],
+                        **reference.tiny_call_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        reference.deepcache.disable()
+    return per_call
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_each_step_computes_what_the_published_code_computes(family):
+    """Per step, the MACs of our variant equal those of the modules the published code runs (hooks)."""
+    from tgate_fx.accounting.macs import count_macs
+
+    tgate, deepcache, steps = (4, 1, 1, 0), (3, 0), 10
+    expected = _published_step_macs(family, tgate, deepcache, steps)
+    pipe = tgate_fx.optimize(shared_optimized(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        latents(pipe, num_inference_steps=steps)
+    got = [count_macs(variant).total for _, _, variant in trace]
+    assert got == expected

@@ -20,7 +20,7 @@ from tgate_fx.cli import macs as macs_cli
 from tgate_fx.core.analysis import find_attention_sites
 from tgate_fx.archs import ARCHS, ArchGraphs, arch_from_pipeline, get_arch
 from tgate_fx.core.capture import capture_denoiser, normalize_call, signature_of
-from tgate_fx.methods import TGateConfig
+from tgate_fx.methods import DeepCacheConfig, TGateConfig
 from tgate_fx.accounting.macs import count_macs, plan_macs
 from tgate_fx.core.plan import Plan
 from tgate_fx.tiny import FAMILIES
@@ -200,6 +200,27 @@ def test_pixart_cross_reuse_also_drops_the_caption_projection(published_results)
     assert result.per_eval.total - fi.total > result.per_eval.by_role["cross"]
 
 
+def test_sdxl_deepcache_reproduces_the_published_figure(graphs):
+    """DeepCache's published SD-XL figure (57.888T, calflops, 1024^2, 25 steps) is its branch 1.
+
+    The DeepCache pipelines of the original repository cut one layer deeper than the helper's branch 0
+    (docs/deepcache-reference-notes.md); tgate_fx's branch 1 runs the same modules and gives the figure.
+    """
+    arch = get_arch("sdxl")
+    branch1 = plan_macs(graphs["sdxl"], Plan(25, DeepCacheConfig(3, 1), cfg=True))
+    assert branch1.total / T == pytest.approx(57.888, rel=0.005)
+    assert branch1.baseline / T == pytest.approx(149.433, rel=0.005)
+    branch0 = plan_macs(graphs["sdxl"], Plan(25, DeepCacheConfig(3, 0), cfg=True))
+    assert branch0.total < branch1.total
+    # T-GATE + DeepCache as tgate==1.0.0's TgateSDXLDeepCacheLoader runs it (gate 10, sp 1, fi 1, warm-up 0,
+    # interval 3, branch 0, restarts at steps 9 and 10): 38.626T, counted step by step on the published
+    # code in docs/deepcache-reference-notes.md (and per step on tiny models in test_deepcache.py). The
+    # published 43.868T is not what that code runs; no schedule of it gives the figure.
+    composed = plan_macs(graphs["sdxl"], Plan(25, [TGateConfig(10, 1, 1, 0), DeepCacheConfig(3, 0)], cfg=True))
+    assert composed.total / T == pytest.approx(38.626, abs=0.0005)
+    assert arch.num_steps == 25
+
+
 def test_plan_macs_needs_a_capture_per_batch(graphs):
     one = graphs["lcm_sdxl"](1)
     plan = Plan(4, TGateConfig(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0), cfg=True)
@@ -264,9 +285,28 @@ def test_macs_cli(monkeypatch, capsys, graphs, published_results):
                           "stabilityai/stable-diffusion-xl-base-1.0"):
         assert expected_text in text
 
+    # DeepCache alone, and composed: per-method figures, today's keys kept where they apply.
+    assert _run_cli(["--arch", "sdxl", "--deepcache", "--no-tgate", "--cache-branch-id", "1", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["methods"] == {"deepcache": {"cache_interval": 3, "cache_branch_id": 1, "skip_mode": "uniform"}}
+    assert payload["deepcache_macs"] == payload["optimized_macs"] and "tgate_macs" not in payload
+    assert round(payload["optimized_macs"] / T, 3) == 57.888
+    assert _run_cli(["--arch", "sdxl", "--deepcache", "--gate-step", "10", "--sp-interval", "1", "--warm-up", "0",
+                     "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload["per_method"]) == {"tgate", "deepcache", "tgate+deepcache"}
+    assert payload["per_method"]["tgate+deepcache"] == payload["optimized_macs"]
+    assert round(payload["optimized_macs"] / T, 3) == 38.626
+    assert [s["variant"] for s in payload["steps"][8:11]] == ["sp_record+dc_partial", "gate+dc_full",
+                                                              "fi_record+dc_full"]
+
 
 def test_macs_cli_rejects_bad_settings(capsys):
     assert _run_cli(["--arch", "sdxl", "--steps", "5", "--gate-step", "9"]) == 2
     assert "gate_step=9" in capsys.readouterr().err
     assert _run_cli(["--arch", "sdxl", "--sp-interval", "0"]) == 2
     assert "sp_interval" in capsys.readouterr().err
+    assert _run_cli(["--arch", "sdxl", "--no-tgate"]) == 2
+    assert "no method is on" in capsys.readouterr().err
+    assert _run_cli(["--arch", "pixart_alpha", "--deepcache"]) == 2
+    assert "DeepCache needs a UNet" in capsys.readouterr().err

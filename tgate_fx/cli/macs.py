@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tgate-fx macs: {e}", file=sys.stderr)
         return 2
     graphs = ArchGraphs(arch)
-    result = plan_macs(graphs, plan, batch_size=args.batch_size, include_attention=args.include_attention)
+    try:
+        result = plan_macs(graphs, plan, batch_size=args.batch_size, include_attention=args.include_attention)
+    except ValueError as e:  # a method that does not apply to this architecture
+        print(f"tgate-fx macs: {e}", file=sys.stderr)
+        return 2
     per_method = {}
     if len(plan.methods) > 1:
         for method in plan.methods:
