@@ -56,6 +56,26 @@ def test_compiles_once_per_variant_and_never_again(how):
     assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
 
 
+@pytest.mark.parametrize("methods", [
+    [tgate_fx.DeepCacheConfig(cache_interval=3, cache_branch_id=0)],
+    [tgate_fx.TGateConfig(**SETTINGS), tgate_fx.DeepCacheConfig(cache_interval=2, cache_branch_id=1)]],
+    ids=["deepcache", "tgate+deepcache"])
+def test_composed_methods_compile_once_per_variant(methods):
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), methods=methods, compile={"backend": "eager"})
+    torch._dynamo.reset()
+    counters.clear()
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        first = latents(pipe, num_inference_steps=STEPS)
+    variants = {id(v) for _, _, v in trace}
+    assert counters["stats"]["unique_graphs"] == len(variants) >= 2
+    assert not counters.get("graph_break")
+    counters.clear()
+    latents(pipe, prompt="a green star at night", seed=7, num_inference_steps=STEPS)
+    assert _snapshot() == {}, "the second generation must not compile or recompile anything"
+    reference = tgate_fx.optimize(tiny_pipeline("sd15"), methods=methods)
+    assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
+
+
 def test_new_resolution_compiles_its_variants_once():
     pipe = _compiled("pipe.unet.compile()")
     torch._dynamo.reset()
