@@ -23,8 +23,10 @@ def _field_help(config_cls: type) -> dict[str, str]:
     doc = inspect.getdoc(config_cls) or ""
     out: dict[str, str] = {}
     for m in re.finditer(r"^\s{4}(\w+): (.+?)(?=^\s{4}\w+: |\Z)", doc.split("Attributes:", 1)[-1], re.S | re.M):
-        text = " ".join(m.group(2).split())
-        out[m.group(1)] = text.split(". ")[0].rstrip(".").replace("%", "%%")
+        text = " ".join(m.group(2).split()).replace("``", "")
+        sentences = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", text)
+        first = sentences[0] if len(sentences[0]) >= 25 or len(sentences) == 1 else ". ".join(sentences[:2])
+        out[m.group(1)] = first.rstrip(".").replace("%", "%%")
     return out
 
 
@@ -33,10 +35,16 @@ def _int_fields(config_cls: type) -> list[dataclasses.Field]:
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_on: tuple[str, ...] = ("tgate",),
-                         note: str = "") -> None:
-    """Add ``--<method>``/``--no-<method>`` and the int settings of every method to ``parser``."""
-    for name, (config_cls, method_cls) in METHODS.items():
+                         notes: dict[str, str] | None = None) -> None:
+    """Add ``--<method>``/``--no-<method>`` and the int settings of every method to ``parser``.
+
+    ``notes``: method name -> text appended to its group's title.
+    """
+    notes = notes or {}
+    for name, method_cls in METHODS.items():
+        config_cls = method_cls.config_class
         on = name in default_on
+        note = f"; {notes[name]}" if name in notes else ""
         group = parser.add_argument_group(f"{method_cls.title} ({'on' if on else 'off'} by default{note})")
         flag = name.replace("_", "-")
         group.add_argument(f"--{flag}", dest=f"method_{name}", action="store_true", default=None,
@@ -62,7 +70,8 @@ def methods_from_args(args: argparse.Namespace, defaults: dict[str, object] | No
     """
     defaults = dict(defaults or {})
     chosen = []
-    for name, (config_cls, _) in METHODS.items():
+    for name, method_cls in METHODS.items():
+        config_cls = method_cls.config_class
         settings = {f.name: getattr(args, f"{name}__{f.name}") for f in _int_fields(config_cls)
                     if getattr(args, f"{name}__{f.name}", None) is not None}
         switch = getattr(args, f"method_{name}", None)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the exported plan (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale of the traced call (default: the pipeline's)")
-    add_method_arguments(parser, note="; with every method off, the plain denoiser is exported")
+    add_method_arguments(parser, notes={"tgate": "--no-tgate alone exports the plain denoiser"})
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torch ONNX exporter (dynamo needs the onnxscript package)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")

@@ -34,7 +34,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     group.add_argument("--include-attention", action="store_true",
                        help="also count the SDPA core (Q K^T, A V); the paper's figures do not")
-    add_method_arguments(parser, note="; T-GATE settings default to the architecture's published ones")
+    add_method_arguments(parser, notes={"tgate": "settings default to the architecture's published ones"})
 
 
 def plan_from_args(args: argparse.Namespace, arch):

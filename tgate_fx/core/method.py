@@ -126,13 +126,19 @@ def tagged_nodes(graph: fx.Graph, method: str, group: str) -> list[tuple[fx.Node
 class Method(ABC):
     """A training-free acceleration method, as the core sees it.
 
-    Subclasses set :attr:`name` (tags, cache keys, JSON) and :attr:`title`
-    (for people), and hold their config in :attr:`config`.
+    Subclasses set :attr:`name` (tags, cache keys, JSON), :attr:`title`
+    (for people) and :attr:`config_class` (their settings dataclass, with a
+    ``to_dict()``); an instance holds its settings in :attr:`config`.
     """
 
     name: ClassVar[str]
     title: ClassVar[str]
-    config: Any
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
 
     @abstractmethod
     def annotate(self, graph_module: fx.GraphModule, regions: Any) -> None:

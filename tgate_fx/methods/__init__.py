@@ -15,12 +15,9 @@ from .tgate import TGate, TGateConfig
 
 __all__ = ["METHODS", "DeepCache", "DeepCacheConfig", "TGate", "TGateConfig", "as_methods"]
 
-# Method name -> (config class, method class), in the order methods are composed and printed.
-METHODS: dict[str, tuple[type, type[Method]]] = {
-    "tgate": (TGateConfig, TGate),
-    "deepcache": (DeepCacheConfig, DeepCache),
-}
-_BY_CONFIG = {config: method for config, method in METHODS.values()}
+# Method name -> method class, in the order methods are composed and printed.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TGate, DeepCache)}
+_BY_CONFIG = {m.config_class: m for m in METHODS.values()}
 
 
 def as_methods(methods: Any) -> list[Method]:
@@ -38,7 +35,7 @@ def as_methods(methods: Any) -> list[Method]:
         elif type(item) in _BY_CONFIG:
             out.append(_BY_CONFIG[type(item)](item))
         else:
-            raise TypeError(f"expected a method config ({', '.join(c.__name__ for c, _ in METHODS.values())}) "
+            raise TypeError(f"expected a method config ({', '.join(m.config_class.__name__ for m in METHODS.values())}) "
                             f"or a Method, got {type(item).__name__}")
     names = [m.name for m in out]
     if len(set(names)) != len(names):

@@ -61,12 +61,9 @@ class DeepCache(Method):
     """DeepCache (uniform mode); settings in :class:`DeepCacheConfig`."""
 
     name = NAME
+    config_class = DeepCacheConfig
     title = "DeepCache"
 
-    def __init__(self, config: DeepCacheConfig):
-        if not isinstance(config, DeepCacheConfig):
-            raise TypeError(f"DeepCache takes a DeepCacheConfig, got {type(config).__name__}")
-        self.config = config
 
     def check_denoiser(self, denoiser) -> None:
         if not all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")) or \

@@ -47,12 +47,9 @@ class TGate(Method):
     """T-GATE (arXiv 2404.02747); settings in :class:`TGateConfig`."""
 
     name = NAME
+    config_class = TGateConfig
     title = "T-GATE"
 
-    def __init__(self, config: TGateConfig):
-        if not isinstance(config, TGateConfig):
-            raise TypeError(f"TGate takes a TGateConfig, got {type(config).__name__}")
-        self.config = config
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
