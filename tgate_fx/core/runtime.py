@@ -38,6 +38,7 @@ from .capture import InputSignature, capture_denoiser, normalize_call, signature
 from .generation import GenerationTracker, output_class, take_unconditional_half
 from .method import Method
 from .plan import Plan
+from .state import fingerprint
 from .variants import CapturedGraphs, Variant
 
 __all__ = ["DENOISER_ATTRIBUTES", "OptimizedDenoiser", "find_denoiser", "unwrap_compiled"]
@@ -80,6 +81,8 @@ class OptimizedDenoiser(torch.nn.Module):
         self._compiler: Callable | None = None
         self._compiled: dict[Variant, Callable] = {}
         self._trace: list | None = None
+        self._state: tuple | None = None  # the denoiser's state the captures were made with
+        self.recaptures = 0  # captures dropped because that state changed
         self.configure(methods, pipeline)
 
     def configure(self, methods: list[Method], pipeline=None) -> None:
@@ -211,9 +214,25 @@ class OptimizedDenoiser(torch.nn.Module):
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **kwargs)
 
+    def _check_state(self) -> None:
+        """At each generation's start: if module state baked into the graphs changed, drop them.
+
+        LoRA adapters switched or scaled, IP-adapter scales, attention
+        processors (PAG), fused projections, replaced parameters: see
+        :mod:`tgate_fx.core.state`. The next calls capture again.
+        """
+        state = fingerprint(self.denoiser)
+        if self._state is not None and state != self._state and self._captures:
+            self._captures.clear()
+            self._compiled.clear()
+            self.recaptures += 1
+        self._state = state
+
     def forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
+        if step.plan.step == 0:
+            self._check_state()
         if step.drops_uncond:
             call = take_unconditional_half(call, call[self._sample_arg].shape[0])
         graphs = self.graphs_for(call)
