@@ -10,6 +10,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import tgate_fx
+import tgate_fx.core.runtime
 from conftest import eager_denoiser, latents
 from tgate_fx.tiny import tiny_pipeline
 
@@ -92,3 +93,38 @@ def test_lora_adapters_switched_after_first_call():
         seen.append(got)
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     assert not torch.equal(seen[2], seen[3]) and torch.equal(seen[4], seen[2])
+
+
+def _sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4)
+    none = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3"])
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+
+
+def test_joint_attention_models_are_refused_by_optimize():
+    pipe = _sd3_pipeline()
+    with pytest.raises(TypeError, match="no separate cross-attention to cache.*No method of tgate_fx applies"):
+        tgate_fx.optimize(pipe)
+    assert not isinstance(pipe.transformer, tgate_fx.core.runtime.OptimizedDenoiser)  # nothing installed
+
+
+def test_a_denoiser_without_cross_attention_is_refused_at_its_first_call():
+    # A UNet whose attention blocks were built without text (e.g. conditioning by other means): T-GATE
+    # would drop the unconditional half after the gate with nothing cached that carries the prompt.
+    from tgate_fx.core.analysis import Regions
+    from tgate_fx.core.method import tag_key
+    from tgate_fx.methods import TGate, TGateConfig
+
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
+    latents(pipe, num_inference_steps=STEPS)
+    graphs = tgate_fx.get_runtime(pipe).captures[0]
+    self_only = Regions(graphs.regions.graph_module, [s for s in graphs.sites if s.role == "self"],
+                        graphs.regions.modules)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        TGate(TGateConfig()).annotate(graphs.capture.graph_module, self_only)
+    assert any(tag_key("tgate") in n.meta for n in graphs.capture.graph_module.graph.nodes)

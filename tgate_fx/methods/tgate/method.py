@@ -51,9 +51,29 @@ class TGate(Method):
     title = "T-GATE"
 
 
+    def check_denoiser(self, denoiser) -> None:
+        from diffusers.models.attention_processor import Attention
+
+        joint = [name for name, m in denoiser.named_modules()
+                 if isinstance(m, Attention) and getattr(m, "added_kv_proj_dim", None) is not None]
+        if joint:
+            raise TypeError(
+                f"T-GATE cannot apply to {type(denoiser).__name__}: its conditioning enters attention as added "
+                f"keys/values ({joint[0]}{' and others' if len(joint) > 1 else ''}: joint attention as in SD3 and "
+                "Flux, or Kandinsky's added K/V), so there is no separate cross-attention to cache and dropping the "
+                "unconditional branch after the gate would lose the conditioning. "
+                + ("DeepCache applies to this UNet: optimize(pipe, deepcache=DeepCacheConfig())."
+                   if hasattr(denoiser, "up_blocks") else "No method of tgate_fx applies to it yet."))
+
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
         by_name = {n.name: n for n in graph_module.graph.nodes}
+        if not any(site.role == CROSS for site in regions.attention):
+            raise ValueError(
+                "T-GATE found no cross-attention (keys/values from encoder_hidden_states) in this denoiser's "
+                f"graph ({len(regions.attention)} attention sites, roles "
+                f"{sorted({s.role for s in regions.attention})}): after the gate it would drop the conditioning. "
+                "T-GATE needs a text-conditioned denoiser with cross-attention")
         for site in regions.attention:
             if site.role in (SELF, CROSS):
                 by_name[site.value].meta[key] = {"group": site.role, "site": site.path, "slot": "out"}
