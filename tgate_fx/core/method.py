@@ -27,10 +27,11 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch.fx as fx
 
-__all__ = ["RECORD", "REUSE", "CacheKey", "Method", "MethodStep", "Rewrite", "tag_key", "tagged_nodes"]
+__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "Method", "MethodStep", "Rewrite", "tag_key", "tagged_nodes"]
 
 RECORD = "record"
 REUSE = "reuse"
+TRANSFORM = "transform"
 CFG_MEAN = "cfg_mean"
 
 
@@ -65,25 +66,33 @@ class Rewrite:
         method: The method's name (its tag namespace and cache-key prefix).
         group: Which of the method's tagged nodes (every node whose tag has this group).
         action: ``"record"`` (the value becomes an extra output, stored as a
-            cache) or ``"reuse"`` (the value is replaced by a cache read; what
-            computed it becomes dead code).
+            cache), ``"reuse"`` (the value is replaced by a cache read; what
+            computed it becomes dead code) or ``"transform"`` (the method's
+            own pass, :meth:`Method.transform_pass`, rewrites the nodes).
         reduce: For records: ``None`` (the value as is) or ``"cfg_mean"``
             (the mean of the two halves of a CFG batch, unconditional first).
+        option: For transforms: a hashable parameter handed to the method's
+            pass (e.g. a downsampling factor); two steps with different
+            options get different variants.
     """
 
     method: str
     group: str
     action: str
     reduce: str | None = None
+    option: Any = None
 
     def __post_init__(self) -> None:
-        if self.action not in (RECORD, REUSE):
-            raise ValueError(f"Rewrite.action must be {RECORD!r} or {REUSE!r}, got {self.action!r}")
+        if self.action not in (RECORD, REUSE, TRANSFORM):
+            raise ValueError(f"Rewrite.action must be {RECORD!r}, {REUSE!r} or {TRANSFORM!r}, got {self.action!r}")
         if self.reduce not in (None, CFG_MEAN) or (self.reduce and self.action != RECORD):
             raise ValueError(f"Rewrite.reduce must be None or {CFG_MEAN!r} (records only), got {self.reduce!r}")
+        if self.option is not None and self.action != TRANSFORM:
+            raise ValueError(f"Rewrite.option is for transforms only, got {self.option!r} for a {self.action}")
 
     def __str__(self) -> str:
-        return f"{self.action} {self.method}:{self.group}" + (f" ({self.reduce})" if self.reduce else "")
+        extra = self.reduce or (repr(self.option) if self.option is not None else "")
+        return f"{self.action} {self.method}:{self.group}" + (f" ({extra})" if extra else "")
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,12 @@ class Method(ABC):
 
         Called by :func:`tgate_fx.optimize` before anything is installed.
         """
+
+    def transform_pass(self, nodes: list, option: Any):
+        """The pass a ``"transform"`` rewrite runs: ``nodes`` are the tagged nodes of the group in the
+        variant's graph, in graph order, ``option`` the rewrite's. Methods without transforms need not
+        implement it."""
+        raise NotImplementedError(f"method {self.name!r} schedules transforms but has no transform_pass")
 
     def describe(self) -> str:
         """One line: the method and its settings."""

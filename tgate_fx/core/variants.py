@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,7 +37,7 @@ import torch.fx as fx
 from ..passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 from .analysis import Regions, analyze
 from .capture import Capture
-from .method import CFG_MEAN, RECORD, REUSE, CacheKey, Method, Rewrite, tagged_nodes
+from .method import CFG_MEAN, RECORD, REUSE, TRANSFORM, CacheKey, Method, Rewrite, tagged_nodes
 from .plan import Plan, StepPlan, VariantSpec
 
 __all__ = ["CapturedGraphs", "Resolved", "Variant", "build_variant", "copy_graph_module", "resolve", "walk_plan"]
@@ -51,12 +52,14 @@ class Resolved:
         records: ``(cache key, cfg_mean)`` of each write, in graph order.
         reads: Cache keys read, in graph order.
         skipped: ``(cache key, reason)`` of each rewrite not made.
+        transforms: ``(method, option, keys of the nodes)`` of each transform, keys in graph order.
     """
 
     spec: VariantSpec
     records: tuple[tuple[CacheKey, bool], ...]
     reads: tuple[CacheKey, ...]
     skipped: tuple[tuple[CacheKey, str], ...] = ()
+    transforms: tuple[tuple[str, Any, tuple[CacheKey, ...]], ...] = ()
 
     def alternative_name(self) -> str:
         """``<spec name>~<digest>``: the name of a second resolution of one spec in one capture."""
@@ -121,10 +124,20 @@ def resolve(graph: fx.Graph, spec: VariantSpec, available: Iterable[CacheKey] | 
             records.append((node, key, rewrite.reduce == CFG_MEAN))
         else:
             skipped.append((key, "record: value not computed at this step"))
+    transforms: dict[tuple[str, Any], list[tuple[fx.Node, CacheKey]]] = {}
+    for node, key, rewrite in targets:
+        if rewrite.action != TRANSFORM:
+            continue
+        if node in live and node not in cut:
+            transforms.setdefault((rewrite.method, rewrite.option), []).append((node, key))
+        else:
+            skipped.append((key, "transform: value not computed at this step"))
     records.sort(key=lambda t: order[t[0]])
     reads.sort(key=lambda t: order[t[0]])
     return Resolved(spec, tuple((k, mean) for _, k, mean in records), tuple(k for _, k in reads),
-                    tuple(sorted(set(skipped))))
+                    tuple(sorted(set(skipped))),
+                    tuple((m, opt, tuple(k for _, k in sorted(nodes, key=lambda t: order[t[0]])))
+                          for (m, opt), nodes in transforms.items()))
 
 
 @dataclass(eq=False)
@@ -193,11 +206,21 @@ def _find(graph: fx.Graph, keys: Iterable[CacheKey]) -> dict[CacheKey, fx.Node]:
     return found
 
 
-def build_variant(base: fx.GraphModule, resolved: Resolved) -> Variant:
-    """Specialise ``base`` (a tagged capture graph) as ``resolved`` says; ``base`` is not modified."""
+def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Method] = ()) -> Variant:
+    """Specialise ``base`` (a tagged capture graph) as ``resolved`` says; ``base`` is not modified.
+
+    ``methods`` provide the passes of ``resolved``'s transforms; they run
+    first, then the records and reads.
+    """
     gm = copy_graph_module(base)
-    nodes = _find(gm.graph, [k for k, _ in resolved.records] + list(resolved.reads))
+    keys = [k for k, _ in resolved.records] + list(resolved.reads) + [k for *_, ks in resolved.transforms for k in ks]
+    nodes = _find(gm.graph, keys)
+    by_name = {m.name: m for m in methods}
     passes = []
+    for method, option, transform_keys in resolved.transforms:
+        if method not in by_name:
+            raise ValueError(f"variant {resolved.spec.name!r} transforms nodes of method {method!r}, which is not given")
+        passes.append(by_name[method].transform_pass([nodes[k] for k in transform_keys], option))
     if resolved.records:
         passes.append(ExposeValues([nodes[k] for k, _ in resolved.records],
                                    cfg_mean=[nodes[k] for k, mean in resolved.records if mean]))
@@ -225,6 +248,7 @@ class CapturedGraphs:
     variants: dict[Resolved, Variant] = field(default_factory=dict)
     _annotated: tuple = ()
     _resolved: dict = field(default_factory=dict, repr=False)
+    _methods: list = field(default_factory=list, repr=False)
 
     @classmethod
     def from_capture(cls, capture: Capture, methods: list[Method] = ()) -> "CapturedGraphs":
@@ -247,9 +271,11 @@ class CapturedGraphs:
                 del node.meta[key]
         self.variants.clear()
         self._resolved.clear()
+        self._annotated = ()  # until every method has tagged: a failed annotation is redone, not kept
         for method in methods:
             method.annotate(self.capture.graph_module, self.regions)
         self._annotated = signature
+        self._methods = list(methods)
 
     def variant(self, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Variant:
         """The variant for ``spec`` given the caches written so far (``None``: all), built on first use."""
@@ -263,7 +289,7 @@ class CapturedGraphs:
         if resolved is None:
             resolved = self._resolved[spec, have] = resolve(graph, spec, have)
         if resolved not in self.variants:
-            variant = build_variant(self.capture.graph_module, resolved)
+            variant = build_variant(self.capture.graph_module, resolved, self._methods)
             if any(v.name == variant.name for v in self.variants.values()):
                 variant.name = resolved.alternative_name()  # the same spec, resolved otherwise before
             self.variants[resolved] = variant
