@@ -128,3 +128,35 @@ def test_a_denoiser_without_cross_attention_is_refused_at_its_first_call():
     with pytest.raises(ValueError, match="no cross-attention"):
         TGate(TGateConfig()).annotate(graphs.capture.graph_module, self_only)
     assert any(tag_key("tgate") in n.meta for n in graphs.capture.graph_module.graph.nodes)
+
+
+def _move_each_step(pipe, step, timestep, callback_kwargs):
+    pipe.unet.to("cpu")  # what model CPU offload does around every denoiser call
+    return callback_kwargs
+
+
+@pytest.mark.parametrize("how", ["enable_model_cpu_offload", "moved every step"])
+def test_cpu_offload_after_optimize(how):
+    settings = dict(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **settings)
+    expected = latents(pipe, num_inference_steps=6)
+    call = {}
+    if how == "enable_model_cpu_offload":
+        pipe.enable_model_cpu_offload(device="cpu")  # the accelerator is the CPU here; the hooks are the same
+    else:
+        call = {"callback_on_step_end": _move_each_step}
+    runtime = tgate_fx.get_runtime(pipe)
+    got = latents(pipe, num_inference_steps=6, **call)
+    assert torch.equal(got, expected)
+    # T-GATE stayed on (the gate happened, the post-gate steps ran at half batch) and nothing was captured again
+    assert [s.variant.name for s in runtime.last_plan.steps][2:] == ["gate", "fi_record", "fi_record", "fi_record"]
+    assert len(runtime.captures) == 2
+
+
+def test_dtype_change_after_optimize_captures_again():
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
+    latents(pipe, num_inference_steps=STEPS)
+    pipe.to(torch.bfloat16)
+    assert tgate_fx.get_runtime(pipe).captures == []
+    got, expected = _both(pipe)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)

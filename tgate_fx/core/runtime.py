@@ -161,11 +161,17 @@ class OptimizedDenoiser(torch.nn.Module):
             return getattr(denoiser, name)
 
     def _apply(self, fn, recurse=True):
-        # Graphs are specialised to device and dtype; moving the weights retires them.
-        self._captures.clear()
-        self._compiled.clear()
-        self.reset()
-        return super()._apply(fn, recurse)
+        # `.to(device)` keeps the Parameter objects the graphs hold (it moves their data), and a
+        # capture is keyed by its inputs' devices: moving the weights, as model CPU offload does
+        # around every call, retires nothing and must not end the generation. A new dtype does
+        # retire the graphs (dtypes of parameters are baked into the traced casts); the caches
+        # of a generation in progress are then refused by their dtype check.
+        dtypes = _dtypes(self.denoiser)
+        out = super()._apply(fn, recurse)
+        if _dtypes(self.denoiser) != dtypes:
+            self._captures.clear()
+            self._compiled.clear()
+        return out
 
     # --- generation accounting ---------------------------------------------
     def reset(self) -> None:
@@ -248,6 +254,10 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(m.describe() for m in self.methods)
+
+
+def _dtypes(module: torch.nn.Module) -> list:
+    return [t.dtype for t in [*module.parameters(), *module.buffers()]]
 
 
 def _checked_cache(cache: torch.Tensor, variant: Variant, name: str) -> torch.Tensor:
