@@ -160,3 +160,19 @@ def test_dtype_change_after_optimize_captures_again():
     assert tgate_fx.get_runtime(pipe).captures == []
     got, expected = _both(pipe)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_cpu_offload_before_optimize():
+    settings = dict(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
+    expected = latents(tgate_fx.optimize(tiny_pipeline("sd15"), **settings), num_inference_steps=6)
+    pipe = tiny_pipeline("sd15")
+    plain = latents(pipe, num_inference_steps=6)
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate hooks on the UNet, then optimize
+    tgate_fx.optimize(pipe, **NOTHING_CACHED)
+    assert torch.equal(latents(pipe, num_inference_steps=STEPS), latents(tiny_pipeline("sd15"),
+                                                                           num_inference_steps=STEPS))
+    tgate_fx.optimize(pipe, **settings)
+    for _ in range(2):  # the pipeline re-installs its hooks after each call
+        assert torch.equal(latents(pipe, num_inference_steps=6), expected)
+    assert [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps][2] == "gate"
+    assert not torch.equal(expected, plain)

@@ -202,15 +202,25 @@ class Capture:
 
 
 def capture_denoiser(module: torch.nn.Module, call: dict[str, Any]) -> Capture:
-    """Export ``module`` for the normalized call ``call`` (see :func:`normalize_call`)."""
+    """Export ``module`` for the normalized call ``call`` (see :func:`normalize_call`).
+
+    An accelerate hook on the module (``enable_model_cpu_offload`` and the
+    like) is left out of the trace: it moves weights, which a graph cannot do
+    (the runtime calls the hook around each graph call instead).
+    """
     start = time.perf_counter()
     was_training = module.training
+    hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+    if hooked:
+        wrapped, module.forward = module.forward, module._old_forward
     module.eval()
     try:
         with torch.no_grad():
             exported = torch.export.export(module, (), {**call, "return_dict": False}, strict=False)
     finally:
         module.train(was_training)
+        if hooked:
+            module.forward = wrapped
     gm, input_names = _flatten_exported(exported)
     if sorted(input_names) != sorted(tensor_inputs(call)):
         raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")

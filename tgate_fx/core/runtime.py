@@ -156,7 +156,7 @@ class OptimizedDenoiser(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             denoiser = self.__dict__["_modules"].get("denoiser")
-            if denoiser is None:
+            if denoiser is None or name in _OWN_ATTRIBUTES:
                 raise
             return getattr(denoiser, name)
 
@@ -235,6 +235,15 @@ class OptimizedDenoiser(torch.nn.Module):
         self._state = state
 
     def forward(self, *args, **kwargs):
+        # Model CPU offload (accelerate): its hook on the denoiser moves the weights to the execution
+        # device before a call; the graphs replace that call, so the runtime calls the hook itself.
+        hook = getattr(self.denoiser, "_hf_hook", None)
+        if hook is not None:
+            args, kwargs = hook.pre_forward(self.denoiser, *args, **kwargs)
+            return hook.post_forward(self.denoiser, self._forward(*args, **kwargs))
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
         if step.plan.step == 0:
@@ -254,6 +263,11 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(m.describe() for m in self.methods)
+
+
+# Attributes that describe a module itself, never forwarded to the denoiser: accelerate's hooks
+# (a pipeline removing them from its components would otherwise reach through the runtime).
+_OWN_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward"})
 
 
 def _dtypes(module: torch.nn.Module) -> list:
