@@ -1,4 +1,4 @@
-"""tgate_fx: training-free acceleration of diffusers pipelines (T-GATE, DeepCache), as torch.fx graph rewrites.
+"""tgate_fx: training-free acceleration of diffusers pipelines (T-GATE, DeepCache, ToDo), as torch.fx graph rewrites.
 
 Example::
 
@@ -15,8 +15,8 @@ from .accounting.macs import count_macs, plan_macs
 from .accounting.report import report
 from .api import get_runtime, optimize, restore
 from .core.plan import Plan
-from .methods import DeepCacheConfig, TGateConfig
+from .methods import DeepCacheConfig, TGateConfig, ToDoConfig
 
-__all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
+__all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "ToDoConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
            "report", "restore"]
 __version__ = "0.2.0"

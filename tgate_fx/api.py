@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
-from .methods import DeepCacheConfig, TGateConfig, as_methods
+from .methods import DeepCacheConfig, TGateConfig, ToDoConfig, as_methods
 
 __all__ = ["get_runtime", "optimize", "restore"]
 
@@ -64,6 +64,7 @@ def optimize(
     config: TGateConfig | None = None,
     tgate: TGateConfig | bool | None = None,
     deepcache: DeepCacheConfig | None = None,
+    todo: ToDoConfig | None = None,
     methods: Any = None,
     compile: bool | dict = False,
 ):
@@ -81,6 +82,7 @@ def optimize(
     * ``optimize(pipe, tgate=TGateConfig(10, 1, 1, 0), deepcache=DeepCacheConfig(3, 0))``:
       both (the combination the T-GATE paper reports); ``tgate=True`` takes
       T-GATE's defaults;
+    * ``optimize(pipe, todo=ToDoConfig(factor=2))``: ToDo alone (composes with both others);
     * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
 
     The denoiser (``pipe.unet`` or ``pipe.transformer``) is replaced by an
@@ -97,6 +99,7 @@ def optimize(
         config: A :class:`TGateConfig`, instead of the individual settings (same as ``tgate=``).
         tgate: A :class:`TGateConfig`, or ``True`` for its defaults.
         deepcache: A :class:`DeepCacheConfig`.
+        todo: A :class:`ToDoConfig` (key/value downsampling of self-attention).
         methods: A list of method configs, instead of the keywords.
         compile: ``True`` compiles every graph variant with ``torch.compile``
             (once each, at first use); a dict is passed to ``torch.compile`` as
@@ -116,7 +119,7 @@ def optimize(
         tgate_fx.restore(pipe)
     """
     chosen = _chosen_methods(dict(zip(_TGATE_ARGS, (gate_step, sp_interval, fi_interval, warm_up, lcm))),
-                             config, tgate, deepcache, methods)
+                             config, tgate, deepcache, methods, todo)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     name = _denoiser_attribute(pipe)
@@ -136,10 +139,10 @@ def optimize(
     return pipe
 
 
-def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods) -> list:
+def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None) -> list:
     given = {k: v for k, v in tgate_args.items() if v is not None}
     if methods is not None:
-        if given or config is not None or tgate is not None or deepcache is not None:
+        if given or config is not None or tgate is not None or deepcache is not None or todo is not None:
             raise TypeError("pass methods=[...] alone, or the method keywords, not both")
         return as_methods(methods)
     if config is not None and tgate is not None:
@@ -157,9 +160,11 @@ def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods) -> list
         tgate = TGateConfig(**given)
     if deepcache is not None and not isinstance(deepcache, DeepCacheConfig):
         raise TypeError(f"deepcache must be a DeepCacheConfig, got {type(deepcache).__name__}")
-    if tgate is None and deepcache is None:
+    if todo is not None and not isinstance(todo, ToDoConfig):
+        raise TypeError(f"todo must be a ToDoConfig, got {type(todo).__name__}")
+    if tgate is None and deepcache is None and todo is None:
         tgate = TGateConfig()  # the call users know: optimize(pipe) is T-GATE with its defaults
-    return as_methods([c for c in (tgate, deepcache) if c is not None])
+    return as_methods([c for c in (tgate, deepcache, todo) if c is not None])
 
 
 def restore(pipe: Any):

@@ -12,11 +12,12 @@ from typing import Any
 from ..core.method import Method
 from .deepcache import DeepCache, DeepCacheConfig
 from .tgate import TGate, TGateConfig
+from .todo import ToDo, ToDoConfig
 
-__all__ = ["METHODS", "DeepCache", "DeepCacheConfig", "TGate", "TGateConfig", "as_methods"]
+__all__ = ["METHODS", "DeepCache", "DeepCacheConfig", "TGate", "TGateConfig", "ToDo", "ToDoConfig", "as_methods"]
 
 # Method name -> method class, in the order methods are composed and printed.
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TGate, DeepCache)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TGate, DeepCache, ToDo)}
 _BY_CONFIG = {m.config_class: m for m in METHODS.values()}
 
 

@@ -1,8 +1,9 @@
 """Graph passes. Each takes a ``GraphModule`` and returns a ``PassResult``; none knows about steps, pipelines or methods."""
 
+from .downsample_key_values import DownsampleKeyValues
 from .eliminate_dead_code import EliminateDeadCode
 from .expose_values import ExposeValues
 from .remove_unused_inputs import RemoveUnusedInputs
 from .replace_values_with_cache import ReplaceValuesWithCache
 
-__all__ = ["EliminateDeadCode", "ExposeValues", "RemoveUnusedInputs", "ReplaceValuesWithCache"]
+__all__ = ["DownsampleKeyValues", "EliminateDeadCode", "ExposeValues", "RemoveUnusedInputs", "ReplaceValuesWithCache"]
