@@ -12,7 +12,10 @@ The grid comes from the graph: the 4-D ``(B, C, h, w)`` feature map entering
 the site's ``Transformer2DModel`` (UNets), or the latent itself when the
 site sits in a top-level transformer (PixArt, DiT), reduced by the patch
 size ``p = sqrt(h * w / N)``, which must be an integer dividing both sides.
-Non-square grids follow.
+Non-square grids follow. A grid the factor does not divide is an error
+(``ValueError`` naming the site, grid and factor), raised when a step first
+uses that capture: the runtime tags every capture when the methods change,
+and one resolution's grid must not refuse another's generation.
 
 Schedule: every step transforms every depth whose configured factor is not
 1 (``"auto"`` included), with option ``(factor setting, mode)``; the pass is
@@ -145,15 +148,18 @@ class ToDo(Method):
             if maps is None:
                 maps = _feature_maps(graph)
             scope = _transformer_scope(to_k)
-            grid = _grid(maps[scope] if scope in maps else latent_hw, tokens, site.path)
-            if grid[0] % factor or grid[1] % factor:
-                raise ValueError(
-                    f"ToDo: the {grid[0]}x{grid[1]} token grid of {site.path} (depth {depth}, latent "
-                    f"{latent_hw[0]}x{latent_hw[1]}) is not divisible by its factor {factor}; choose a factor "
-                    f"dividing both sides or a resolution whose grid it divides")
+            error = None
+            try:
+                grid = _grid(maps[scope] if scope in maps else latent_hw, tokens, site.path)
+            except ValueError as e:
+                grid, error = (0, 0), str(e)
+            if error is None and (grid[0] % factor or grid[1] % factor):
+                error = (f"ToDo: the {grid[0]}x{grid[1]} token grid of {site.path} (depth {depth}, latent "
+                         f"{latent_hw[0]}x{latent_hw[1]}) is not divisible by its factor {factor}; choose a factor "
+                         f"dividing both sides or a resolution whose grid it divides")
             for node, slot in ((to_k, "k"), (to_v, "v")):
                 node.meta[key] = {"group": _group(depth), "site": site.path, "slot": slot,
-                                  "grid": grid, "factor": factor, "depth": depth}
+                                  "grid": grid, "factor": factor, "depth": depth, "error": error}
 
     def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
         c = self.config
@@ -172,6 +178,8 @@ class ToDo(Method):
         sites = []
         for consumers in by_site.values():
             tag = consumers[0].meta[key]
+            if tag["error"]:
+                raise ValueError(tag["error"])
             if setting != "auto" and tag["factor"] != setting:
                 raise ValueError(f"ToDo's tag on {tag['site']} says factor {tag['factor']}, the step {setting}; "
                                  "annotate the graph again")

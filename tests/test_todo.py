@@ -1,0 +1,193 @@
+"""ToDo as a tgate_fx method: equal to an eager oracle of the official processor, alone and composed; graphs; errors.
+
+The oracle (``oracle_todo.py``) is an ``AttnProcessor2_0`` subclass on the
+eager denoiser's self-attention modules that downsamples the keys/values as
+the official ``merge.py: up_or_downsample`` does, choosing the level with
+the official ``ceil(sqrt(H*W // N))``. Composed oracles: T-GATE's eager
+oracle (``oracle.py``, caching processors) with the ToDo processor as its
+inner processor on self-attention; the published ``DeepCacheSDHelper``
+(``reference_deepcache.py``) on the eager UNet carrying the ToDo processors.
+Final latents, fp32.
+"""
+
+import pytest
+import torch
+
+import tgate_fx
+from conftest import eager_denoiser, latents, shared_optimized
+from oracle import OracleDenoiser
+from oracle_todo import install_todo
+from tgate_fx import DeepCacheConfig, TGateConfig, ToDoConfig
+from tgate_fx.core.analysis import TAG
+from tgate_fx.methods.todo.config import auto_factor
+
+STEPS = 3
+TOL = 1e-5
+aten = torch.ops.aten
+
+
+def _denoiser(pipe):
+    return tgate_fx.get_runtime(pipe).denoiser
+
+
+def _oracle_latents(pipe, factors, mode, **call):
+    denoiser = _denoiser(pipe)
+    with eager_denoiser(pipe):
+        state, undo = install_todo(denoiser, factors, mode)
+        try:
+            return latents(pipe, num_inference_steps=STEPS, **call), state
+        finally:
+            undo()
+
+
+# (family, (depth-1, depth-2, deeper factors), mode, height/width px). Tiny latents are px / 2:
+# 32 px -> a 16x16 latent; 48 px -> 24x24, whose depth-1 (24) and depth-2 (12) grids 3 divides.
+# SD-XL and PixArt have self-attention at depth 2 only.
+CASES = [
+    ("sd15", (2, 2, 1), "nearest", (32, 32)),
+    ("sd15", (2, 2, 1), "nearest-exact", (32, 32)),
+    ("sd15", (2, 1, 1), "avg_pool", (32, 32)),
+    ("sd15", (2, 2, 1), "max_pool", (32, 32)),
+    ("sd15", (3, 3, 1), "nearest", (48, 48)),
+    ("sd15", (3, 1, 1), "avg_pool", (48, 48)),
+    ("sd15", (2, 2, 1), "nearest", (48, 32)),  # non-square: 24x16 and 12x8 grids
+    ("sdxl", (1, 2, 1), "nearest", (32, 32)),
+    ("sdxl", (1, 2, 1), "max_pool", (32, 32)),
+    ("sdxl", (1, 3, 1), "nearest-exact", (48, 48)),
+    ("pixart_alpha", (1, 2, 1), "nearest-exact", (32, 32)),
+    ("pixart_alpha", (1, 2, 1), "avg_pool", (32, 32)),
+    ("pixart_alpha", (1, 3, 1), "max_pool", (48, 48)),
+]
+
+
+@pytest.mark.parametrize("family,factors,mode,size", CASES,
+                         ids=[f"{c[0]}-{''.join(map(str, c[1]))}-{c[2]}-{c[3][0]}x{c[3][1]}" for c in CASES])
+def test_todo_equals_eager_oracle(family, factors, mode, size):
+    pipe = shared_optimized(family)
+    call = {"height": size[0], "width": size[1]}
+    expected, state = _oracle_latents(pipe, factors, mode, **call)
+    assert any(kv < n for n, kv in state.calls), "the oracle downsampled nothing: the case tests nothing"
+    tgate_fx.optimize(pipe, todo=ToDoConfig(*factors, mode=mode))
+    got = latents(pipe, num_inference_steps=STEPS, **call)
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOL, diff
+    # Every self-attention call of the graph has the key/value length the oracle used.
+    variant = tgate_fx.get_runtime(pipe).captures[-1].variants
+    graph_kv = sorted((q, k) for q, k, role in _sdpa_lengths(next(iter(variant.values()))) if role == "self")
+    assert graph_kv == sorted(state.calls[:len(graph_kv)])
+
+
+def _sdpa_lengths(variant):
+    """(query tokens, key/value tokens, role) of every attention core of a variant."""
+    out = []
+    for node in variant.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
+            q, k = (a.meta["val"] for a in node.args[:2])
+            out.append((q.shape[-2], k.shape[-2], node.meta[TAG]["role"]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart_alpha"])
+def test_factor_1_is_the_original_pipeline_bit_for_bit(family):
+    pipe = shared_optimized(family)
+    with eager_denoiser(pipe):
+        plain = latents(pipe, num_inference_steps=STEPS)
+    tgate_fx.optimize(pipe, todo=ToDoConfig(factor=1, factor_depth2=1, factor_deeper=1))
+    assert torch.equal(latents(pipe, num_inference_steps=STEPS), plain)
+    tgate_fx.optimize(pipe, todo=ToDoConfig(factor="auto"))  # 16x16 latent: auto picks 1
+    assert torch.equal(latents(pipe, num_inference_steps=STEPS), plain)
+
+
+def test_cross_attention_and_queries_untouched_in_the_graph():
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=ToDoConfig(2, 2, 2, mode="avg_pool"))
+    latents(pipe, num_inference_steps=STEPS)
+    graphs = tgate_fx.get_runtime(pipe).captures[0]
+    (variant,) = [v for v in graphs.variants.values()]
+    lengths = _sdpa_lengths(variant)
+    text = graphs.capture.graph_module.graph.find_nodes(op="placeholder", target="encoder_hidden_states")[0]
+    text_len = text.meta["val"].shape[1]
+    sites = {s.path: s for s in graphs.sites}
+    assert {(q, k) for q, k, role in lengths if role == "cross"} == {(256, text_len), (64, text_len)}
+    assert {(q, k) for q, k, role in lengths if role == "self"} == {(256, 64), (64, 16)}
+    for node in variant.graph_module.graph.nodes:
+        tag = node.meta.get(TAG)
+        if tag and tag.get("value"):  # every attention output keeps its N tokens
+            assert tuple(node.meta["val"].shape) == sites[tag["site"]].value_shape
+    pools = [n for n in variant.graph_module.graph.nodes if n.target is aten.avg_pool2d.default]
+    assert len(pools) == sum(s.role == "self" for s in graphs.sites)
+    assert all(n.meta[TAG]["role"] == "self" and "val" in n.meta for n in pools)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_todo_with_tgate_equals_composed_oracle(family):
+    """T-GATE oracle (caching processors) with the ToDo processor inside each self-attention's."""
+    settings = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=0)
+    steps = 6
+    factors = (2, 2, 1)
+    pipe = shared_optimized(family)
+    installed = getattr(pipe, "unet")
+    oracle = OracleDenoiser(_denoiser(pipe), cfg=True, **settings)
+    _, undo = install_todo(oracle.denoiser, factors, "nearest",
+                           wrap=lambda name, module, todo: _with_inner(module.processor, todo))
+    object.__setattr__(pipe, "unet", oracle)
+    try:
+        expected = latents(pipe, num_inference_steps=steps)
+    finally:
+        undo()
+        oracle.close()
+        object.__setattr__(pipe, "unet", installed)
+    tgate_fx.optimize(pipe, tgate=TGateConfig(**settings), todo=ToDoConfig(*factors))
+    got = latents(pipe, num_inference_steps=steps)
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOL, diff
+    labels = [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps]
+    assert {"sp_reuse+todo", "gate+todo", "fi_reuse+todo"} <= set(labels), labels
+
+
+def _with_inner(processor, inner):
+    processor.inner = inner
+    return processor
+
+
+@pytest.mark.parametrize("family,interval,branch", [("sd15", 3, 0), ("sdxl", 2, 1)])
+def test_todo_with_deepcache_equals_published_helper_on_todo_processors(family, interval, branch):
+    pytest.importorskip("DeepCache")
+    from reference_deepcache import deepcache_latents
+
+    steps = 5
+    factors = (2, 2, 1)
+    pipe = shared_optimized(family)
+    denoiser = _denoiser(pipe)
+    with eager_denoiser(pipe):
+        _, undo = install_todo(denoiser, factors, "max_pool")
+        try:
+            expected = deepcache_latents(family, interval, branch, steps, pipe=pipe)
+        finally:
+            undo()
+    tgate_fx.optimize(pipe, deepcache=DeepCacheConfig(interval, branch), todo=ToDoConfig(*factors, mode="max_pool"))
+    got = latents(pipe, num_inference_steps=steps)
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOL, diff
+    assert [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps[:2]] == ["dc_full+todo",
+                                                                                      "dc_partial+todo"]
+
+
+def test_grid_not_divisible_by_the_factor_is_refused():
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=ToDoConfig(3))
+    with pytest.raises(ValueError, match=r"16x16 token grid .* not divisible by its factor 3"):
+        latents(pipe, num_inference_steps=STEPS)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"factor": 0}, "factor"), ({"factor": "big"}, "factor"), ({"factor_depth2": 0}, "factor_depth2"),
+    ({"factor_deeper": -1}, "factor_deeper"), ({"mode": "bilinear"}, "mode"),
+    ({"skip_timestep_zero": "yes"}, "skip_timestep_zero"),
+])
+def test_bad_settings_raise_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ToDoConfig(**kwargs)
+
+
+def test_auto_factor_follows_the_official_demo():
+    # SD 1.5 latents of 512, 768, 1024, 1536, 2048 px (VAE factor 8).
+    assert [auto_factor((px // 8) ** 2) for px in (512, 768, 1024, 1536, 2048)] == [1, 2, 2, 3, 4]
