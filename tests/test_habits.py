@@ -176,3 +176,17 @@ def test_cpu_offload_before_optimize():
         assert torch.equal(latents(pipe, num_inference_steps=6), expected)
     assert [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps][2] == "gate"
     assert not torch.equal(expected, plain)
+
+
+def test_save_pretrained_after_optimize(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
+    expected = latents(pipe, num_inference_steps=STEPS)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")  # the pipeline's own config is untouched
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(loaded.unet).__name__ == "UNet2DConditionModel"
+    loaded.set_progress_bar_config(disable=True)
+    loaded.tiny_call_kwargs = pipe.tiny_call_kwargs
+    assert torch.equal(latents(loaded, num_inference_steps=STEPS), expected)

@@ -62,7 +62,15 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module] | None:
     return None
 
 
-class OptimizedDenoiser(torch.nn.Module):
+def _model_base() -> type:
+    # A diffusers ModelMixin, so that `pipe.save_pretrained` finds a save method (it looks one up
+    # by base class, and silently writes a pipeline without the component otherwise).
+    from diffusers import ModelMixin
+
+    return ModelMixin
+
+
+class OptimizedDenoiser(_model_base()):
     """Runs a denoiser as graph variants, step by step, for one or more methods.
 
     Args:
@@ -73,7 +81,7 @@ class OptimizedDenoiser(torch.nn.Module):
     """
 
     def __init__(self, denoiser: torch.nn.Module, methods: list[Method], pipeline=None):
-        super().__init__()
+        torch.nn.Module.__init__(self)
         self.denoiser = denoiser
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
         self._output_class = output_class(denoiser)
@@ -149,6 +157,10 @@ class OptimizedDenoiser(torch.nn.Module):
         if variant not in self._compiled:
             self._compiled[variant] = compiler(variant.graph_module.forward)
         return self._compiled[variant]
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save the original denoiser (what ``pipe.save_pretrained`` writes): graphs are never saved."""
+        return self.denoiser.save_pretrained(*args, **kwargs)
 
     # --- what the pipeline reads from its denoiser -------------------------
     def __getattr__(self, name: str):
