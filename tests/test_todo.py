@@ -191,3 +191,35 @@ def test_bad_settings_raise_naming_them(kwargs, match):
 def test_auto_factor_follows_the_official_demo():
     # SD 1.5 latents of 512, 768, 1024, 1536, 2048 px (VAE factor 8).
     assert [auto_factor((px // 8) ** 2) for px in (512, 768, 1024, 1536, 2048)] == [1, 2, 2, 3, 4]
+
+
+def test_all_three_methods_run_with_every_computed_self_attention_downsampled():
+    """No eager oracle composes all three (the published T-GATE + DeepCache loader installs its own
+    processors): this checks that they run (the runtime checks every cache read against the variant's
+    shapes) and that each variant's self-attention computed there reads N / 4 keys/values."""
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), tgate=TGateConfig(4, 2, 2, 0), deepcache=DeepCacheConfig(2, 0),
+                             todo=ToDoConfig(2, 2))
+    latents(pipe, num_inference_steps=6)
+    runtime = tgate_fx.get_runtime(pipe)
+    names = {s.variant.name for s in runtime.last_plan.steps}
+    assert {"sp_reuse+dc_partial+todo", "gate+dc_full+todo"} <= names, names
+    variants = [v for g in runtime.captures for v in g.variants.values() if v.name in names]
+    computed = 0
+    for variant in variants:
+        selfs = [(q, k) for q, k, role in _sdpa_lengths(variant) if role == "self"]
+        assert all(k * 4 == q for q, k in selfs), (variant.name, selfs)
+        computed += len(selfs)
+    assert computed
+
+
+def test_cli_flags_for_todo():
+    import argparse
+
+    from tgate_fx.cli._methods import add_method_arguments, methods_from_args
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    (todo,) = methods_from_args(parser.parse_args(["--no-tgate", "--factor", "auto", "--factor-depth2", "2"]))
+    assert todo == ToDoConfig(factor="auto", factor_depth2=2)
+    with pytest.raises(ValueError, match="factor"):
+        methods_from_args(parser.parse_args(["--no-tgate", "--factor", "0"]))

@@ -31,7 +31,12 @@ def _field_help(config_cls: type) -> dict[str, str]:
 
 
 def _int_fields(config_cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(config_cls) if f.type in (int, "int")]
+    return [f for f in dataclasses.fields(config_cls) if f.type in (int, "int", "int | str")]
+
+
+def _int_or_word(text: str) -> int | str:
+    """An int, or a word such as ToDo's ``auto`` (the config validates it)."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_on: tuple[str, ...] = ("tgate",),
@@ -53,7 +58,8 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_on: tuple[str,
                            help=f"do not apply {method_cls.title}")
         helps = _field_help(config_cls)
         for field in _int_fields(config_cls):
-            group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"{name}__{field.name}", type=int,
+            group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"{name}__{field.name}",
+                               type=int if field.type in (int, "int") else _int_or_word,
                                metavar="N", help=helps.get(field.name))
 
 
