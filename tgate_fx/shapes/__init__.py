@@ -4,8 +4,13 @@
   pictures, with a held-out split of attribute combinations;
 * :mod:`tgate_fx.shapes.model`: the pipeline's components (a tiny Stable
   Diffusion 1.x: CLIP text encoder, UNet with cross-attention, VAE);
+* :mod:`tgate_fx.shapes.dit`: the components of the DiT pipeline (a tiny
+  PixArt-alpha: T5 encoder, PixArtTransformer2DModel, the same VAE);
 * :mod:`tgate_fx.shapes.train`: the training script that made the shipped
-  weights (``python -m tgate_fx.shapes.train --out DIR``);
+  weights (``python -m tgate_fx.shapes.train --out DIR [--model dit]``);
+* :mod:`tgate_fx.shapes.evaluate`: baseline accuracy of a pipeline on seen and
+  held-out captions, and its attention change per step
+  (``python -m tgate_fx.shapes.evaluate [--dit]``);
 * :mod:`tgate_fx.shapes.evaluator`: a classifier that reads the attributes
   back from a picture, for text-alignment accuracy and a Fréchet distance.
 
@@ -20,6 +25,12 @@ Example::
     pipe = load_pipeline()
     image = pipe("a yellow triangle in the centre on a black background", num_inference_steps=25,
                  guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+
+    from tgate_fx.shapes import load_dit_pipeline
+    dit = load_dit_pipeline()  # a PixArtAlphaPipeline
+    image = dit("a yellow triangle in the centre on a black background", num_inference_steps=20,
+                guidance_scale=4.5, use_resolution_binning=False, clean_caption=False,
+                generator=torch.Generator().manual_seed(0)).images[0]
 """
 
 from __future__ import annotations
