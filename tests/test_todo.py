@@ -223,3 +223,30 @@ def test_cli_flags_for_todo():
     assert todo == ToDoConfig(factor="auto", factor_depth2=2)
     with pytest.raises(ValueError, match="factor"):
         methods_from_args(parser.parse_args(["--no-tgate", "--factor", "0"]))
+
+
+def test_macs_count_what_todo_removes():
+    """Per step, ToDo (factor 2 everywhere on tiny SD-1.5) removes 3/4 of every self-attention core and of
+    the to_k/to_v projections, and nothing else; the attention core is counted apart."""
+    from tgate_fx.accounting.cost import node_macs
+    from tgate_fx.accounting.macs import plan_macs
+    from tgate_fx.core.method import tag_key
+    from tgate_fx.methods import as_methods
+
+    config = ToDoConfig(2, 2, 2)
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=config)
+    latents(pipe, num_inference_steps=2)
+    graphs = next(g for g in tgate_fx.get_runtime(pipe).captures
+                  if g.capture.graph_module.graph.find_nodes(op="placeholder", target="sample")[0]
+                  .meta["val"].shape == (2, 4, 16, 16))
+    plan = tgate_fx.Plan(2, as_methods([config]), cfg=False)  # the batch-2 capture counted as 2 images
+    with_core = plan_macs(graphs, plan, batch_size=2, include_attention=True)
+    linear_conv = plan_macs(graphs, plan, batch_size=2)
+    kv = [n for n in graphs.capture.graph_module.graph.nodes if tag_key("todo") in n.meta]
+    assert len(kv) == 2 * sum(s.role == "self" for s in graphs.sites)
+    removed_core = sum(s.attention_macs for s in graphs.sites if s.role == "self") * 3 // 4
+    removed_kv = sum(node_macs(n) for n in kv) * 3 // 4
+    assert linear_conv.baseline - linear_conv.total == 2 * removed_kv
+    core_base = with_core.baseline - linear_conv.baseline
+    core_todo = with_core.total - linear_conv.total
+    assert core_base - core_todo == 2 * removed_core > 0

@@ -14,6 +14,7 @@ Example::
     tgate-fx macs --arch sdxl --deepcache --gate-step 10 --sp-interval 1 --warm-up 0 --json
     tgate-fx macs --arch pixart_sigma --gate-step 10 --json
     tgate-fx macs --arch lcm_sdxl --include-attention
+    tgate-fx macs --arch sd15 --height 2048 --width 2048 --todo --no-tgate --factor auto --include-attention
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # a method that does not apply to this architecture
         print(f"tgate-fx macs: {e}", file=sys.stderr)
         return 2
+    core = None
+    if args.include_attention:  # the SDPA core as its own figure: ToDo's saving is mostly there
+        linear_conv = plan_macs(graphs, plan, batch_size=args.batch_size, include_attention=False)
+        core = {"baseline_macs": result.baseline - linear_conv.baseline,
+                "optimized_macs": result.total - linear_conv.total}
     per_method = {}
     if len(plan.methods) > 1:
         for method in plan.methods:
@@ -89,11 +95,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"arch": arch.name, "source": arch.source, "height": arch.height, "width": arch.width,
                           "text_tokens": arch.text_tokens, **result.to_dict(),
-                          **({"per_method": per_method} if per_method else {})}))
+                          **({"per_method": per_method} if per_method else {}),
+                          **({"attention_core": core} if core else {})}))
     else:
         print(arch.describe())
         print(f"config: {arch.source}")
         print(result)
+        if core:
+            print(f"attention core alone (Q K^T, A V): {format_macs(core['baseline_macs'])} -> "
+                  f"{format_macs(core['optimized_macs'])}; Linear + Conv alone: "
+                  f"{format_macs(result.baseline - core['baseline_macs'])} -> "
+                  f"{format_macs(result.total - core['optimized_macs'])}")
         if per_method:
             print("each method alone: " + ", ".join(f"{k} {format_macs(v)}" for k, v in per_method.items()))
     return 0
