@@ -190,3 +190,74 @@ def test_save_pretrained_after_optimize(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     loaded.tiny_call_kwargs = pipe.tiny_call_kwargs
     assert torch.equal(latents(loaded, num_inference_steps=STEPS), expected)
+
+
+def test_two_prompts_without_guidance_are_not_taken_for_cfg():
+    # PixArt, guidance 1.0, two prompts, the same seed for both: the latent halves are equal, but the
+    # pipeline runs no CFG. Taking it for CFG would average the prompts' cross-attention at the gate.
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    call = {**pipe.tiny_call_kwargs, "guidance_scale": 1.0, "num_inference_steps": 4, "output_type": "latent"}
+    prompts = ["a red circle", "a blue square"]
+    got = pipe(prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts], **call).images
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert not plan.cfg and not any(s.drops_uncond for s in plan.steps)
+    # each prompt is its own sample: the same as generating it alone
+    alone = pipe(prompts[1], generator=torch.Generator().manual_seed(0), **call).images
+    assert torch.allclose(got[1], alone[0], atol=1e-5)
+
+
+def test_from_pipe_copy_counts_with_its_own_guidance():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    latents(pipe, num_inference_steps=4)  # guidance 7.5: CFG
+    # from_pipe keeps only components of the declared class; the optimized denoiser is passed on explicitly
+    with pytest.raises(ValueError, match="unet"):
+        StableDiffusionPipeline.from_pipe(pipe)
+    other = StableDiffusionPipeline.from_pipe(pipe, unet=pipe.unet)
+    assert tgate_fx.get_runtime(other) is tgate_fx.get_runtime(pipe)  # one runtime, its captures shared
+    other.set_progress_bar_config(disable=True)
+    other.tiny_call_kwargs = {**pipe.tiny_call_kwargs, "guidance_scale": 1.0}
+    got = latents(other, num_inference_steps=4)
+    assert tgate_fx.get_runtime(other).last_plan.cfg is False  # read from the pipeline that called
+    with eager_denoiser(pipe):
+        reference = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+        reference.tiny_call_kwargs = other.tiny_call_kwargs
+        assert torch.equal(got, latents(reference, num_inference_steps=4))
+
+
+def test_deepcopy_serves_the_copied_pipeline():
+    import copy
+
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    expected = latents(pipe, num_inference_steps=4)
+    twin = copy.deepcopy(pipe)
+    runtime = tgate_fx.get_runtime(twin)
+    assert runtime is not tgate_fx.get_runtime(pipe) and runtime._pipeline() is twin
+    assert runtime.denoiser is not tgate_fx.get_runtime(pipe).denoiser
+    assert torch.equal(latents(twin, num_inference_steps=4), expected)
+
+
+def test_concurrent_requests_from_two_threads():
+    # The diffusers server pattern: one pipeline per request (from_pipe, its own scheduler: schedulers are
+    # stateful), sharing the components, the optimized denoiser included; requests on two threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
+    prompts = ["a red circle", "a green star", "a blue square", "a white cross"]
+    alone = [latents(pipe, prompt=p, seed=i, num_inference_steps=6) for i, p in enumerate(prompts)]
+
+    def request(item):
+        seed, prompt = item
+        per_request = StableDiffusionPipeline.from_pipe(
+            pipe, unet=pipe.unet, scheduler=pipe.scheduler.from_config(pipe.scheduler.config))
+        per_request.set_progress_bar_config(disable=True)
+        per_request.tiny_call_kwargs = pipe.tiny_call_kwargs
+        return latents(per_request, prompt=prompt, seed=seed, num_inference_steps=6)
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(request, enumerate(prompts)))
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

@@ -11,6 +11,12 @@ scheduler's timesteps. A new generation starts
   again, e.g. after an exception ended the previous generation early), or
 * when the previous generation has run all its steps.
 
+The pipeline is the one whose ``__call__`` is calling the denoiser (found on
+the call stack, so that pipelines sharing one denoiser, ``from_pipe`` copies,
+each count with their own scheduler and guidance), else the pipeline given at
+construction. Each thread has its own current generation and caches: two
+requests served from two threads never mix.
+
 At the start it reads the number of steps (the pipeline's ``num_timesteps``
 where it has one, else the scheduler's timesteps after its begin index),
 decides whether the generation runs classifier-free guidance, asks for the
@@ -20,6 +26,8 @@ an exported bundle) and clears the caches.
 
 from __future__ import annotations
 
+import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,18 +110,41 @@ class GenerationTracker:
         self.plan_for = plan_for
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.sample_arg = sample_arg
-        self._generation: _Generation | None = None
+        self._local = threading.local()
         self.last_plan: Plan | None = None
 
+    @property
+    def _generation(self) -> _Generation | None:
+        return getattr(self._local, "generation", None)
+
+    @_generation.setter
+    def _generation(self, value: _Generation | None) -> None:
+        self._local.generation = value
+
     def reset(self) -> None:
-        """End the current generation and drop its caches."""
+        """End the current generation (of this thread) and drop its caches."""
         self._generation = None
 
-    def _scheduler_timesteps(self):
-        return getattr(getattr(self._pipeline(), "scheduler", None), "timesteps", None)
+    def _caller(self) -> tuple[Any, dict]:
+        """``(pipeline, its __call__'s locals)`` of the pipeline calling the denoiser, else the given one."""
+        from diffusers import DiffusionPipeline
 
-    def steps_in_generation(self) -> int:
-        pipe = self._pipeline()
+        frame = sys._getframe(2)
+        for _ in range(40):
+            if frame is None:
+                break
+            if frame.f_code.co_name == "__call__":
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, DiffusionPipeline):
+                    return owner, frame.f_locals
+            frame = frame.f_back
+        return self._pipeline(), {}
+
+    def _scheduler_timesteps(self, pipe):
+        return getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+
+    def steps_in_generation(self, pipe=None) -> int:
+        pipe = pipe if pipe is not None else self._pipeline()
         if isinstance(getattr(type(pipe), "num_timesteps", None), property):
             steps = getattr(pipe, "_num_timesteps", None)
             if steps:
@@ -127,22 +158,26 @@ class GenerationTracker:
             )
         return len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0)
 
-    def detect_cfg(self, call: dict[str, Any]) -> bool:
+    def detect_cfg(self, call: dict[str, Any], pipe=None, local: dict | None = None) -> bool:
         """Whether this generation runs classifier-free guidance.
 
-        The pipeline's ``do_classifier_free_guidance`` decides where it has
-        one (SD, SD-XL, ControlNet, img2img); otherwise (PixArt) a CFG batch is
-        recognised by its two identical halves of latents.
+        The calling pipeline's ``do_classifier_free_guidance`` decides where it
+        has one (SD, SD-XL, ControlNet, img2img), else the variable of that
+        name in its ``__call__`` (PixArt); only a denoiser called from
+        elsewhere falls back to recognising a CFG batch by its two identical
+        halves of latents.
         """
         sample = call[self.sample_arg]
         batch = sample.shape[0]
-        pipe = self._pipeline()
+        pipe = pipe if pipe is not None else self._pipeline()
         cfg = None
         if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
             try:
                 cfg = bool(pipe.do_classifier_free_guidance)
             except AttributeError:  # read outside a pipeline call
                 cfg = None
+        if cfg is None and isinstance((local or {}).get("do_classifier_free_guidance"), bool):
+            cfg = local["do_classifier_free_guidance"]
         if cfg is None:
             cfg = batch % 2 == 0 and bool(torch.equal(sample[: batch // 2], sample[batch // 2 :]))
         if cfg and batch % 2:
@@ -150,12 +185,13 @@ class GenerationTracker:
         return cfg
 
     def _current(self, call: dict[str, Any]) -> _Generation:
-        timesteps = self._scheduler_timesteps()
+        pipe, local = self._caller()
+        timesteps = self._scheduler_timesteps(pipe)
         gen = self._generation
         if gen is not None and gen.step < gen.plan.num_steps and (timesteps is None or timesteps is gen.timesteps):
             return gen
         self._generation = None
-        plan = self.plan_for(self.steps_in_generation(), self.detect_cfg(call))
+        plan = self.plan_for(self.steps_in_generation(pipe), self.detect_cfg(call, pipe, local))
         self._generation = _Generation(plan, timesteps)
         self.last_plan = plan
         return self._generation

@@ -25,8 +25,10 @@ original module, which stays registered as ``self.denoiser``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +91,9 @@ class OptimizedDenoiser(_model_base()):
         self._compiler: Callable | None = None
         self._compiled: dict[Variant, Callable] = {}
         self._trace: list | None = None
+        # Captures and variant builds are serialised: requests from several threads share them
+        # (each thread has its own generation and caches, see GenerationTracker).
+        self._lock = threading.RLock()
         self._state: tuple | None = None  # the denoiser's state the captures were made with
         self.recaptures = 0  # captures dropped because that state changed
         self.configure(methods, pipeline)
@@ -157,6 +162,16 @@ class OptimizedDenoiser(_model_base()):
         if variant not in self._compiled:
             self._compiled[variant] = compiler(variant.graph_module.forward)
         return self._compiled[variant]
+
+    def __deepcopy__(self, memo):
+        """A runtime over a deep copy of the denoiser, serving the copied pipeline (``copy.deepcopy(pipe)``).
+
+        Graphs are not copied (they hold the original's parameters): the copy captures its own.
+        """
+        pipe = self._pipeline()
+        new = OptimizedDenoiser(copy.deepcopy(self.denoiser, memo), self.methods, memo.get(id(pipe), pipe))
+        memo[id(self)] = new
+        return new
 
     def save_pretrained(self, *args, **kwargs):
         """Save the original denoiser (what ``pipe.save_pretrained`` writes): graphs are never saved."""
@@ -258,12 +273,13 @@ class OptimizedDenoiser(_model_base()):
     def _forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
-        if step.plan.step == 0:
-            self._check_state()
         if step.drops_uncond:
             call = take_unconditional_half(call, call[self._sample_arg].shape[0])
-        graphs = self.graphs_for(call)
-        variant = graphs.variant(step.plan.variant, step.caches)
+        with self._lock:
+            if step.plan.step == 0:
+                self._check_state()
+            graphs = self.graphs_for(call)
+            variant = graphs.variant(step.plan.variant, step.caches)
         inputs = graphs.capture.flat_inputs(call)
         for key, name in variant.cache_inputs.items():
             inputs[name] = _checked_cache(step.caches[key], variant, name)
