@@ -261,3 +261,10 @@ def test_concurrent_requests_from_two_threads():
         together = list(pool.map(request, enumerate(prompts)))
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_report_states_which_methods_apply():
+    text = tgate_fx.report(tgate_fx.optimize(tiny_pipeline("pixart_alpha")), num_inference_steps=25)
+    assert "methods that apply to PixArtTransformer2DModel: T-GATE yes, DeepCache no (DeepCache needs a UNet" in text
+    text = tgate_fx.report(tgate_fx.optimize(tiny_pipeline("sd15")), num_inference_steps=25)
+    assert "T-GATE yes, DeepCache yes" in text

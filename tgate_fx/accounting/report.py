@@ -23,6 +23,20 @@ def _variant_rows(graphs: CapturedGraphs) -> list[tuple[str, ...]]:
     return rows
 
 
+def _applicable(denoiser) -> str:
+    """``T-GATE yes, DeepCache no (why)`` for every registered method."""
+    from ..methods import METHODS
+
+    parts = []
+    for method_cls in METHODS.values():
+        try:
+            method_cls(method_cls.config_class()).check_denoiser(denoiser)
+            parts.append(f"{method_cls.title} yes")
+        except (TypeError, ValueError) as e:
+            parts.append(f"{method_cls.title} no ({str(e).split(';')[0].split(':')[0]})")
+    return ", ".join(parts)
+
+
 def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | None = None) -> str:
     """Describe an optimized pipeline: its methods, attention sites, step plan and graph variants.
 
@@ -36,7 +50,8 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
 
     runtime = get_runtime(pipe)
     lines = [f"tgate_fx: {type(runtime.denoiser).__name__} in {type(pipe).__name__}"]
-    lines += [f"{m.title}: {m.describe()}" for m in runtime.methods] + [""]
+    lines += [f"{m.title}: {m.describe()}" for m in runtime.methods]
+    lines += [f"methods that apply to {type(runtime.denoiser).__name__}: {_applicable(runtime.denoiser)}", ""]
     if num_inference_steps is not None:
         plan = runtime.plan(num_inference_steps, True if cfg is None else cfg)
     else:
