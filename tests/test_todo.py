@@ -250,3 +250,26 @@ def test_macs_count_what_todo_removes():
     core_base = with_core.baseline - linear_conv.baseline
     core_todo = with_core.total - linear_conv.total
     assert core_base - core_todo == 2 * removed_core > 0
+
+
+def test_onnx_bundle_with_tgate_and_todo_matches_torch(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from tgate_fx.export import OnnxDenoiser, export_onnx
+
+    methods, steps = [TGateConfig(3, 2, 2, 0), ToDoConfig(2, 2, mode="avg_pool")], 5
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), methods=methods)
+    ref = latents(pipe, num_inference_steps=steps)
+    call = dict(pipe.tiny_call_kwargs)
+    export_onnx(pipe, str(tmp_path), call.pop("height"), call.pop("width"), num_inference_steps=steps,
+                methods=methods, **call)
+    saved = pipe.unet
+    OnnxDenoiser.from_dir(str(tmp_path)).install(pipe)
+    try:
+        got = latents(pipe, num_inference_steps=steps)
+    finally:
+        object.__setattr__(pipe, "unet", saved)
+    assert (got - ref).abs().max().item() <= 1e-4  # onnxruntime's float32 kernels round differently
+    with eager_denoiser(pipe):
+        plain = latents(pipe, num_inference_steps=steps)
+    assert (plain - ref).abs().max().item() > 1e-2  # the bound sees the methods
