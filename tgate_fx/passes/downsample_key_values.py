@@ -46,7 +46,8 @@ class KeyValueSite(NamedTuple):
     factor: int
 
 
-def _downsample(graph: fx.Graph, src: fx.Node, grid: tuple[int, int], f: int, mode: str, like: fx.Node) -> list[fx.Node]:
+def _downsample(graph: fx.Graph, src: fx.Node, grid: tuple[int, int], f: int, mode: str,
+                like: fx.Node) -> list[fx.Node]:
     batch = src.meta["val"].shape[0]
     h, w = grid
     new = []
