@@ -182,6 +182,7 @@ def test_grid_not_divisible_by_the_factor_is_refused():
     ({"factor": 0}, "factor"), ({"factor": "big"}, "factor"), ({"factor_depth2": 0}, "factor_depth2"),
     ({"factor_deeper": -1}, "factor_deeper"), ({"mode": "bilinear"}, "mode"),
     ({"skip_timestep_zero": "yes"}, "skip_timestep_zero"),
+    ({"skip_timestep_zero": True}, "skip_timestep_zero=True .* is not implemented"),
 ])
 def test_bad_settings_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -54,8 +54,9 @@ class ToDoConfig:
             ``optimize``'s first call raises ``ValueError`` naming the site.
         skip_timestep_zero: The official processor does not downsample at a step
             whose timestep is exactly 0. tgate_fx's plans count steps and never
-            read timesteps, so this rule is **not implemented**: every step is
-            downsampled, whatever the value. It matters only for schedules whose
+            read timesteps, so this rule is **not implemented**: the default is
+            ``False`` (every step is downsampled) and ``True`` raises
+            ``ValueError`` rather than be silently ignored. It matters only for schedules whose
             last timestep is 0 (Euler/Euler-ancestral/Heun/LMS with
             ``timestep_spacing="linspace"``; DDIM/PNDM/DDPM with ``"leading"`` and
             ``steps_offset=0``); the shipped SD 1.5/2.1/SD-XL (``steps_offset=1``)
@@ -66,7 +67,7 @@ class ToDoConfig:
     factor_depth2: int = 1
     factor_deeper: int = 1
     mode: str = "nearest"
-    skip_timestep_zero: bool = True
+    skip_timestep_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.factor != "auto":
@@ -79,6 +80,9 @@ class ToDoConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.skip_timestep_zero, bool):
             raise ValueError(f"skip_timestep_zero must be True or False, got {self.skip_timestep_zero!r}")
+        if self.skip_timestep_zero:
+            raise ValueError("skip_timestep_zero=True (the official skip of a step whose timestep is 0) is not "
+                             "implemented: tgate_fx's schedules count steps and do not read timesteps; use False")
 
     def setting(self, depth: int) -> int | str:
         """The configured factor (an int, or ``"auto"`` at depth 1) for a site at ``depth``."""
