@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 import tgate_fx  # noqa: E402
 from tgate_fx.shapes import data, evaluator, load_pipeline  # noqa: E402
+from tgate_fx.shapes.evaluate import ChangeRecorder  # noqa: E402
 from common import cpu_model  # noqa: E402
 
 DEFAULT = {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}
@@ -86,43 +87,9 @@ def _generate(pipe, captions: list[str], args) -> tuple[torch.Tensor, float]:
     return images.float(), time.perf_counter() - start
 
 
-class _ChangeRecorder:
-    """Forward hooks on attention modules: per step, the relative change of each output."""
-
-    def __init__(self, unet, suffix: str):
-        self.changes: dict[int, list[torch.Tensor]] = {}
-        self.previous: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
-        self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in unet.named_modules() if name.endswith(suffix)]
-        if not self.handles:
-            raise ValueError(f"no module of {type(unet).__name__} ends with {suffix!r}")
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            out = out.detach().flatten(1).double()
-            step = self.calls.get(name, 0)
-            self.calls[name] = step + 1
-            if name in self.previous:
-                prev = self.previous[name]
-                self.changes.setdefault(step, []).append((out - prev).norm(dim=1) / prev.norm(dim=1))
-            self.previous[name] = out
-
-        return hook
-
-    def curve(self) -> list[tuple[int, float]]:
-        """``(step, mean relative change from the previous step)``, over sites and pictures."""
-        return [(step, float(torch.cat(values).mean())) for step, values in sorted(self.changes.items())]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 def _cross_attention_change(pipe, args) -> tuple[list, list, int]:
     captions = [c.caption for c in data.combinations("held_out")]
-    recorders = {"cross": _ChangeRecorder(pipe.unet, "attn2"), "self": _ChangeRecorder(pipe.unet, "attn1")}
+    recorders = {"cross": ChangeRecorder(pipe.unet, "attn2"), "self": ChangeRecorder(pipe.unet, "attn1")}
     try:
         _generate(pipe, captions, args)
     finally:

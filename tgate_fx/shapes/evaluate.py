@@ -26,7 +26,7 @@ import torch
 
 from . import data, evaluator
 
-__all__ = ["attention_change", "baseline_accuracy", "call_kwargs", "denoiser_of", "plot_change"]
+__all__ = ["ChangeRecorder", "attention_change", "baseline_accuracy", "call_kwargs", "denoiser_of", "plot_change"]
 
 
 def denoiser_of(pipe):
@@ -75,7 +75,7 @@ def baseline_accuracy(pipe, *, split: str = "held_out", every: int = 1, per_comb
     return result
 
 
-class _ChangeRecorder:
+class ChangeRecorder:
     """Forward hooks on attention modules: per call, the relative change of each output."""
 
     def __init__(self, module, suffix: str):
@@ -118,7 +118,7 @@ def attention_change(pipe, combos: list[data.Combo] | None = None, *, seed: int 
     """
     combos = combos or data.combinations("held_out")
     net = denoiser_of(pipe)
-    recorders = {"cross": _ChangeRecorder(net, "attn2"), "self": _ChangeRecorder(net, "attn1")}
+    recorders = {"cross": ChangeRecorder(net, "attn2"), "self": ChangeRecorder(net, "attn1")}
     try:
         generate(pipe, combos, seed=seed, batch=len(combos), **kwargs)
     finally:
