@@ -44,7 +44,14 @@ class Column:
     label: str
     setup: Callable[["Bench"], None]
     compiled: bool = False
-    macs: str = "baseline"  # which MAC count applies: baseline, tgate, pab
+    macs: str = "baseline"  # which MAC count applies: baseline, tgate, pab, deepcache, tgate_deepcache
+    unet_only: bool = False  # DeepCache cuts a UNet: not run on transformer workloads
+
+
+# DeepCache's published setting (DeepCacheSDHelper's README: interval 3, branch 0), and the T-GATE paper's
+# T-GATE + DeepCache combination (gate 10, sp 1, fi 1, warm-up 0, with DeepCache interval 3, branch 0).
+DEEPCACHE = tgate_fx.DeepCacheConfig(cache_interval=3, cache_branch_id=0)
+TGATE_WITH_DEEPCACHE = tgate_fx.TGateConfig(gate_step=10, sp_interval=1, fi_interval=1, warm_up=0)
 
 
 # --- instrumentation --------------------------------------------------------------------------
@@ -117,7 +124,8 @@ class Bench:
         self.clock = _StepClock(self.pipe.scheduler)
         self.generate: Callable[[], torch.Tensor] = lambda: workload.generate(self.pipe)
         self.info: dict[str, Any] = {}
-        self.before_generation: Callable[[], None] = lambda: None
+        self.before_generation: Callable[[], None] = lambda: None  # untimed, before each generation
+        self.after_generation: Callable[[], None] = lambda: None  # untimed, after each generation
         self.finish_hooks: list[Callable[[], None]] = []
         column.setup(self)
 
@@ -147,15 +155,60 @@ def _tgate_fx(b: Bench, compile: bool = False) -> None:
     b.finish_hooks.append(lambda: _tgate_fx_info(b))
 
 
+def _deepcache_fx(b: Bench) -> None:
+    tgate_fx.optimize(b.pipe, deepcache=DEEPCACHE)
+    b.finish_hooks.append(lambda: _tgate_fx_info(b))
+
+
+def _tgate_deepcache_fx(b: Bench) -> None:
+    tgate_fx.optimize(b.pipe, tgate=TGATE_WITH_DEEPCACHE, deepcache=DEEPCACHE)
+    b.finish_hooks.append(lambda: _tgate_fx_info(b))
+
+
+def _deepcache_published(b: Bench) -> None:
+    """PyPI ``DeepCache==0.1.1``: a fresh ``DeepCacheSDHelper`` enabled before each generation, disabled after.
+
+    The helper's step counter and caches survive from one generation to the
+    next until ``disable()`` (and enabling twice wraps twice), so each
+    generation gets its own, as ``tests/reference_deepcache.py`` does. Enabling
+    and disabling only wrap and unwrap ``forward`` methods; both happen outside
+    the timed region.
+    """
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError as e:
+        raise _Skip(f"the published DeepCache package is not importable ({e}); `pip install DeepCache==0.1.1`")
+    state = {}
+
+    def enable():
+        helper = DeepCacheSDHelper(pipe=b.pipe)
+        helper.set_params(cache_interval=DEEPCACHE.cache_interval, cache_branch_id=DEEPCACHE.cache_branch_id,
+                          skip_mode=DEEPCACHE.skip_mode)
+        helper.enable()
+        state["helper"] = helper
+
+    def disable():
+        helper = state.pop("helper", None)
+        if helper is not None:
+            helper.disable()
+
+    b.before_generation = enable
+    b.after_generation = disable
+    b.info["deepcache_version"] = _dist_version("DeepCache")
+
+
 def _tgate_fx_info(b: Bench) -> None:
     from tgate_fx.accounting.macs import plan_macs
 
     runtime = tgate_fx.get_runtime(b.pipe)
     by_batch = {g.capture.signature.tensors[0][1][0]: g for g in runtime.captures}
     plan = runtime.last_plan
-    counted = plan_macs(lambda batch: by_batch[batch], plan)
+    # plan_macs also counts one call at the per-image batch (per_eval, not used here); a plan that never drops
+    # the CFG half (DeepCache alone) has no capture at that batch, so it is handed the CFG-batch one.
+    counted = plan_macs(lambda batch: by_batch.get(batch) or by_batch[max(by_batch)], plan)
     b.info.update({
-        "captures": [{"batch": batch, "seconds": g.capture.seconds, "variants": sorted(v.name for v in g.variants)}
+        "captures": [{"batch": batch, "seconds": g.capture.seconds,
+                      "variants": sorted(v.name for v in g.variants.values())}
                      for batch, g in sorted(by_batch.items())],
         "plan": repr(plan),
         "plan_variants": [s.variant.name for s in plan.steps],
@@ -274,6 +327,7 @@ def _pab_schedule(b: Bench) -> None:
     try:
         b.before_generation()
         b.generate()
+        b.after_generation()
     finally:
         for h in handles:
             h.remove()
@@ -303,6 +357,11 @@ COLUMNS: dict[str, Column] = {c.key: c for c in [
     Column("pab", "diffusers PAB", _pab, macs="pab"),
     Column("baseline_compiled", "baseline + torch.compile", _compile_denoiser, compiled=True),
     Column("tgate_fx_compiled", "tgate_fx + torch.compile", _tgate_fx_compiled, compiled=True, macs="tgate"),
+    Column("deepcache_fx", "DeepCache (tgate_fx)", _deepcache_fx, macs="deepcache", unet_only=True),
+    Column("deepcache_published", "DeepCache (DeepCache 0.1.1)", _deepcache_published, macs="deepcache",
+           unet_only=True),
+    Column("tgate_deepcache_fx", "T-GATE + DeepCache (tgate_fx)", _tgate_deepcache_fx, macs="tgate_deepcache",
+           unet_only=True),
 ]}
 
 # The compile-counter contrast: the same three methods under torch.compile, two generations each.
@@ -347,6 +406,7 @@ def worker_main(workload: str, column: str, threads: int, backend: str, latents_
                 start, cpu = time.perf_counter(), time.process_time()
                 latents = bench.generate()
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                bench.after_generation()
                 after = _dynamo_counts()
                 _send({"wall": wall, "cpu": cpu, "denoiser": sum(bench.clock.steps),
                        "steps": list(bench.clock.steps), "load": os.getloadavg()[0],

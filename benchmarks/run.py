@@ -1,9 +1,14 @@
-"""Time tgate_fx against the baseline, torch.compile, the reference T-GATE package and diffusers' PAB.
+"""Time tgate_fx against the baseline, torch.compile, the reference T-GATE and DeepCache packages and diffusers' PAB.
 
 Usage::
 
     python benchmarks/run.py                      # both workloads, 7 eager / 5 compiled repeats
     python benchmarks/run.py --workloads sd15 --repeats 5 --threads 1
+    python benchmarks/run.py --workloads sd15 --columns baseline,deepcache_fx,deepcache_published,tgate_deepcache_fx
+
+DeepCache columns (``deepcache_fx``, ``deepcache_published``, ``tgate_deepcache_fx``)
+run on UNet workloads only (DeepCache cuts the UNet's down/up path); on
+others they are listed as skipped.
 
 For each workload (scaled-down SD-1.5 and PixArt-alpha, see ``workloads.py``)
 and each column (see ``columns.py``), one worker process builds the pipeline
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -100,8 +106,14 @@ def bench_workload(name: str, columns: list[str], repeats: int, compiled_repeats
                    backend: str, tmpdir: str, cold_cache: bool, compile_options: str = "{}") -> dict:
     from columns import COLUMNS
 
+    from workloads import WORKLOADS
+
     workers: dict[str, Worker] = {}
     results: dict[str, dict] = {}
+    if WORKLOADS[name].denoiser_attr != "unet":
+        for key in [k for k in columns if COLUMNS[k].unet_only]:
+            results[key] = {"skipped": "DeepCache needs a UNet (it caches the UNet's deep down/up features)"}
+        columns = [k for k in columns if not COLUMNS[k].unet_only]
     _log(f"[{name}] starting {len(columns)} worker processes (one per column) ...")
     for key in columns:
         workers[key] = Worker(name, key, threads, backend, tmpdir, cold_cache, compile_options)
@@ -116,7 +128,7 @@ def bench_workload(name: str, columns: list[str], repeats: int, compiled_repeats
                 results[key] = {"setup": ready["setup_seconds"], "runs": []}
         live = [k for k in columns if k in workers]
         for key in live:
-            what = "capture + rewrite" if key.startswith("tgate_fx") else "first call"
+            what = "capture + rewrite" if key.startswith("tgate_fx") or key.endswith("_fx") else "first call"
             if COLUMNS[key].compiled:
                 what += f" + {backend} compile"
             _log(f"[{name}] warm-up {COLUMNS[key].label} ({what}) ...")
@@ -187,6 +199,13 @@ def macs_main(name: str) -> int:
     quiet = lambda msg: None  # noqa: E731
     graphs = ArchGraphs(arch, progress=quiet)
     plan = Plan(STEPS, w.tgate, cfg=True)
+    # The DeepCache plans (UNet workloads only): DeepCache alone and the T-GATE paper's T-GATE + DeepCache.
+    other_plans = {}
+    if w.denoiser_attr == "unet":
+        from columns import DEEPCACHE, TGATE_WITH_DEEPCACHE
+
+        other_plans = {"deepcache": Plan(STEPS, [DEEPCACHE], cfg=True),
+                       "tgate_deepcache": Plan(STEPS, [TGATE_WITH_DEEPCACHE, DEEPCACHE], cfg=True)}
     out = {"arch": arch.describe(), "text_tokens": arch.text_tokens,
            "params": sum(p.numel() for p in getattr(pipe, w.denoiser_attr).parameters())}
     for inc in (False, True):
@@ -198,6 +217,13 @@ def macs_main(name: str) -> int:
                     "phases": [{"phase": p.phase, "steps": list(p.steps), "macs": p.macs, "baseline": p.baseline}
                                for p in pm.phases()],
                     "per_step": [s.macs for s in pm.steps]}
+        for method, other in other_plans.items():
+            om = plan_macs(graphs, other, include_attention=inc)
+            if om.baseline != pm.baseline:
+                raise RuntimeError(f"{method}: baseline MACs {om.baseline} differ from T-GATE's {pm.baseline}")
+            out[key][method] = om.total
+            out[key][f"per_step_{method}"] = [s.macs for s in om.steps]
+            out[key][f"variants_{method}"] = [s.variant for s in om.steps]
     published = get_arch(w.published)
     pub = ArchGraphs(published, progress=quiet)(2).capture.graph_module
     out["shares"] = {}
@@ -277,20 +303,20 @@ def summarize(name: str, res: dict, macs: dict) -> dict:
                "walls": walls, "compiled": col.compiled, "info": r["info"],
                "steps": [statistics.median(s) for s in zip(*[x["steps"] for x in r["runs"]])]}
         for unit in ("linear_conv", "sdpa"):
-            if col.macs == "baseline":
-                m = macs[unit]["baseline"]
-            elif col.macs == "tgate":
-                m = macs[unit]["tgate"]
-            else:
+            if col.macs == "pab":
                 m = pab_macs(macs, r["info"]["pab_computed"], unit)
+            else:
+                m = macs[unit][col.macs]
             row[f"macs_{unit}"] = m
             row[f"ideal_{unit}"] = macs[unit]["baseline"] / m
         rows[key] = row
     # Latents: same semantics => same numbers (eager), close (compiled).
     lat = {k: torch.load(r["latents"]) for k, r in res.items() if "latents" in r}
     diffs = {}
-    for a, b in (("tgate_fx", "reference"), ("tgate_fx_compiled", "tgate_fx"), ("baseline_compiled", "baseline"),
-                 ("tgate_fx", "baseline"), ("pab", "baseline")):
+    for a, b in (("tgate_fx", "reference"), ("deepcache_fx", "deepcache_published"),
+                 ("tgate_fx_compiled", "tgate_fx"), ("baseline_compiled", "baseline"),
+                 ("tgate_fx", "baseline"), ("pab", "baseline"), ("deepcache_fx", "baseline"),
+                 ("tgate_deepcache_fx", "baseline")):
         if a in lat and b in lat:
             diffs[f"{a} vs {b}"] = (lat[a] - lat[b]).abs().max().item()
     scale = lat["baseline"].abs().max().item() if "baseline" in lat else float("nan")
@@ -324,7 +350,52 @@ def goals(s: dict) -> list[tuple[str, str, str]]:
                     f"{ref['denoiser']:.2f} s)"))
     elif "skipped" in ref:
         out.append(("tgate_fx no slower than the reference package", "n/a", ref["skipped"]))
+    dc, dp = rows.get("deepcache_fx", {}), rows.get("deepcache_published", {})
+    if "median" in dc and "median" in dp:
+        diff = s["diffs"].get("deepcache_fx vs deepcache_published", float("nan"))
+        ok = dc["median"] <= dp["median"] and diff == 0
+        out.append(("DeepCache: tgate_fx at least as fast as the published package, at identical output",
+                    "PASS" if ok else "MISS",
+                    f"tgate_fx {dc['median']:.2f} s vs DeepCache 0.1.1 {dp['median']:.2f} s (ratio "
+                    f"{dp['median'] / dc['median']:.3f}; denoiser loop {dc['denoiser']:.2f} s vs "
+                    f"{dp['denoiser']:.2f} s); "
+                    f"final latents max |difference| {diff:.3g}"))
+    elif "skipped" in dp and "median" in dc:
+        out.append(("DeepCache: tgate_fx at least as fast as the published package", "n/a", dp["skipped"]))
+    for key in ("deepcache_fx", "deepcache_published", "tgate_deepcache_fx"):
+        r = rows.get(key, {})
+        if "median" in r:
+            need = 0.9 * r["ideal_linear_conv"]
+            out.append((f"{r['label']} speed-up >= 0.9 x MAC-ideal", "PASS" if r["speedup"] >= need else "MISS",
+                        f"{r['speedup']:.3f}x measured vs {need:.3f}x needed (MAC-ideal "
+                        f"{r['ideal_linear_conv']:.3f}x; incl. the SDPA core {r['ideal_sdpa']:.2f}x; denoiser-loop "
+                        f"time alone {r['denoiser_speedup']:.2f}x)"))
     return out
+
+
+def deepcache_table(s: dict, macs: dict) -> list[str]:
+    """DeepCache columns, per kind of step: MACs and measured denoiser time against the baseline's same steps."""
+    rows = s["rows"]
+    b = rows.get("baseline", {})
+    if "steps" not in b:
+        return []
+    base_step = macs["linear_conv"]["step_b2"]
+    out = [("column", "step kind", "steps", "MACs / baseline", "time / baseline")]
+    for key, method in (("deepcache_fx", "deepcache"), ("deepcache_published", "deepcache"),
+                        ("tgate_deepcache_fx", "tgate_deepcache")):
+        r = rows.get(key, {})
+        variants = macs["linear_conv"].get(f"variants_{method}")
+        if "steps" not in r or not variants:
+            continue
+        per_step = macs["linear_conv"][f"per_step_{method}"]
+        kinds: dict[str, list[int]] = {}
+        for i, v in enumerate(variants):
+            kinds.setdefault(v, []).append(i)
+        for v, idx in kinds.items():
+            steps = ", ".join(str(i) for i in idx) if len(idx) <= 6 else f"{len(idx)} steps ({idx[0]}-{idx[-1]})"
+            out.append((r["label"], v, steps, f"{sum(per_step[i] for i in idx) / (base_step * len(idx)):.3f}",
+                        f"{sum(r['steps'][i] for i in idx) / sum(b['steps'][i] for i in idx):.3f}"))
+    return _table(out) if len(out) > 1 else []
 
 
 def _phase_note(rows: dict, macs: dict) -> str:
@@ -398,21 +469,33 @@ def machine() -> dict:
         tgate_version = metadata.version("tgate")
     except Exception:  # noqa: BLE001 - any failure means "not installed"
         tgate_version = "not installed"
+    try:
+        deepcache_version = metadata.version("DeepCache")
+    except Exception:  # noqa: BLE001 - any failure means "not installed"
+        deepcache_version = "not installed"
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__, "tgate": tgate_version,
-            "os": platform.platform()}
+            "deepcache": deepcache_version, "os": platform.platform()}
 
 
 def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float, per: dict) -> None:
+    from columns import COLUMNS
     from workloads import WORKLOADS
 
-    out = ["# torch benchmarks: tgate_fx vs baseline, torch.compile, reference T-GATE and diffusers PAB", ""]
+    out = ["# torch benchmarks: tgate_fx vs baseline, torch.compile, reference T-GATE, DeepCache and diffusers PAB",
+           ""]
     out += [f"Written by `python benchmarks/run.py {' '.join(args.argv)}`".rstrip() + f" on "
-            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, in {wall / 60:.1f} min.", "",
-            "## Machine", "",
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, in {wall / 60:.1f} min.", ""]
+    ran = {key for p in per.values() for key in p["summary"]["rows"]}
+    not_run = [f"workload `{w}`" for w in WORKLOADS if w not in per] + [
+        f"column `{c}`" for c in COLUMNS if c not in ran]
+    if not_run:
+        out += ["Not in this run (select them with `--workloads` / `--columns`): " + ", ".join(not_run) + ".", ""]
+    out += ["## Machine", "",
             f"- CPU: {mach['cpu']}, {mach['cores']} cores; {mach['os']}",
             f"- torch {mach['torch']} (threads per process: {args.threads}), diffusers {mach['diffusers']}, "
-            f"transformers {mach['transformers']}, tgate {mach['tgate']}, Python {mach['python']}",
+            f"transformers {mach['transformers']}, tgate {mach['tgate']}, DeepCache {mach.get('deepcache', '?')}, "
+            f"Python {mach['python']}",
             f"- Load average (1 min, `os.getloadavg()`): {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, "
             f"{min(loads):.2f}-{max(loads):.2f} over the run (sampled between workloads). The machine is shared "
             "with other work; "
@@ -426,8 +509,10 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
                not in ("{}", "") else "") + "), "
             + ("inductor's default on-disk cache" if args.warm_compile_cache else
                "each compiled column in a fresh inductor cache directory (cold compile)")
-            + f"; compiled columns: {args.compiled_repeats} timed "
-            f"generations, eager columns: {args.repeats}; all after one warm-up generation.", "",
+            + (f"; compiled columns: {args.compiled_repeats} timed generations" if any(
+                r.get("compiled") for p in per.values() for r in p["summary"]["rows"].values())
+               else "; no compiled column in this run")
+            + f"; eager columns: {args.repeats} timed generations; all after one warm-up generation.", "",
             "## How to read the tables", "",
             "- *median s*: median wall time of one whole 25-step generation (`output_type=\"latent\"`: text "
             "encoding, the denoising loop and the scheduler; no VAE decode), with min-max over the runs.",
@@ -438,7 +523,10 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
             "*MAC-ideal*: baseline MACs / column MACs; *ideal+SDPA*: the same with the SDPA core counted. "
             "tgate_fx and the reference package run the same schedule, so they share the plan's MACs; PAB's "
             "MACs come from the attention modules it actually computed at each step (recorded in an extra, "
-            "untimed generation), at the CFG batch on every step.",
+            "untimed generation), at the CFG batch on every step. The DeepCache columns' MACs are the plan's "
+            "(`tgate_fx.plan_macs` of `Plan(25, [DeepCacheConfig(3, 0)])`, or with `TGateConfig(10, 1, 1, 0)` "
+            "first, on the workload's architecture); the published DeepCache package runs the same modules on "
+            "the same steps (its output is compared below), so it shares them.",
             "- *graphs / breaks*: dynamo's `unique_graphs` and graph breaks (`torch._dynamo.utils.counters`) "
             "over the whole process (warm-up + timed runs); *later*: graphs compiled after the warm-up "
             "generation (recompiles).",
@@ -481,6 +569,15 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
         note = _phase_note(rows, macs)
         if note:
             out += [note, ""]
+        dtable = deepcache_table(s, macs)
+        if dtable:
+            out += ["DeepCache columns (UNet only): `tgate_fx.optimize(pipe, deepcache=DeepCacheConfig(3, 0))`; "
+                    "the published `DeepCacheSDHelper(pipe)` with `set_params(cache_interval=3, cache_branch_id=0)`, "
+                    "a fresh helper enabled before and disabled after each generation (outside the timed region); "
+                    "`tgate_fx.optimize(pipe, tgate=TGateConfig(10, 1, 1, 0), deepcache=DeepCacheConfig(3, 0))` "
+                    "(the T-GATE paper's T-GATE + DeepCache setting). Per kind of step, the denoiser time of those "
+                    "steps (median over the runs, step by step) against the baseline's on the same steps:", ""]
+            out += dtable + [""]
         t = rows.get("tgate_fx", {})
         if "info" in t:
             out += ["Per phase of the T-GATE plan: denoiser time of the phase's steps (median over the runs, "
@@ -540,7 +637,7 @@ def write_markdown(path: str, args, mach: dict, loads: list[float], wall: float,
         out += ["Wall time of every timed run (s): "] + [
             f"- {r['label']}: " + ", ".join(f"{x:.2f}" for x in r["walls"]) for r in rows.values() if "walls" in r]
         out.append("")
-    if per:
+    if per and args.png:
         out += [f"Plot: `{os.path.basename(args.png)}` (median time against Linear+Conv MACs; bars span min-max; "
                 "the dashed line is time proportional to MACs through the baseline).", ""]
     with open(path, "w") as f:
@@ -561,7 +658,7 @@ def plot(path: str, per: dict) -> None:
 
     fig, axes = plt.subplots(1, len(per), figsize=(6.5 * len(per), 5), squeeze=False)
     markers = {"baseline": "o", "tgate_fx": "s", "reference": "^", "pab": "D", "baseline_compiled": "o",
-               "tgate_fx_compiled": "s"}
+               "tgate_fx_compiled": "s", "deepcache_fx": "P", "deepcache_published": "X", "tgate_deepcache_fx": "*"}
     for ax, (name, p) in zip(axes[0], per.items()):
         rows = p["summary"]["rows"]
         for key, r in rows.items():
@@ -615,9 +712,18 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", default=os.path.join(tempfile.gettempdir(), "tgate_fx_torch_bench.json"),
                         help="where the raw measurements are kept (JSON), for --render")
     parser.add_argument("--render", metavar="RAW", help="only rewrite the markdown and plot from a --raw file")
+    parser.add_argument("--no-plot", action="store_true", help="write the markdown only (no matplotlib needed)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.png = args.png or os.path.splitext(args.out)[0] + ".png"
+    args.png = None if args.no_plot else (args.png or os.path.splitext(args.out)[0] + ".png")
+    # Optional dependencies are checked now, not after a run of half an hour: a missing plotting library
+    # must never cost the measurements.
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            parser.error(f"the plot needs matplotlib ({e}): `pip install -e '.[bench]'` (or `pip install "
+                         "'matplotlib>=3.7'`), or pass --no-plot to write the markdown only")
     try:
         if not isinstance(json.loads(args.compile_options), dict):
             raise ValueError
@@ -629,6 +735,8 @@ def main(argv=None) -> int:
         for k, v in raw["args"].items():
             if k not in ("out", "png"):
                 setattr(args, k, v)
+        for p in raw["per"].values():  # the goals as this version states them, from the stored medians
+            p["goals"] = goals(p["summary"])
         _write(args, raw["machine"], raw["loads"], raw["wall"], raw["per"])
         return 0
     workloads = [x for x in args.workloads.split(",") if x]
@@ -639,6 +747,11 @@ def main(argv=None) -> int:
     for x in columns:
         if x not in COLUMNS:
             parser.error(f"unknown column {x!r}; choose from {list(COLUMNS)}")
+    for column, module, pin in (("reference", "tgate", "tgate==1.0.0"),
+                                ("deepcache_published", "DeepCache", "DeepCache==0.1.1")):
+        if column in columns and importlib.util.find_spec(module) is None:
+            _log(f"note: `{module}` is not installed, so column {column} will be skipped (listed as skipped in the "
+                 f"results); `pip install -e '.[bench]'` or `pip install '{pin}'` to run it")
     if "baseline" not in columns:
         parser.error("the baseline column is needed: every ratio is against it")
     if args.repeats < 1 or args.compiled_repeats < 1 or args.threads < 1:
@@ -683,11 +796,12 @@ def main(argv=None) -> int:
 
 def _write(args, mach: dict, loads: list[float], wall: float, per: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    plot(args.png, per)
+    if args.png:
+        plot(args.png, per)
     write_markdown(args.out, args, mach, loads, wall, per)
     with open(args.out) as f:
         _log("\n" + f.read())
-    _log(f"wrote {args.out} and {args.png}")
+    _log(f"wrote {args.out}" + (f" and {args.png}" if args.png else " (no plot: --no-plot)"))
 
 
 if __name__ == "__main__":
