@@ -123,7 +123,8 @@ def optimize(
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     name = _denoiser_attribute(pipe)
-    current = unwrap_compiled(getattr(pipe, name))
+    installed = getattr(pipe, name)
+    current = unwrap_compiled(installed)
     for method in chosen:
         method.check_denoiser(current.denoiser if isinstance(current, OptimizedDenoiser) else current)
     if isinstance(current, OptimizedDenoiser):
@@ -136,6 +137,10 @@ def optimize(
         object.__setattr__(pipe, name, runtime)
     if compile:
         runtime.compile(**({} if compile is True else compile))
+    elif installed is not current and installed is not runtime:
+        # `pipe.unet = torch.compile(pipe.unet, ...)` before optimize: the variants are compiled
+        # with the same backend and options (fullgraph included), never silently left eager.
+        runtime.compile_with(installed.dynamo_ctx)
     return pipe
 
 

@@ -91,8 +91,12 @@ def _attention_scope(node: fx.Node, types: frozenset[str]) -> str | None:
 
 
 def _external_source(node: fx.Node, members: set[fx.Node]) -> fx.Node:
-    """Follow the data input of ``node`` back until it leaves the site."""
-    while node in members:
+    """Follow the data input of ``node`` back until it leaves the site.
+
+    Stops early at a node of the site that joins several inputs (a ``cat``, as
+    perturbed-attention guidance's processor builds its query/key input).
+    """
+    while node in members and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

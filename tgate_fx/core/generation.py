@@ -69,6 +69,7 @@ class _Generation:
     timesteps: Any  # the scheduler's timesteps object when the generation started
     step: int = 0
     caches: dict[Any, Any] = field(default_factory=dict)
+    switched_at: int | None = None  # step at which guidance was switched on or off, if it was
 
 
 @dataclass
@@ -169,32 +170,67 @@ class GenerationTracker:
         """
         sample = call[self.sample_arg]
         batch = sample.shape[0]
-        pipe = pipe if pipe is not None else self._pipeline()
-        cfg = None
-        if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-            try:
-                cfg = bool(pipe.do_classifier_free_guidance)
-            except AttributeError:  # read outside a pipeline call
-                cfg = None
-        if cfg is None and isinstance((local or {}).get("do_classifier_free_guidance"), bool):
-            cfg = local["do_classifier_free_guidance"]
+        cfg = self._declared_cfg(pipe if pipe is not None else self._pipeline(), local)
         if cfg is None:
             cfg = batch % 2 == 0 and bool(torch.equal(sample[: batch // 2], sample[batch // 2 :]))
-        if cfg and batch % 2:
-            raise ValueError(f"classifier-free guidance is on but the denoiser batch is odd ({batch})")
         return cfg
+
+    @staticmethod
+    def _check_batch(plan, batch: int) -> None:
+        """A plan that splits the CFG batch into halves needs an even batch."""
+        splits = any(s.drops_uncond or any(getattr(r, "reduce", None) for r in getattr(s.variant, "rewrites", ()))
+                     for s in plan.steps)
+        if plan.cfg and batch % 2 and splits:
+            raise ValueError(
+                f"classifier-free guidance is on but the denoiser batch is odd ({batch}), and this plan splits the "
+                "CFG batch into its unconditional and conditional halves. A batch of 3 (unconditional, conditional, "
+                "perturbed) is perturbed-attention guidance (PAG): T-GATE cannot gate it. Call the pipeline with "
+                "pag_scale=0 or without guidance, use DeepCache or ToDo alone, or tgate_fx.restore(pipe)")
+
+    @staticmethod
+    def _declared_cfg(pipe, local: dict | None) -> bool | None:
+        """CFG as the calling pipeline declares it right now, or ``None`` if it does not say."""
+        if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+            try:
+                return bool(pipe.do_classifier_free_guidance)
+            except AttributeError:  # read outside a pipeline call
+                pass
+        value = (local or {}).get("do_classifier_free_guidance")
+        return value if isinstance(value, bool) else None
 
     def _current(self, call: dict[str, Any]) -> _Generation:
         pipe, local = self._caller()
         timesteps = self._scheduler_timesteps(pipe)
         gen = self._generation
         if gen is not None and gen.step < gen.plan.num_steps and (timesteps is None or timesteps is gen.timesteps):
+            cfg = self._declared_cfg(pipe, local)
+            if cfg is not None and cfg != gen.plan.cfg:
+                self._switch_cfg(gen, cfg, call[self.sample_arg].shape[0])
             return gen
         self._generation = None
-        plan = self.plan_for(self.steps_in_generation(pipe), self.detect_cfg(call, pipe, local))
+        num_steps, cfg = self.steps_in_generation(pipe), self.detect_cfg(call, pipe, local)
+        if self.with_timesteps:
+            plan = self.plan_for(num_steps, cfg, self.timesteps_in_generation(num_steps, pipe, local))
+        else:
+            plan = self.plan_for(num_steps, cfg)
+        self._check_batch(plan, call[self.sample_arg].shape[0])
         self._generation = _Generation(plan, timesteps)
         self.last_plan = plan
         return self._generation
+
+    def _switch_cfg(self, gen: _Generation, cfg: bool, batch: int) -> None:
+        """Guidance switched on or off within a generation (diffusers' "dynamic CFG" callback).
+
+        The rest of the generation follows the plan of the new mode from the
+        same step. Every cache is dropped (it was recorded for the other
+        batch), so each method computes a value again until it next records
+        it: nothing recorded under the old mode is ever read.
+        """
+        gen.plan = self.plan_for(gen.plan.num_steps, cfg)
+        self._check_batch(gen.plan, batch)
+        gen.caches.clear()
+        gen.switched_at = gen.step
+        self.last_plan = gen.plan
 
     def next_step(self, call: dict[str, Any]) -> Step:
         """Account for one denoiser call (a normalized call dict) and return its step."""

@@ -64,6 +64,13 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module] | None:
     return None
 
 
+_FULLGRAPH_REASON = (
+    "tgate_fx's runtime switches graph variants between denoising steps, so torch.compile(pipe.unet, "
+    "fullgraph=True) cannot trace it as one graph. Compile the variants instead, each as a full graph: "
+    "pipe.unet.compile(fullgraph=True, ...) (likewise pipe.transformer), or tgate_fx.optimize(pipe, ..., "
+    "compile={...}); or drop fullgraph=True (one graph break, at the runtime's own frame)")
+
+
 def _model_base() -> type:
     # A diffusers ModelMixin, so that `pipe.save_pretrained` finds a save method (it looks one up
     # by base class, and silently writes a pipeline without the component otherwise).
@@ -139,6 +146,11 @@ class OptimizedDenoiser(_model_base()):
         """
         kwargs.setdefault("fullgraph", True)
         self._compiler = functools.partial(torch.compile, *args, **kwargs)
+        self._compiled.clear()
+
+    def compile_with(self, compiler: Callable) -> None:
+        """Compile each graph variant's ``forward`` with ``compiler(fn)`` (e.g. a dynamo context), once."""
+        self._compiler = compiler
         self._compiled.clear()
 
     def _active_compiler(self) -> Callable | None:
@@ -241,9 +253,10 @@ class OptimizedDenoiser(_model_base()):
     # --- the call --------------------------------------------------------------
     # Never traced by dynamo: a call is Python bookkeeping around one graph
     # call, and the graphs themselves are what gets compiled (see `compile`).
-    # Disabling `__call__` (not only `forward`) keeps `torch.compile(runtime)`
-    # from even starting a frame here, so it adds no graph break.
-    @torch.compiler.disable
+    # `torch.compile(runtime)` records one graph break here (its wrapper frame
+    # holds no graph); with `fullgraph=True` dynamo raises, and the reason below
+    # is its message.
+    @functools.partial(torch.compiler.disable, reason=_FULLGRAPH_REASON)
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **kwargs)
 
