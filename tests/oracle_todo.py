@@ -15,8 +15,11 @@ It shares no code with tgate_fx. Transcribed from the official
   ``avg_pool2d`` with kernel = stride = f, or ``F.interpolate(size=(h // f,
   w // f), mode=...)``, permute back and reshape; queries keep every token.
 
-Not reproduced: the timestep-0 rule (tgate_fx does not implement it either)
-and the "similarity" merge mode (not the paper's method).
+* with ``skip_timestep_zero`` (the official ``timestep_threshold_stop=0``),
+  a call whose timestep ``t`` has ``t / 1000 > 0`` false downsamples nothing
+  (the hook reads the timestep the denoiser receives, as ``hook_model`` does).
+
+Not reproduced: the "similarity" merge mode (not the paper's method).
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ def up_or_downsample(item, cur_w, cur_h, new_w, new_h, method):
 
 
 class ToDoState:
-    def __init__(self, factors: tuple[int, int, int], mode: str):
+    def __init__(self, factors: tuple[int, int, int], mode: str, skip_timestep_zero: bool = False):
         self.factors = factors
         self.mode = mode
+        self.skip_timestep_zero = skip_timestep_zero
         self.size = None
+        self.timestep = None
         self.calls = []  # (tokens, key/value tokens) of each self-attention call
 
 
@@ -67,6 +72,8 @@ class ToDoProcessor(AttnProcessor2_0):
             n = hidden_states.shape[1]
             downsample = int(math.ceil(math.sqrt(h0 * w0 // n)))
             f = self.state.factors[min(downsample, 3) - 1]
+            if self.state.skip_timestep_zero and not self.state.timestep / 1000 > 0.0:
+                f = 1
             cur_h, cur_w = h0 // downsample, w0 // downsample
             if f > 1:
                 encoder_hidden_states = up_or_downsample(hidden_states, cur_w, cur_h, cur_w // f, cur_h // f,
@@ -80,13 +87,13 @@ def self_attention_modules(denoiser):
     return {name: m for name, m in denoiser.named_modules() if isinstance(m, Attention) and name.endswith("attn1")}
 
 
-def install_todo(denoiser, factors=(2, 1, 1), mode="nearest", wrap=None):
+def install_todo(denoiser, factors=(2, 1, 1), mode="nearest", wrap=None, skip_timestep_zero=False):
     """Put ToDo processors on ``denoiser``'s self-attention; returns ``(state, undo)``.
 
     ``wrap``: if given, ``wrap(name, module, todo_processor)`` returns the
     processor to install (to compose with another oracle's processors).
     """
-    state = ToDoState(tuple(factors), mode)
+    state = ToDoState(tuple(factors), mode, skip_timestep_zero)
     mods = self_attention_modules(denoiser)
     before = {name: m.processor for name, m in mods.items()}
     for name, m in mods.items():
@@ -96,6 +103,8 @@ def install_todo(denoiser, factors=(2, 1, 1), mode="nearest", wrap=None):
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         state.size = tuple(sample.shape[2:])
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        state.timestep = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
 

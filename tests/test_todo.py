@@ -10,6 +10,8 @@ inner processor on self-attention; the published ``DeepCacheSDHelper``
 Final latents, fp32.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -30,12 +32,12 @@ def _denoiser(pipe):
     return tgate_fx.get_runtime(pipe).denoiser
 
 
-def _oracle_latents(pipe, factors, mode, **call):
+def _oracle_latents(pipe, factors, mode, skip_timestep_zero=False, steps=STEPS, **call):
     denoiser = _denoiser(pipe)
     with eager_denoiser(pipe):
-        state, undo = install_todo(denoiser, factors, mode)
+        state, undo = install_todo(denoiser, factors, mode, skip_timestep_zero=skip_timestep_zero)
         try:
-            return latents(pipe, num_inference_steps=STEPS, **call), state
+            return latents(pipe, num_inference_steps=steps, **call), state
         finally:
             undo()
 
@@ -173,6 +175,66 @@ def test_todo_with_deepcache_equals_published_helper_on_todo_processors(family, 
                                                                                       "dc_partial+todo"]
 
 
+@contextlib.contextmanager
+def _scheduler(pipe, scheduler_cls, **config):
+    """``pipe.scheduler`` replaced by ``scheduler_cls`` (same betas, ``config`` overrides) within the block."""
+    saved = pipe.scheduler
+    pipe.scheduler = scheduler_cls.from_config(saved.config, **config)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = saved
+
+
+# Schedulers whose last timestep is 0 (checked in the test): Euler with "linspace" spacing (999, 666, 333, 0.0),
+# DDIM with "leading" spacing and steps_offset=0 (750, 500, 250, 0).
+ZERO_SCHEDULERS = [("sd15", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}),
+                   ("sdxl", "DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0}),
+                   ("pixart_alpha", "DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0})]
+
+
+@pytest.mark.parametrize("family,scheduler,config", ZERO_SCHEDULERS, ids=[f"{c[0]}-{c[1]}" for c in ZERO_SCHEDULERS])
+def test_step_at_timestep_zero_is_not_downsampled_as_in_the_official_code(family, scheduler, config):
+    import diffusers
+
+    pipe = shared_optimized(family)
+    factors = (2, 2, 1)
+    steps = 4
+    with _scheduler(pipe, getattr(diffusers, scheduler), **config):
+        expected, state = _oracle_latents(pipe, factors, "nearest", skip_timestep_zero=True, steps=steps)
+        every_step, _ = _oracle_latents(pipe, factors, "nearest", steps=steps)
+        assert (expected - every_step).abs().max().item() > 1e-4, "the timestep-0 rule changes nothing here"
+        tgate_fx.optimize(pipe, todo=ToDoConfig(*factors))  # skip_timestep_zero=True is the default
+        with tgate_fx.get_runtime(pipe).tracing() as trace:
+            got = latents(pipe, num_inference_steps=steps)
+        plan = tgate_fx.get_runtime(pipe).last_plan
+        assert plan.timesteps[-1] == 0.0 and plan.timesteps[0] > 0
+        assert [s.variant.name for s in plan.steps] == ["todo"] * (steps - 1) + ["todo_off"]
+        diff = (got - expected).abs().max().item()
+        assert diff <= TOL, diff
+        # the last step ran the graph with every self-attention at full length, the others downsampled
+        assert {q == k for q, k, role in _sdpa_lengths(trace[-1][2]) if role == "self"} == {True}
+        assert {q == k for q, k, role in _sdpa_lengths(trace[0][2]) if role == "self"} == {False}
+        # without the rule, every step is downsampled (the oracle's other run)
+        tgate_fx.optimize(pipe, todo=ToDoConfig(*factors, skip_timestep_zero=False))
+        assert (latents(pipe, num_inference_steps=steps) - every_step).abs().max().item() <= TOL
+    # schedules that never reach 0 keep one graph
+    tgate_fx.optimize(pipe, todo=ToDoConfig(*factors))
+    latents(pipe, num_inference_steps=steps)
+    assert {s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps} == {"todo"}
+
+
+def test_plan_without_timesteps_assumes_none_is_zero():
+    config = ToDoConfig(2)
+    assert [s.variant.name for s in tgate_fx.Plan(3, config, cfg=True).steps] == ["todo"] * 3
+    plan = tgate_fx.Plan(3, config, cfg=True, timesteps=[900, 450.5, 0])
+    assert [s.variant.name for s in plan.steps] == ["todo", "todo", "todo_off"]
+    assert plan.to_dict()["timesteps"] == [900.0, 450.5, 0.0]
+    assert "off (t=0)" in str(plan)
+    with pytest.raises(ValueError, match=r"one value per step \(3\), got 2"):
+        tgate_fx.Plan(3, config, cfg=True, timesteps=[1, 0])
+
+
 def test_grid_not_divisible_by_the_factor_is_refused():
     pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=ToDoConfig(3))
     with pytest.raises(ValueError, match=r"16x16 token grid .* not divisible by its factor 3"):
@@ -183,7 +245,6 @@ def test_grid_not_divisible_by_the_factor_is_refused():
     ({"factor": 0}, "factor"), ({"factor": "big"}, "factor"), ({"factor_depth2": 0}, "factor_depth2"),
     ({"factor_deeper": -1}, "factor_deeper"), ({"mode": "bilinear"}, "mode"),
     ({"skip_timestep_zero": "yes"}, "skip_timestep_zero"),
-    ({"skip_timestep_zero": True}, "skip_timestep_zero=True .* is not implemented"),
 ])
 def test_bad_settings_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):

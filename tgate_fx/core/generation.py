@@ -19,7 +19,8 @@ requests served from two threads never mix.
 
 At the start it reads the number of steps (the pipeline's ``num_timesteps``
 where it has one, else the scheduler's timesteps after its begin index),
-decides whether the generation runs classifier-free guidance, asks for the
+decides whether the generation runs classifier-free guidance, reads the
+timesteps of its steps if asked to (``with_timesteps``), asks for the
 generation's plan (a :class:`~tgate_fx.core.plan.Plan`, or the stored steps of
 an exported bundle) and clears the caches.
 """
@@ -105,10 +106,13 @@ class GenerationTracker:
             ``ValueError`` for a generation it cannot serve).
         pipeline: The pipeline whose denoiser calls are counted (held weakly).
         sample_arg: Name of the denoiser's latent input (``sample`` or ``hidden_states``).
+        with_timesteps: Call ``plan_for(num_steps, cfg, timesteps)`` instead, with
+            :meth:`timesteps_in_generation` (for methods whose schedule reads timesteps).
     """
 
-    def __init__(self, plan_for: Callable[[int, bool], Plan], pipeline, sample_arg: str):
+    def __init__(self, plan_for: Callable[..., Plan], pipeline, sample_arg: str, *, with_timesteps: bool = False):
         self.plan_for = plan_for
+        self.with_timesteps = with_timesteps
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.sample_arg = sample_arg
         self._local = threading.local()
@@ -158,6 +162,22 @@ class GenerationTracker:
                 "with timesteps; call the denoiser from a diffusers pipeline"
             )
         return len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0)
+
+    def timesteps_in_generation(self, num_steps: int, pipe=None, local: dict | None = None) -> tuple[float, ...] | None:
+        """The timestep the pipeline passes at each of the generation's ``num_steps`` steps, or ``None``.
+
+        The ``timesteps`` its ``__call__`` iterates over (SD-XL's ``denoising_end``
+        shortens them), else the scheduler's from its begin index (img2img), if
+        either has one value per step; ``None`` where neither has.
+        """
+        pipe = pipe if pipe is not None else self._pipeline()
+        scheduler = getattr(pipe, "scheduler", None)
+        begin = int(getattr(scheduler, "begin_index", None) or 0)
+        scheduled = getattr(scheduler, "timesteps", None)
+        for values in ((local or {}).get("timesteps"), scheduled[begin:] if scheduled is not None else None):
+            if isinstance(values, (torch.Tensor, list, tuple)) and len(values) == num_steps:
+                return tuple(float(t) for t in (values.tolist() if isinstance(values, torch.Tensor) else values))
+        return None
 
     def detect_cfg(self, call: dict[str, Any], pipe=None, local: dict | None = None) -> bool:
         """Whether this generation runs classifier-free guidance.
@@ -226,7 +246,8 @@ class GenerationTracker:
         batch), so each method computes a value again until it next records
         it: nothing recorded under the old mode is ever read.
         """
-        gen.plan = self.plan_for(gen.plan.num_steps, cfg)
+        extra = (gen.plan.timesteps,) if self.with_timesteps else ()
+        gen.plan = self.plan_for(gen.plan.num_steps, cfg, *extra)
         self._check_batch(gen.plan, batch)
         gen.caches.clear()
         gen.switched_at = gen.step

@@ -15,6 +15,13 @@ only through this interface:
   refresh its caches (compute everything), e.g. because the batch changes
   there; :meth:`Method.validate` rejects a generation it cannot serve.
 
+A method whose schedule depends on the generation's timesteps (not only on
+the step count) sets :attr:`Method.reads_timesteps`; its ``schedule`` then
+also receives ``timesteps=``: one value per step as the pipeline passes it
+to the denoiser, or ``None`` where they are unknown (a plan made for
+accounting or a check, without a scheduler). The step index never comes from
+them: they only say what a step's timestep is.
+
 Caches are keyed by :class:`CacheKey` ``(method, site, slot)``: two methods
 never share one.
 """
@@ -143,6 +150,8 @@ class Method(ABC):
     name: ClassVar[str]
     title: ClassVar[str]
     config_class: ClassVar[type]
+    #: ``True``: :meth:`schedule` takes a ``timesteps`` keyword (a tuple of floats, one per step, or ``None``).
+    reads_timesteps: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):
@@ -160,7 +169,12 @@ class Method(ABC):
 
     @abstractmethod
     def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
-        """One :class:`MethodStep` per step of a generation of ``num_steps`` steps."""
+        """One :class:`MethodStep` per step of a generation of ``num_steps`` steps.
+
+        A method with :attr:`reads_timesteps` also takes ``timesteps`` (keyword):
+        the timestep of each step, or ``None`` if unknown; it documents what it
+        assumes then.
+        """
 
     def barriers(self, num_steps: int, cfg: bool) -> frozenset[int]:
         """Steps at which the other methods must compute everything (refresh every cache)."""

@@ -73,6 +73,18 @@ class StepPlan:
         return "/".join(phases) or "-"
 
 
+def _timesteps(timesteps: Any, num_steps: int) -> tuple[float, ...] | None:
+    if timesteps is None:
+        return None
+    try:
+        values = tuple(float(t) for t in timesteps)
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be a sequence of numbers (one per step) or None, got {timesteps!r}") from None
+    if len(values) != num_steps:
+        raise ValueError(f"timesteps must have one value per step ({num_steps}), got {len(values)}: {values}")
+    return values
+
+
 def _as_methods(methods: Any) -> list[Method]:
     from ..methods import as_methods  # the registry of method configs
 
@@ -87,24 +99,32 @@ class Plan:
         methods: A method config (``TGateConfig(...)``), a :class:`Method`, or
             a sequence of them.
         cfg: Whether the generation runs classifier-free guidance.
+        timesteps: The timestep of each step (what the pipeline passes to the
+            denoiser; the runtime reads them from the scheduler), or ``None``
+            if unknown. Only methods with
+            :attr:`~tgate_fx.core.method.Method.reads_timesteps` use them (ToDo's
+            ``skip_timestep_zero``); each documents what it assumes without them.
 
     Raises:
         ValueError: if a method cannot serve the generation (e.g. T-GATE's
-            ``gate_step`` beyond ``num_steps``).
+            ``gate_step`` beyond ``num_steps``), or ``timesteps`` is not one
+            number per step.
     """
 
-    def __init__(self, num_steps: int, methods: Any, cfg: bool):
+    def __init__(self, num_steps: int, methods: Any, cfg: bool, timesteps: Sequence[float] | None = None):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
         self.num_steps = num_steps
         self.methods: list[Method] = _as_methods(methods)
         self.cfg = bool(cfg)
+        self.timesteps = _timesteps(timesteps, num_steps)
         for method in self.methods:
             method.validate(num_steps, self.cfg)
         barriers = frozenset().union(*(m.barriers(num_steps, self.cfg) for m in self.methods))
         per_method = {}
         for method in self.methods:
-            schedule = method.schedule(num_steps, self.cfg, barriers - method.barriers(num_steps, self.cfg))
+            extra = {"timesteps": self.timesteps} if method.reads_timesteps else {}
+            schedule = method.schedule(num_steps, self.cfg, barriers - method.barriers(num_steps, self.cfg), **extra)
             if len(schedule) != num_steps:
                 raise RuntimeError(f"method {method.name!r} scheduled {len(schedule)} steps for {num_steps}")
             per_method[method.name] = schedule
@@ -150,6 +170,7 @@ class Plan:
         return {
             "num_steps": self.num_steps,
             "cfg": self.cfg,
+            "timesteps": list(self.timesteps) if self.timesteps is not None else None,
             "methods": {m.name: m.config.to_dict() for m in self.methods},
             "steps": [
                 {"step": s.step, "phase": s.phase, "variant": s.variant.name, "cfg": s.cfg,

@@ -120,11 +120,12 @@ class OptimizedDenoiser(_model_base()):
             raise
         self.methods = list(methods)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
-        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg)
+        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True)
 
-    def plan(self, num_steps: int, cfg: bool) -> Plan:
-        """The plan of a generation of ``num_steps`` steps under this runtime's methods."""
-        return Plan(num_steps, self.methods, cfg)
+    def plan(self, num_steps: int, cfg: bool, timesteps=None) -> Plan:
+        """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known) under this
+        runtime's methods."""
+        return Plan(num_steps, self.methods, cfg, timesteps)
 
     def method_config(self, method: str):
         """The config of ``method`` (``"tgate"``, ``"deepcache"``, ...)."""

@@ -52,22 +52,29 @@ class ToDoConfig:
             ``"max_pool"`` (kernel = stride = factor). The grid of every site
             with a factor > 1 must be divisible by its factor; otherwise
             ``optimize``'s first call raises ``ValueError`` naming the site.
-        skip_timestep_zero: The official processor does not downsample at a step
-            whose timestep is exactly 0. tgate_fx's plans count steps and never
-            read timesteps, so this rule is **not implemented**: the default is
-            ``False`` (every step is downsampled) and ``True`` raises
-            ``ValueError`` rather than be silently ignored. It matters only for schedules whose
-            last timestep is 0 (Euler/Euler-ancestral/Heun/LMS with
+        skip_timestep_zero: Do not downsample at a step whose timestep is 0 (or
+            below), as the official processor does (it downsamples while
+            ``timestep / 1000 > timestep_threshold_stop``, which is 0 in its demo).
+            Such a step runs the full-attention graph (a second variant, label
+            ``todo_off``). The runtime reads each generation's timesteps from the
+            pipeline (the ``timesteps`` its ``__call__`` iterates over, else the
+            scheduler's); where they are unknown (a ``Plan`` made without
+            ``timesteps=``, e.g. ``tgate-fx macs``, or a scheduler whose timesteps
+            do not match the step count) ToDo assumes no step has timestep 0 and
+            downsamples every step. An ONNX bundle stores the steps of the
+            generation it traced and runs them as stored. Only schedules ending
+            at timestep 0 differ (Euler/Euler-ancestral/Heun/LMS with
             ``timestep_spacing="linspace"``; DDIM/PNDM/DDPM with ``"leading"`` and
             ``steps_offset=0``); the shipped SD 1.5/2.1/SD-XL (``steps_offset=1``)
-            and PixArt (DPM-Solver) configs never produce it.
+            and PixArt (DPM-Solver) configs never produce it. Default ``True``,
+            as the official code; ``False`` downsamples every step.
     """
 
     factor: int | str = 2
     factor_depth2: int = 1
     factor_deeper: int = 1
     mode: str = "nearest"
-    skip_timestep_zero: bool = False
+    skip_timestep_zero: bool = True
 
     def __post_init__(self) -> None:
         if self.factor != "auto":
@@ -80,9 +87,6 @@ class ToDoConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.skip_timestep_zero, bool):
             raise ValueError(f"skip_timestep_zero must be True or False, got {self.skip_timestep_zero!r}")
-        if self.skip_timestep_zero:
-            raise ValueError("skip_timestep_zero=True (the official skip of a step whose timestep is 0) is not "
-                             "implemented: tgate_fx's schedules count steps and do not read timesteps; use False")
 
     def setting(self, depth: int) -> int | str:
         """The configured factor (an int, or ``"auto"`` at depth 1) for a site at ``depth``."""

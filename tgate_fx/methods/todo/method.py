@@ -20,7 +20,10 @@ and one resolution's grid must not refuse another's generation.
 Schedule: every step transforms every depth whose configured factor is not
 1 (``"auto"`` included), with option ``(factor setting, mode)``; the pass is
 :class:`~tgate_fx.passes.DownsampleKeyValues`. One graph serves every step
-(composed with other methods, their variants each get it).
+(composed with other methods, their variants each get it), except, with
+``skip_timestep_zero``, a step whose timestep is <= 0: it transforms nothing
+(label ``todo_off``), as the official processor downsamples only while
+``timestep / 1000 > 0``. Without known timesteps no step is taken for 0.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class ToDo(Method):
     name = NAME
     config_class = ToDoConfig
     title = "ToDo"
+    reads_timesteps = True
 
     def factor_at(self, depth: int, latent_hw: tuple[int, int]) -> int:
         """The factor of a site at ``depth`` for a latent of ``latent_hw``."""
@@ -161,13 +165,17 @@ class ToDo(Method):
                 node.meta[key] = {"group": _group(depth), "site": site.path, "slot": slot,
                                   "grid": grid, "factor": factor, "depth": depth, "error": error}
 
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
+    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int],
+                 timesteps: tuple[float, ...] | None = None) -> list[MethodStep]:
         c = self.config
         rewrites = frozenset(Rewrite(NAME, group, TRANSFORM, option=(c.setting(d), c.mode))
                              for d, group in enumerate(GROUPS, 1) if c.setting(d) != 1)
         factors = "/".join(str(c.setting(d)) for d in (1, 2, 3))
         step = MethodStep("todo", rewrites, columns=(("todo", f"{factors} {c.mode}" if rewrites else "off"),))
-        return [step] * num_steps
+        if not (c.skip_timestep_zero and rewrites and timesteps is not None):
+            return [step] * num_steps
+        skipped = MethodStep("todo_off", columns=(("todo", "off (t=0)"),))
+        return [skipped if t <= 0 else step for t in timesteps]
 
     def transform_pass(self, nodes: list, option) -> DownsampleKeyValues:
         setting, mode = option
@@ -189,4 +197,4 @@ class ToDo(Method):
     def describe(self) -> str:
         c = self.config
         return (f"factor={c.factor!r}, factor_depth2={c.factor_depth2}, factor_deeper={c.factor_deeper}, "
-                f"mode={c.mode!r}")
+                f"mode={c.mode!r}, skip_timestep_zero={c.skip_timestep_zero}")
