@@ -100,10 +100,15 @@ class OracleDenoiser(torch.nn.Module):
         if not post_gate:
             return self.denoiser(sample, *args, **kwargs)
         batch = sample.shape[0]
+        # AnimateDiff: text embeddings repeated per frame, unconditional frames first.
+        # Stable Video Diffusion: the reference runs the conditional image latents and embeddings.
+        kind = type(self.denoiser).__name__
+        sizes = {batch, batch * sample.shape[2]} if kind == "UNetMotionModel" else {batch}
+        second = kind == "UNetSpatioTemporalConditionModel"
 
         def half(x):
-            if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch:
-                return x[: batch // 2]
+            if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] in sizes:
+                return x[x.shape[0] // 2:] if second else x[: x.shape[0] // 2]
             if isinstance(x, dict):
                 return {k: half(v) for k, v in x.items()}
             if isinstance(x, (list, tuple)):

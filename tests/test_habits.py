@@ -268,3 +268,34 @@ def test_report_states_which_methods_apply():
     assert "methods that apply to PixArtTransformer2DModel: T-GATE yes, DeepCache no (DeepCache needs a UNet" in text
     text = tgate_fx.report(tgate_fx.optimize(tiny_pipeline("sd15")), num_inference_steps=25)
     assert "T-GATE yes, DeepCache yes" in text
+
+
+def test_fuse_qkv_projections_before_optimize():
+    pipe = tiny_pipeline("sd15")
+    unfused = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    pipe.fuse_qkv_projections()
+    tgate_fx.optimize(pipe, **NOTHING_CACHED)
+    got, expected = _both(pipe)
+    assert torch.equal(got, expected)
+    tgate_fx.optimize(pipe, gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    # fused projections compute the same values as separate ones (to float rounding)
+    assert torch.allclose(latents(pipe, num_inference_steps=STEPS), latents(unfused, num_inference_steps=STEPS),
+                          atol=1e-5)
+
+
+def test_fuse_qkv_projections_after_first_call():
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
+    latents(pipe, num_inference_steps=STEPS)
+    pipe.fuse_qkv_projections()
+    got, expected = _both(pipe)
+    assert tgate_fx.get_runtime(pipe).recaptures == 1
+    assert torch.equal(got, expected)
+
+
+def test_todo_refuses_fused_self_attention_projections():
+    # ToDo downsamples the key/value input only; a fused to_qkv reads one input for all three
+    pipe = tiny_pipeline("sd15")
+    pipe.fuse_qkv_projections()
+    tgate_fx.optimize(pipe, tgate=None, todo=tgate_fx.ToDoConfig(factor=2))
+    with pytest.raises(ValueError, match="to_k"):
+        latents(pipe, num_inference_steps=2)

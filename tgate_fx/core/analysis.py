@@ -137,15 +137,17 @@ def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = A
     sites = []
     for path, nodes in by_site.items():
         members = set(nodes)
-        to_q = _first_in_submodule(nodes, path + ".to_q")
-        to_k = _first_in_submodule(nodes, path + ".to_k")
+        # fused projections (`pipe.fuse_qkv_projections()`): to_qkv for self-attention, to_kv for cross
+        to_q = _first_in_submodule(nodes, path + ".to_q") or _first_in_submodule(nodes, path + ".to_qkv")
+        to_k = (_first_in_submodule(nodes, path + ".to_k") or _first_in_submodule(nodes, path + ".to_qkv")
+                or _first_in_submodule(nodes, path + ".to_kv"))
         outs = [n for n in nodes if any(_within(p, path + ".to_out")
                                          for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
         leaving = [n for n in nodes if any(u not in members for u in n.users)]
         if to_q is None or to_k is None or not outs or len(leaving) != 1:
             raise ValueError(
                 f"attention module {path!r} does not look like a diffusers Attention call "
-                f"(to_q={to_q}, to_k={to_k}, to_out nodes={len(outs)}, outputs={[n.name for n in leaving]})"
+                f"(query/key projections to_q/to_k, to_qkv or to_kv: to_q={to_q}, to_k={to_k}, to_out nodes={len(outs)}, outputs={[n.name for n in leaving]})"
             )
         value = outs[-1]
         q_src = _external_source(to_q, members)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from .plan import Plan, StepPlan
 
-__all__ = ["GenerationTracker", "Step", "output_class", "take_unconditional_half"]
+__all__ = ["GenerationTracker", "Step", "output_class", "take_half"]
 
 
 def output_class(denoiser: torch.nn.Module):
@@ -56,12 +56,33 @@ def output_class(denoiser: torch.nn.Module):
     return Transformer2DModelOutput
 
 
-def take_unconditional_half(call: dict[str, Any], batch: int) -> dict[str, Any]:
-    """Keep the first (unconditional) half of every batched tensor of a call."""
-    half = batch // 2
-    return pytree.tree_map(
-        lambda x: x[:half] if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch else x, call
-    )
+# A step that drops guidance keeps one half of the CFG batch: the unconditional one, except for
+# Stable Video Diffusion, whose unconditional half has zero image latents and embeddings (it
+# would generate without the input image); its published T-GATE runs the conditional half.
+_KEEPS_CONDITIONAL_HALF = frozenset({"UNetSpatioTemporalConditionModel"})
+# AnimateDiff's UNetMotionModel takes (batch, channels, frames, h, w) latents and text embeddings
+# repeated per frame (repeat_interleave: the unconditional block of frames first).
+_PER_FRAME_CONDITIONING = frozenset({"UNetMotionModel"})
+
+
+def take_half(call: dict[str, Any], sample_arg: str, denoiser_class: str) -> dict[str, Any]:
+    """The half of a CFG call that a step dropping guidance runs (see ``_KEEPS_CONDITIONAL_HALF``).
+
+    A tensor is batched if its leading dimension is the latents' batch, or
+    ``batch * frames`` for a denoiser with per-frame conditioning.
+    """
+    sample = call[sample_arg]
+    batch = sample.shape[0]
+    sizes = {batch, batch * sample.shape[2]} if denoiser_class in _PER_FRAME_CONDITIONING else {batch}
+    second = denoiser_class in _KEEPS_CONDITIONAL_HALF
+
+    def half(x):
+        if not (isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] in sizes):
+            return x
+        n = x.shape[0] // 2
+        return x[n:] if second else x[:n]
+
+    return pytree.tree_map(half, call)
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .capture import InputSignature, capture_denoiser, normalize_call, signature_of
-from .generation import GenerationTracker, output_class, take_unconditional_half
+from .generation import GenerationTracker, output_class, take_half
 from .method import Method
 from .plan import Plan
 from .state import fingerprint
@@ -288,7 +288,7 @@ class OptimizedDenoiser(_model_base()):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
         if step.drops_uncond:
-            call = take_unconditional_half(call, call[self._sample_arg].shape[0])
+            call = take_half(call, self._sample_arg, type(self.denoiser).__name__)
         with self._lock:
             if step.plan.step == 0:
                 self._check_state()

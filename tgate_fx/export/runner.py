@@ -35,7 +35,7 @@ import torch
 from dataclasses import dataclass, field
 
 from ..core.capture import normalize_call, signature_of, tensor_inputs
-from ..core.generation import GenerationTracker, take_unconditional_half
+from ..core.generation import GenerationTracker, take_half
 from .bundle import read_plan
 
 __all__ = ["OnnxDenoiser"]
@@ -254,7 +254,7 @@ class OnnxDenoiser:
         step = self._tracker.next_step(call)
         stored: _StoredStep = step.plan
         if stored.drops_uncond:
-            call = take_unconditional_half(call, call[self._sample_arg].shape[0])
+            call = take_half(call, self._sample_arg, self._class_name)
         where = f"step {stored.step} ({stored.variant})"
         self._capture_for(call, [stored.capture], where)
         prediction, written = self._run(call, stored.capture, stored.variant, step.caches, where)
