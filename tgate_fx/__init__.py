@@ -15,8 +15,8 @@ from .accounting.macs import count_macs, plan_macs
 from .accounting.report import report
 from .api import get_runtime, optimize, restore
 from .core.plan import Plan
-from .methods import DeepCacheConfig, TGateConfig, ToDoConfig
+from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
 
-__all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "ToDoConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
+__all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "ToCaConfig", "ToDoConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
            "report", "restore"]
 __version__ = "0.2.0"

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 
 from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
-from .methods import DeepCacheConfig, TGateConfig, ToDoConfig, as_methods
+from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
 
 __all__ = ["get_runtime", "optimize", "restore"]
 
 _TGATE_ARGS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "lcm")
 
 
-def _denoiser_attribute(pipe: Any) -> str:
+def _denoiser_attribute(pipe: Any, class_conditioned: bool = False) -> str:
     from diffusers import DiffusionPipeline
     from diffusers.models.attention_processor import Attention
 
@@ -30,13 +30,15 @@ def _denoiser_attribute(pipe: Any) -> str:
     name, module = found
     if isinstance(module, OptimizedDenoiser):
         module = module.denoiser
-    text_conditioned = "encoder_hidden_states" in inspect.signature(module.forward).parameters
+    params = inspect.signature(module.forward).parameters
+    text_conditioned = "encoder_hidden_states" in params or (class_conditioned and "class_labels" in params)
     if not text_conditioned or not any(isinstance(m, Attention) for m in module.modules()):
         raise TypeError(
             f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
             "denoiser with diffusers Attention modules; supported denoisers "
             "are UNet2DConditionModel and "
-            "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel)"
+            "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel; with ToCa also "
+            "the class-conditioned DiTTransformer2DModel)"
         )
     return name
 
@@ -65,6 +67,7 @@ def optimize(
     tgate: TGateConfig | bool | None = None,
     deepcache: DeepCacheConfig | None = None,
     todo: ToDoConfig | None = None,
+    toca: ToCaConfig | None = None,
     methods: Any = None,
     compile: bool | dict = False,
 ):
@@ -83,6 +86,8 @@ def optimize(
       both (the combination the T-GATE paper reports); ``tgate=True`` takes
       T-GATE's defaults;
     * ``optimize(pipe, todo=ToDoConfig(factor=2))``: ToDo alone (composes with both others);
+    * ``optimize(pipe, toca=ToCaConfig())``: ToCa with the official defaults of the denoiser's family
+      (PixArt, DiT); with ``tgate=TGateConfig(gate_step, 1, 1, 0)`` T-GATE owns cross-attention after its gate;
     * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
 
     The denoiser (``pipe.unet`` or ``pipe.transformer``) is replaced by an
@@ -100,6 +105,7 @@ def optimize(
         tgate: A :class:`TGateConfig`, or ``True`` for its defaults.
         deepcache: A :class:`DeepCacheConfig`.
         todo: A :class:`ToDoConfig` (key/value downsampling of self-attention).
+        toca: A :class:`ToCaConfig` (token-wise feature caching; PixArt and DiT transformers).
         methods: A list of method configs, instead of the keywords.
         compile: ``True`` compiles every graph variant with ``torch.compile``
             (once each, at first use); a dict is passed to ``torch.compile`` as
@@ -119,10 +125,10 @@ def optimize(
         tgate_fx.restore(pipe)
     """
     chosen = _chosen_methods(dict(zip(_TGATE_ARGS, (gate_step, sp_interval, fi_interval, warm_up, lcm))),
-                             config, tgate, deepcache, methods, todo)
+                             config, tgate, deepcache, methods, todo, toca)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
-    name = _denoiser_attribute(pipe)
+    name = _denoiser_attribute(pipe, class_conditioned=any(m.name == "toca" for m in chosen))
     installed = getattr(pipe, name)
     current = unwrap_compiled(installed)
     for method in chosen:
@@ -144,10 +150,10 @@ def optimize(
     return pipe
 
 
-def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None) -> list:
+def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None, toca=None) -> list:
     given = {k: v for k, v in tgate_args.items() if v is not None}
     if methods is not None:
-        if given or config is not None or tgate is not None or deepcache is not None or todo is not None:
+        if given or any(x is not None for x in (config, tgate, deepcache, todo, toca)):
             raise TypeError("pass methods=[...] alone, or the method keywords, not both")
         return as_methods(methods)
     if config is not None and tgate is not None:
@@ -167,9 +173,11 @@ def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=No
         raise TypeError(f"deepcache must be a DeepCacheConfig, got {type(deepcache).__name__}")
     if todo is not None and not isinstance(todo, ToDoConfig):
         raise TypeError(f"todo must be a ToDoConfig, got {type(todo).__name__}")
-    if tgate is None and deepcache is None and todo is None:
+    if toca is not None and not isinstance(toca, ToCaConfig):
+        raise TypeError(f"toca must be a ToCaConfig, got {type(toca).__name__}")
+    if tgate is None and deepcache is None and todo is None and toca is None:
         tgate = TGateConfig()  # the call users know: optimize(pipe) is T-GATE with its defaults
-    return as_methods([c for c in (tgate, deepcache, todo) if c is not None])
+    return as_methods([c for c in (tgate, deepcache, todo, toca) if c is not None])
 
 
 def restore(pipe: Any):

@@ -216,6 +216,19 @@ def _build_pixart(seed: int, *, sigma: bool = False, lcm: bool = False):
                scheduler=scheduler)
 
 
+def _build_dit(seed: int):
+    """A class-conditioned DiT (DiTTransformer2DModel, adaLN-zero blocks, learned sigma) in diffusers' DiTPipeline."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=2, sample_size=16,
+        patch_size=2, num_embeds_ada_norm=1000,  # DiTPipeline's null class is 1000
+    ).eval()
+    scheduler = DDIMScheduler(beta_schedule="linear", **_THRESHOLDING)
+    return DiTPipeline(transformer=transformer, vae=_vae(seed + 1), scheduler=scheduler)
+
+
 @dataclass(frozen=True)
 class Family:
     """A tiny pipeline family: how to build it and how to call it."""
@@ -242,6 +255,8 @@ FAMILIES: dict[str, Family] = {
     "pixart_sigma": Family(lambda s: _build_pixart(s, sigma=True), dict(_PIXART_CALL), denoiser="transformer"),
     "lcm_pixart": Family(lambda s: _build_pixart(s, lcm=True), {**_PIXART_CALL, "guidance_scale": 0.0},
                          cfg=False, denoiser="transformer"),
+    # class-conditioned: call it with class_labels=[...] (no prompt); its latent is 16x16 (8x8 tokens)
+    "dit": Family(_build_dit, {"guidance_scale": 4.0}, denoiser="transformer"),
     "sd15_img2img": Family(_build_sd_img2img, {"guidance_scale": 7.5, "strength": 0.6}),
     "sd15_controlnet": Family(_build_sd_controlnet, dict(_SD_CALL)),
 }
@@ -254,11 +269,13 @@ def _calibrate_output_scale(pipe, denoiser_name: str, call_kwargs: dict) -> None
     model does; unit-scale outputs keep the sampled latents in a realistic range.
     """
     denoiser = getattr(pipe, denoiser_name)
-    final = denoiser.conv_out if hasattr(denoiser, "conv_out") else denoiser.proj_out
+    final = next(getattr(denoiser, n) for n in ("conv_out", "proj_out", "proj_out_2") if hasattr(denoiser, n))
+    class_conditioned = type(denoiser).__name__ == "DiTTransformer2DModel"
     seen = []
     handle = denoiser.register_forward_hook(lambda m, a, out: seen.append(out[0].float().std()))
     try:
-        pipe("a photo", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+        pipe([1] if class_conditioned else "a photo", num_inference_steps=2,
+             output_type="pt" if class_conditioned else "latent", generator=torch.Generator().manual_seed(0),
              **call_kwargs)
     finally:
         handle.remove()

@@ -12,7 +12,18 @@ several methods combine, the way the eager reference code behaves:
   computing when their cache is empty);
 * a record or read of a value that the step's other reads leave dead (e.g. an
   attention site inside the UNet blocks DeepCache skips) is not made: the
-  value is not computed at that step, so nothing is recorded.
+  value is not computed at that step, so nothing is recorded; a transform of
+  such a value is not made either;
+* a value one method records while another method reads it from its own
+  cache at that step is recorded as read (it is what the step uses there).
+
+A transform's pass may also read and write caches: if the pass object has a
+``caches`` attribute, :func:`build_variant` sets it to the variant's
+:class:`CacheIO` before running it. A read is a new input named after its
+key (or, if an earlier transform of the same graph wrote that key, that
+value); each write becomes an output after the records. The method must
+make sure a cache its transforms read exists when the step runs (the
+runtime does not fall back to computing it).
 
 :func:`build_variant` then runs the passes on a copy of the graph (sharing
 its parameters): :class:`~tgate_fx.passes.ExposeValues` for the records,
@@ -40,7 +51,8 @@ from .capture import Capture
 from .method import CFG_MEAN, RECORD, REUSE, TRANSFORM, CacheKey, Method, Rewrite, tagged_nodes
 from .plan import Plan, StepPlan, VariantSpec
 
-__all__ = ["CapturedGraphs", "Resolved", "Variant", "build_variant", "copy_graph_module", "resolve", "walk_plan"]
+__all__ = ["CacheIO", "CapturedGraphs", "Resolved", "Variant", "build_variant", "copy_graph_module", "resolve",
+           "walk_plan"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,8 @@ def _targets(graph: fx.Graph, spec: VariantSpec) -> list[tuple[fx.Node, CacheKey
         for node, key in tagged_nodes(graph, rewrite.method, rewrite.group):
             if node in owner:
                 other_key, other = owner[node]
-                if other.method != rewrite.method and not (other.action == RECORD == rewrite.action):
+                pair = {other.action, rewrite.action}
+                if other.method != rewrite.method and pair not in ({RECORD}, {RECORD, REUSE}):
                     raise ValueError(
                         f"methods {other.method!r} and {rewrite.method!r} cannot be composed: both rewrite node "
                         f"{node.name} ({other.action} of {other_key.site!r} vs {rewrite.action} of {key.site!r})")
@@ -116,11 +129,12 @@ def resolve(graph: fx.Graph, spec: VariantSpec, available: Iterable[CacheKey] | 
             reads.remove((node, key))
             skipped.append((key, "read: value not needed at this step"))
     cut = {n for n, _ in reads}
+    readers = {n: k.method for n, k in reads}
     records = []
     for node, key, rewrite in targets:
         if rewrite.action != RECORD:
             continue
-        if node in live and node not in cut:
+        if node in live and (node not in cut or readers[node] != key.method):
             records.append((node, key, rewrite.reduce == CFG_MEAN))
         else:
             skipped.append((key, "record: value not computed at this step"))
@@ -206,6 +220,38 @@ def _find(graph: fx.Graph, keys: Iterable[CacheKey]) -> dict[CacheKey, fx.Node]:
     return found
 
 
+class CacheIO:
+    """The cache reads and writes the transforms of one variant make (see the module docstring).
+
+    Attributes:
+        reads: Cache key -> the input node that reads it, in order of first read.
+        writes: Cache key -> the node whose value is written, in order of first write.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.reads: dict[CacheKey, fx.Node] = {}
+        self.writes: dict[CacheKey, fx.Node] = {}
+
+    def read(self, key: CacheKey, val: torch.Tensor) -> fx.Node:
+        """The value of cache ``key`` (``val``: its fake value, shape and dtype) at this point of the graph."""
+        if key in self.writes:
+            return self.writes[key]
+        if key not in self.reads:
+            placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+            with self.graph.inserting_after(placeholders[-1]):
+                node = self.graph.placeholder(key.input_name())
+            if node.name != key.input_name():
+                raise ValueError(f"cache input name {key.input_name()!r} clashes with a node of the graph")
+            node.meta["val"] = val
+            self.reads[key] = node
+        return self.reads[key]
+
+    def write(self, key: CacheKey, node: fx.Node) -> None:
+        """Write ``node``'s value to cache ``key`` (a later write of the same key replaces it)."""
+        self.writes[key] = node
+
+
 def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Method] = ()) -> Variant:
     """Specialise ``base`` (a tagged capture graph) as ``resolved`` says; ``base`` is not modified.
 
@@ -216,14 +262,18 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
     keys = [k for k, _ in resolved.records] + list(resolved.reads) + [k for *_, ks in resolved.transforms for k in ks]
     nodes = _find(gm.graph, keys)
     by_name = {m.name: m for m in methods}
-    passes = []
+    io = CacheIO(gm.graph)
     for method, option, transform_keys in resolved.transforms:
         if method not in by_name:
             raise ValueError(f"variant {resolved.spec.name!r} transforms nodes of method {method!r}, which is not given")
-        passes.append(by_name[method].transform_pass([nodes[k] for k in transform_keys], option))
-    if resolved.records:
-        passes.append(ExposeValues([nodes[k] for k, _ in resolved.records],
-                                   cfg_mean=[nodes[k] for k, mean in resolved.records if mean]))
+        graph_pass = by_name[method].transform_pass([nodes[k] for k in transform_keys], option)
+        if hasattr(graph_pass, "caches"):
+            graph_pass.caches = io
+        gm = graph_pass(gm).graph_module
+    passes = []
+    exposed = [nodes[k] for k, _ in resolved.records] + list(io.writes.values())
+    if exposed:
+        passes.append(ExposeValues(exposed, cfg_mean=[nodes[k] for k, mean in resolved.records if mean]))
     if resolved.reads:
         passes.append(ReplaceValuesWithCache([(nodes[k], k.input_name()) for k in resolved.reads]))
     passes += [EliminateDeadCode(), RemoveUnusedInputs()]
@@ -231,6 +281,11 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
         gm = graph_pass(gm).graph_module
     gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if io.reads or io.writes:  # the variant's calling convention includes the transforms' caches
+        kept = {n.name for n in placeholders}
+        resolved = Resolved(resolved.spec, resolved.records + tuple((k, False) for k in io.writes),
+                            resolved.reads + tuple(k for k in io.reads if k.input_name() in kept),
+                            resolved.skipped, resolved.transforms)
     return Variant(resolved.spec, resolved, gm, [n.name for n in placeholders],
                    {n.name: n.meta["val"] for n in placeholders})
 

@@ -12,12 +12,14 @@ from typing import Any
 from ..core.method import Method
 from .deepcache import DeepCache, DeepCacheConfig
 from .tgate import TGate, TGateConfig
+from .toca import ToCa, ToCaConfig
 from .todo import ToDo, ToDoConfig
 
-__all__ = ["METHODS", "DeepCache", "DeepCacheConfig", "TGate", "TGateConfig", "ToDo", "ToDoConfig", "as_methods"]
+__all__ = ["METHODS", "DeepCache", "DeepCacheConfig", "TGate", "TGateConfig", "ToCa", "ToCaConfig", "ToDo", "ToDoConfig",
+           "as_methods"]
 
 # Method name -> method class, in the order methods are composed and printed.
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TGate, DeepCache, ToDo)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TGate, DeepCache, ToDo, ToCa)}
 _BY_CONFIG = {m.config_class: m for m in METHODS.values()}
 
 
@@ -42,4 +44,9 @@ def as_methods(methods: Any) -> list[Method]:
     if len(set(names)) != len(names):
         raise ValueError(f"each method may appear once, got {names}")
     order = list(METHODS)
-    return sorted(out, key=lambda m: order.index(m.name) if m.name in order else len(order))
+    out = sorted(out, key=lambda m: order.index(m.name) if m.name in order else len(order))
+    for method in out:  # a method may adapt to the others (ToCa: steps where another drops the CFG half)
+        compose = getattr(method, "compose", None)
+        if compose is not None:
+            compose([m for m in out if m is not method])
+    return out

@@ -1,0 +1,164 @@
+"""Run a token-wise region of a graph on chosen tokens only: gather the rows, copy the region for k rows.
+
+Takes, per region, its *source* (a ``(B, N, C)`` value), its *output* (a
+``(B, N, ...)`` value computed from the source) and an *index* node
+``(B, k)`` of int64 token positions, ``0 < k < N``. The region is every node
+on a path from the source to the output. Assumes the region is token-wise:
+row ``n`` of the output depends only on row ``n`` of the source (and on
+values that have no token dimension, such as text keys, a mask, weights),
+e.g. a cross-attention whose queries come from the source, or an MLP with
+its norm. Inserts ``gather(source, 1, index)`` and a copy of the region on
+those ``k`` rows, right before the output's first user; values of the region
+that do not depend on the source are shared, not copied. Shape arguments
+(``view``/``reshape``/``expand``) that name the token count are rewritten
+for ``k`` (``ValueError`` if the token dimension cannot be told apart).
+Guarantees: the original region is untouched; new nodes carry
+``meta["val"]`` and the provenance (and region tag, without ``value``) of the
+node they copy; :attr:`RestrictToTokens.copies` maps each region node to its
+copy, per region.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from ..core.analysis import TAG
+from ._infra import GraphPass, PassResult
+
+__all__ = ["RestrictToTokens", "TokenRegion", "call_with_meta"]
+
+aten = torch.ops.aten
+_SHAPED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class TokenRegion(NamedTuple):
+    """A token-wise region: its source ``(B, N, C)``, its output, and the ``(B, k)`` token index to run it on."""
+
+    source: fx.Node
+    output: fx.Node
+    index: fx.Node
+
+
+def call_with_meta(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None,
+                   like: fx.Node | None = None) -> fx.Node:
+    """``target(*args, **kwargs)`` as a node at the graph's insertion point, with ``meta["val"]`` and ``like``'s provenance."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    leaves = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    with detect_fake_mode(leaves) or torch._subclasses.FakeTensorMode():
+        node.meta["val"] = target(*vals[0], **vals[1])
+    if like is not None:
+        for key in _PROVENANCE:
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    return node
+
+
+def _region(source: fx.Node, output: fx.Node) -> list[fx.Node]:
+    below, stack = set(), [source]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in below:
+                below.add(u)
+                stack.append(u)
+    above, stack = set(), [output]
+    while stack:
+        n = stack.pop()
+        if n in above:
+            continue
+        above.add(n)
+        stack.extend(n.all_input_nodes)
+    if output not in below:
+        raise ValueError(f"{output.name} is not computed from {source.name}: no region to restrict")
+    return [n for n in output.graph.nodes if n in below and n in above]
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def _token_shape(shape: list, old_in: tuple[int, ...], dim: int, n: int, k: int, where: str) -> list:
+    """``shape`` (a view's target) with the token dimension of an input of shape ``old_in`` (token dim ``dim``) set to k."""
+    if -1 in shape:
+        return list(shape)
+    outer = math.prod(old_in[:dim])
+    hits = [i for i in range(len(shape)) if math.prod(shape[:i]) == outer and shape[i] == n]
+    if len(hits) != 1:
+        raise ValueError(f"cannot tell the token dimension of {where}'s shape {list(shape)} (input {list(old_in)}, "
+                         f"{n} tokens at dim {dim}); the region is not restrictable")
+    out = list(shape)
+    out[hits[0]] = k
+    return out
+
+
+def _changed_dim(old: tuple[int, ...], new: tuple[int, ...], where: str) -> int | None:
+    if len(old) != len(new):
+        raise ValueError(f"{where} changed rank when restricted ({old} -> {new})")
+    dims = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    if len(dims) > 1:
+        raise ValueError(f"{where} changed more than one dimension when restricted ({old} -> {new})")
+    return dims[0] if dims else None
+
+
+class RestrictToTokens(GraphPass):
+    def __init__(self, regions: Sequence[TokenRegion]):
+        self.regions = [TokenRegion(*r) for r in regions]
+        self.copies: list[dict[fx.Node, fx.Node]] = []
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        self.copies = []
+        for source, output, index in self.regions:
+            for node in (source, output, index):
+                if node.graph is not graph:
+                    raise ValueError(f"node {node.name} is not in the graph this pass runs on")
+            b, n = _shape(source)[:2]
+            k = _shape(index)[1]
+            if len(_shape(source)) != 3 or _shape(index)[0] != b or not 0 < k < n:
+                raise ValueError(f"restricting {source.name} {_shape(source)} to index {index.name} "
+                                 f"{_shape(index)}: need a (B, N, C) source and a (B, k) index with 0 < k < N")
+            region = _region(source, output)
+            anchor = min(output.users, key=lambda u: list(graph.nodes).index(u)) if output.users else None
+            ctx = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(output)
+            with ctx:
+                wide = call_with_meta(graph, aten.unsqueeze.default, (index, -1), like=source)
+                wide = call_with_meta(graph, aten.expand.default, (wide, [b, k, _shape(source)[2]]), like=source)
+                rows = call_with_meta(graph, aten.gather.default, (source, 1, wide), like=source)
+                env: dict[fx.Node, fx.Node] = {source: rows}
+                token_dim: dict[fx.Node, int] = {rows: 1}
+                for node in region:
+                    if node.op != "call_function":
+                        raise ValueError(f"cannot restrict {node.op} node {node.name}")
+                    args = fx.node.map_arg(node.args, lambda a: env.get(a, a))
+                    if node.target in _SHAPED or node.target is aten.expand.default:
+                        inp = node.args[0]
+                        dim = token_dim.get(env[inp]) if inp in env else None
+                        if dim is not None:
+                            if node.target is aten.expand.default:
+                                shape = list(args[1])
+                                out_dim = dim + len(shape) - len(_shape(inp))
+                                if shape[out_dim] == n:
+                                    shape[out_dim] = k
+                            else:
+                                shape = _token_shape(list(args[1]), _shape(inp), dim, n, k, node.name)
+                            args = (args[0], shape, *args[2:])
+                    kwargs = fx.node.map_arg(node.kwargs, lambda a: env.get(a, a))
+                    new = call_with_meta(graph, node.target, args, kwargs, like=node)
+                    if TAG in node.meta:
+                        new.meta[TAG] = {key: v for key, v in node.meta[TAG].items() if key != "value"}
+                    if isinstance(new.meta["val"], torch.Tensor):
+                        dim = _changed_dim(_shape(node), _shape(new), node.name)
+                        if dim is not None:
+                            token_dim[new] = dim
+                    env[node] = new
+            self.copies.append(env)
+        return PassResult(graph_module, bool(self.regions))
