@@ -338,3 +338,36 @@ def test_dynamo_exporter(tmp_path):
     with onnx_denoiser(pipe, str(tmp_path)):
         got = latents(pipe, num_inference_steps=steps)
     assert _diff(got, ref) <= TOL
+
+
+def test_weights_changed_in_place_are_refused(tmp_path_factory, tmp_path):
+    source = bundle("pixart_alpha", "reuse", tmp_path_factory)
+    directory = shutil.copytree(source, tmp_path / "bundle")
+    with open(directory / WEIGHTS_FILE, "r+b") as f:  # same size, other bytes: NaNs at run time otherwise
+        f.seek(os.path.getsize(directory / WEIGHTS_FILE) // 2)
+        f.write(b"\xff" * 64)
+    with pytest.raises(ValueError, match="weights.bin does not hold the bytes it was exported with"):
+        OnnxDenoiser.from_dir(str(directory))
+    OnnxDenoiser.from_dir(str(directory), verify=False)  # the check can be skipped, knowingly
+
+
+def test_export_from_prompt_embeddings(tmp_path):
+    # Pipelines driven by embeddings (no tokenizer; prompt-weighting tools): no prompt at all
+    pipe = tgate_fx.optimize(tgate_fx.tiny.tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1,
+                             warm_up=0)
+    embeds, negative = pipe.encode_prompt("a red circle", "cpu", 1, True)
+    call = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=7.5, num_inference_steps=4)
+    settings = dict(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    out = export_onnx(pipe, str(tmp_path / "b"), 32, 32, **settings, **call)
+    with open(os.path.join(out, PLAN_FILE)) as f:
+        assert json.load(f)["call"]["prompt_embeds"] == {"tensor": list(embeds.shape), "dtype": "torch.float32"}
+
+    def run(p):
+        return p(height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="latent",
+                 **call).images
+
+    expected = run(pipe)
+    with onnx_denoiser(pipe, out):
+        assert _diff(run(pipe), expected) < TOL
+    with pytest.raises(ValueError, match="prompt_embeds must be a tensor with batch_size"):
+        export_onnx(pipe, str(tmp_path / "c"), 32, 32, batch_size=2, **settings, **call)

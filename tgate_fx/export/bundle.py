@@ -21,11 +21,12 @@ the standard library.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
-__all__ = ["FORMAT", "PLAN_FILE", "VERSION", "WEIGHTS_FILE", "read_plan"]
+__all__ = ["FORMAT", "PLAN_FILE", "VERSION", "WEIGHTS_FILE", "file_digest", "read_plan"]
 
 FORMAT = "tgate_fx.onnx"
 VERSION = 2
@@ -40,17 +41,30 @@ def _require(data: dict, key: str, where: str) -> Any:
     return data[key]
 
 
-def read_plan(directory: str) -> dict:
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, as hex (read in 16 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_plan(directory: str, *, verify: bool = True) -> dict:
     """Read and check ``directory/plan.json``.
 
     Checks that every file it names exists, that every step names a variant
     of a capture it describes, and that each variant's cache reads and writes
-    name its inputs and outputs. The ONNX files themselves are compared with
-    the plan by the runtime, which opens them.
+    name its inputs and outputs. With ``verify`` (the default) every file's
+    SHA-256 is compared with the one ``plan.json`` records (``"sha256"``
+    entries): a file changed in place, even at the same size, is refused
+    (about 1 s per 2 GB). The ONNX files themselves are compared with the
+    plan by the runtime, which opens them.
 
     Raises:
         FileNotFoundError: naming the missing file.
-        ValueError: naming the entry that is missing or inconsistent.
+        ValueError: naming the entry that is missing or inconsistent, or the
+            file whose bytes differ from the export's.
     """
     path = os.path.join(directory, PLAN_FILE)
     if not os.path.isfile(path):
@@ -74,12 +88,16 @@ def read_plan(directory: str) -> dict:
     if expected is not None and size != expected:
         raise ValueError(f"weights file {weights} has {size} bytes, {path} says {expected}: "
                          "the bundle's files come from different exports")
+    if verify:
+        _verify(weights, plan["weights"], path)
     for cid, capture in plan["captures"].items():
         for vname, variant in _require(capture, "variants", f"capture {cid!r}").items():
             where = f"variant {vname!r} of capture {cid!r} in {path}"
             file = os.path.join(directory, _require(variant, "file", where))
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"model file {file} of {where} not found")
+            if verify:
+                _verify(file, variant, path)
             inputs = {t["name"] for t in _require(variant, "inputs", where)}
             outputs = {t["name"] for t in _require(variant, "outputs", where)}
             bad = [n for n in _require(variant, "reads", where).values() if n not in inputs]
@@ -106,3 +124,10 @@ def read_plan(directory: str) -> dict:
             raise ValueError(f"step {step.get('step')} of {path} reads caches {unwritten} that no earlier step writes")
         written.update(variant["writes"])
     return plan
+
+
+def _verify(file: str, entry: dict, plan_path: str) -> None:
+    expected = _require(entry, "sha256", f"the entry of {os.path.basename(file)} in {plan_path}")
+    if file_digest(file) != expected:
+        raise ValueError(f"{file} does not hold the bytes it was exported with (SHA-256 differs from the one in "
+                         f"{plan_path}): it was changed or corrupted; export the bundle again")

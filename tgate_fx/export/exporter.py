@@ -48,7 +48,7 @@ from ..core.plan import Plan, VariantSpec
 from ..core.runtime import OptimizedDenoiser, find_denoiser
 from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant, copy_graph_module
 from ..methods import DeepCacheConfig, TGateConfig
-from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE
+from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, file_digest
 from .weights import WeightsWriter
 
 __all__ = ["EXPORTERS", "export_onnx"]
@@ -134,6 +134,8 @@ def _json_value(value):
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
         return list(value)
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
     return repr(value)
 
 
@@ -428,6 +430,9 @@ def _write_models(captures, out_dir: str, exporter: str, opset: int, say):
             del model
     for path in written:
         onnx.checker.check_model(path)
+    for cid, entry in captures_data.items():
+        for variant in entry["variants"].values():
+            variant["sha256"] = file_digest(os.path.join(out_dir, variant["file"]))
     return captures_data, caches, weights.result, written
 
 
@@ -482,7 +487,9 @@ def export_onnx(
         methods: A list of method configs, instead of the keywords.
             ``tgate=False`` with no other method exports the plain
             denoiser: one variant, no caches.
-        prompt: Prompt of the tracing generation (its content does not matter).
+        prompt: Prompt of the tracing generation (its content does not matter);
+            not used when ``prompt_embeds`` is among the call arguments (then
+            with ``batch_size`` rows, and ``negative_prompt_embeds`` for CFG).
         exporter: ``"torchscript"`` or ``"dynamo"`` (needs ``onnxscript``).
         opset: ONNX opset (>= 18 for ``"dynamo"``).
         progress: ``True`` prints progress to stderr; a callable receives each message.
@@ -514,8 +521,17 @@ def export_onnx(
             raise ValueError(f"{reserved!r} is set by export_onnx itself; remove it from the call arguments")
 
     attribute, denoiser = _denoiser_of(pipe)
-    call = dict(call_kwargs, prompt=[prompt] * batch_size, num_inference_steps=num_inference_steps,
-                output_type="latent", generator=torch.Generator().manual_seed(0))
+    embeds = call_kwargs.get("prompt_embeds")
+    if embeds is not None:
+        # pipelines driven by embeddings (no tokenizer, prompt-weighting tools): no prompt at all
+        if not isinstance(embeds, torch.Tensor) or embeds.shape[0] != batch_size:
+            raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows, got "
+                             f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+        call = dict(call_kwargs)
+    else:
+        call = dict(call_kwargs, prompt=[prompt] * batch_size)
+    call.update(num_inference_steps=num_inference_steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
     if height is not None:
         call["height"] = height
     if width is not None:
@@ -545,7 +561,7 @@ def export_onnx(
         "captures": captures_data,
         "caches": caches,
         "weights": {"file": WEIGHTS_FILE, "bytes": shared.bytes, "tensors": shared.tensors,
-                    "references": shared.references},
+                    "references": shared.references, "sha256": file_digest(shared.path)},
     }
     with open(os.path.join(out_dir, PLAN_FILE), "w") as f:
         json.dump(plan_json, f, indent=1)

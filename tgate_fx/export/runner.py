@@ -168,7 +168,7 @@ class OnnxDenoiser:
     # --- construction ----------------------------------------------------------
     @classmethod
     def from_dir(cls, directory: str, providers: list | None = None, *, pipeline=None,
-                 session_options=None) -> "OnnxDenoiser":
+                 session_options=None, verify: bool = True) -> "OnnxDenoiser":
         """Load a bundle written by :func:`tgate_fx.export.export_onnx`.
 
         Args:
@@ -177,13 +177,16 @@ class OnnxDenoiser:
                 ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; default CPU only.
             pipeline: The pipeline it will serve (or call :meth:`install` later).
             session_options: An ``onnxruntime.SessionOptions`` for every session.
+            verify: Compare every file's SHA-256 with the export's (default;
+                about 1 s per 2 GB): a file changed in place is refused.
 
         Raises:
             FileNotFoundError: a file the plan names is missing.
-            ValueError: the plan and a model file disagree (names the file and both sides).
+            ValueError: the plan and a model file disagree (names the file and both sides),
+                or a file's bytes differ from the export's.
         """
         ort = _import_ort()
-        bundle = read_plan(directory)
+        bundle = read_plan(directory, verify=verify)
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         sessions = {}
         for cid, capture in bundle["captures"].items():
