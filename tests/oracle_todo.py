@@ -114,3 +114,45 @@ def install_todo(denoiser, factors=(2, 1, 1), mode="nearest", wrap=None, skip_ti
             m.set_processor(before[name])
 
     return state, undo
+
+
+def install_todo_hooks(unet, factors=(2, 1, 1), mode="nearest", skip_timestep_zero=True):
+    """ToDo as the official ``merge.py: ToDoPatch.hook_model`` applies it: forward pre-hooks; returns ``undo``.
+
+    A pre-hook on the UNet records the latent's size and the timestep; pre-hooks
+    on ``attn1.to_k`` and ``attn1.to_v`` of every ``BasicTransformerBlock``
+    replace their input by ``up_or_downsample`` of it. It does not depend on
+    which attention processor or patched ``forward`` calls the projections, so
+    it composes with the published T-GATE (``tgate``) and DeepCache packages,
+    whose own attention code calls ``attn.to_k(...)`` / ``attn.to_v(...)``.
+    Level rule and factors as :class:`ToDoProcessor`.
+    """
+    state = ToDoState(tuple(factors), mode, skip_timestep_zero)
+
+    def unet_hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        state.size = tuple(sample.shape[2:])
+        state.timestep = float(torch.as_tensor(timestep).flatten()[0])
+
+    def kv_hook(module, args):
+        x = args[0]
+        h0, w0 = state.size
+        downsample = int(math.ceil(math.sqrt(h0 * w0 // x.shape[1])))
+        f = state.factors[min(downsample, 3) - 1]
+        if f == 1 or (state.skip_timestep_zero and not state.timestep / 1000 > 0.0):
+            return None
+        cur_h, cur_w = h0 // downsample, w0 // downsample
+        return (up_or_downsample(x, cur_w, cur_h, cur_w // f, cur_h // f, state.mode), *args[1:])
+
+    handles = [unet.register_forward_pre_hook(unet_hook, with_kwargs=True)]
+    for module in unet.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            handles += [module.attn1.to_k.register_forward_pre_hook(kv_hook),
+                        module.attn1.to_v.register_forward_pre_hook(kv_hook)]
+
+    def undo():
+        for handle in handles:
+            handle.remove()
+
+    return undo

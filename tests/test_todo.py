@@ -6,8 +6,10 @@ the official ``merge.py: up_or_downsample`` does, choosing the level with
 the official ``ceil(sqrt(H*W // N))``. Composed oracles: T-GATE's eager
 oracle (``oracle.py``, caching processors) with the ToDo processor as its
 inner processor on self-attention; the published ``DeepCacheSDHelper``
-(``reference_deepcache.py``) on the eager UNet carrying the ToDo processors.
-Final latents, fp32.
+(``reference_deepcache.py``) on the eager UNet carrying the ToDo processors;
+all three: the published ``tgate`` T-GATE + DeepCache loader with ToDo as the
+official code installs it (pre-hooks on ``to_k``/``to_v``,
+``oracle_todo.install_todo_hooks``). Final latents, fp32.
 """
 
 import contextlib
@@ -257,9 +259,9 @@ def test_auto_factor_follows_the_official_demo():
 
 
 def test_all_three_methods_run_with_every_computed_self_attention_downsampled():
-    """No eager oracle composes all three (the published T-GATE + DeepCache loader installs its own
-    processors): this checks that they run (the runtime checks every cache read against the variant's
-    shapes) and that each variant's self-attention computed there reads N / 4 keys/values."""
+    """Graph side of the composition (numbers: the test against the published loader above): the three run
+    (the runtime checks every cache read against the variant's shapes) and each variant's self-attention
+    computed there reads N / 4 keys/values."""
     pipe = tgate_fx.optimize(shared_optimized("sd15"), tgate=TGateConfig(4, 2, 2, 0), deepcache=DeepCacheConfig(2, 0),
                              todo=ToDoConfig(2, 2))
     latents(pipe, num_inference_steps=6)
@@ -273,6 +275,51 @@ def test_all_three_methods_run_with_every_computed_self_attention_downsampled():
         assert all(k * 4 == q for q, k in selfs), (variant.name, selfs)
         computed += len(selfs)
     assert computed
+
+
+# (family, T-GATE (gate, sp, fi, warm-up), DeepCache (interval, branch), steps, ToDo factors): the published
+# T-GATE + DeepCache setting, and others.
+ALL_THREE = [("sd15", (10, 1, 1, 0), (3, 0), 12, (2, 2, 1)), ("sd15", (4, 2, 2, 1), (2, 1), 7, (2, 1, 1)),
+             ("sdxl", (4, 1, 1, 0), (3, 0), 7, (1, 2, 1))]
+
+
+@pytest.mark.parametrize("family,tgate,deepcache,steps,factors", ALL_THREE,
+                         ids=[f"{c[0]}-{'-'.join(map(str, c[1] + c[2]))}-{''.join(map(str, c[4]))}"
+                              for c in ALL_THREE])
+def test_all_three_methods_equal_the_published_tgate_deepcache_with_official_todo_hooks(
+        family, tgate, deepcache, steps, factors):
+    """Oracle: the published ``tgate==1.0.0`` T-GATE + DeepCache loader (which runs ``DeepCache==0.1.1``) on a
+    fresh tiny pipeline, with ToDo applied the official way (pre-hooks on ``attn1.to_k``/``to_v``)."""
+    pytest.importorskip("tgate")
+    pytest.importorskip("DeepCache")
+    import tgate as tgate_package
+
+    from conftest import PROMPT
+    from oracle_todo import install_todo_hooks
+    from reference_deepcache import TGATE_DEEPCACHE_LOADERS
+    from tgate_fx.tiny import tiny_pipeline
+
+    loader = getattr(tgate_package, TGATE_DEEPCACHE_LOADERS[family])
+    reference = loader(tiny_pipeline(family), cache_interval=deepcache[0], cache_branch_id=deepcache[1])
+    undo = install_todo_hooks(reference.unet, factors, "nearest")
+    try:
+        expected = reference.tgate(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                                   output_type="latent", gate_step=tgate[0], sp_interval=tgate[1],
+                                   fi_interval=tgate[2], warm_up=tgate[3], **reference.tiny_call_kwargs).images
+    finally:
+        undo()
+        reference.deepcache.disable()
+    pipe = tgate_fx.optimize(shared_optimized(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache),
+                             todo=ToDoConfig(*factors))
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        got = latents(pipe, num_inference_steps=steps)
+    diff = (got - expected).abs().max().item()
+    assert diff <= TOL, diff
+    names = [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps]
+    assert any("dc_partial" in n for n in names) and all(n.endswith("+todo") for n in names), names
+    assert any(q > k for _, _, v in trace for q, k, role in _sdpa_lengths(v) if role == "self")
+    tgate_fx.optimize(pipe, tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
+    assert (latents(pipe, num_inference_steps=steps) - expected).abs().max().item() > 1e-3, "ToDo changed nothing"
 
 
 def test_cli_flags_for_todo():

@@ -1,0 +1,83 @@
+"""ToDo alone under torch.compile and in an ONNX bundle, with a schedule that reaches timestep 0.
+
+DDIM with ``"leading"`` spacing and ``steps_offset=0`` ends at timestep 0
+(666, 333, 0 for 3 steps), so a generation runs two variants: ``todo`` (keys/values downsampled) and, at the
+last step, ``todo_off`` (the official skip of timestep 0). Both are
+compiled once, and exported and run by onnxruntime as stored.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tgate_fx
+from conftest import eager_denoiser, latents, shared_optimized
+from tgate_fx import ToDoConfig
+from tgate_fx.tiny import tiny_pipeline
+
+STEPS = 3
+CONFIG = ToDoConfig(2, 2)
+
+
+@contextlib.contextmanager
+def _ending_at_zero(pipe):
+    from diffusers import DDIMScheduler
+
+    saved = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(saved.config, timestep_spacing="leading", steps_offset=0)
+    try:
+        yield
+    finally:
+        pipe.scheduler = saved
+
+
+def _snapshot():
+    return {k: dict(v) for k, v in counters.items() if v}
+
+
+def test_todo_compiles_each_variant_once_and_nothing_in_a_second_generation():
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=CONFIG, compile={"backend": "eager"})
+    with _ending_at_zero(pipe):
+        torch._dynamo.reset()
+        counters.clear()
+        with tgate_fx.get_runtime(pipe).tracing() as trace:
+            first = latents(pipe, num_inference_steps=STEPS)
+        assert [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps] == ["todo"] * 2 + ["todo_off"]
+        assert len({id(v) for _, _, v in trace}) == 2
+        assert counters["stats"]["unique_graphs"] == 2  # one graph per variant, each compiled once
+        assert not counters.get("graph_break")  # and fullgraph=True would have raised on a break
+        counters.clear()
+        second = latents(pipe, prompt="a green star at night", seed=7, num_inference_steps=STEPS)
+        assert _snapshot() == {}, "the second generation must not compile or recompile anything"
+        assert not torch.equal(first, second)
+    # the eager backend runs the same aten graphs: equal to the uncompiled runtime (same seeded weights)
+    reference = tgate_fx.optimize(shared_optimized("sd15"), todo=CONFIG)
+    with _ending_at_zero(reference):
+        assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
+
+
+def test_todo_onnx_bundle_matches_torch(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from tgate_fx.export import OnnxDenoiser, export_onnx
+
+    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=CONFIG)
+    with _ending_at_zero(pipe):
+        ref = latents(pipe, num_inference_steps=STEPS)
+        call = dict(pipe.tiny_call_kwargs)
+        export_onnx(pipe, str(tmp_path), call.pop("height"), call.pop("width"), num_inference_steps=STEPS,
+                    methods=[CONFIG], **call)
+        saved = pipe.unet
+        onnx_denoiser = OnnxDenoiser.from_dir(str(tmp_path))
+        onnx_denoiser.install(pipe)
+        try:
+            got = latents(pipe, num_inference_steps=STEPS)
+        finally:
+            object.__setattr__(pipe, "unet", saved)
+        assert [s.variant for s in onnx_denoiser.stored_plan.steps] == ["todo"] * 2 + ["todo_off"]
+        assert (got - ref).abs().max().item() <= 1e-4  # onnxruntime's float32 kernels round differently
+        with eager_denoiser(pipe):
+            plain = latents(pipe, num_inference_steps=STEPS)
+        assert (plain - ref).abs().max().item() > 1e-2  # the bound sees ToDo
