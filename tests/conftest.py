@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests export every capture themselves; the disk capture cache is tested explicitly (test_capture_store.py).
+os.environ.setdefault("TGATE_FX_CAPTURE_CACHE", "0")
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 from tgate_fx.tiny import FAMILIES, tiny_pipeline  # noqa: E402

@@ -130,18 +130,30 @@ def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphM
             graph.output(tuple(outputs))
         elif node.op == "call_function" and node.target in _METADATA_ASSERTS:
             continue
+        elif node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's checks of the input shapes: a capture is keyed by them already
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    gm = fx.GraphModule(_flat_attributes(unlifted, graph), graph, class_name="CapturedDenoiser")
+    return flat_graph_module(unlifted, graph), input_names
+
+
+def flat_graph_module(owner: torch.nn.Module, graph: fx.Graph,
+                      constants: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """``graph`` as a linted ``GraphModule`` whose attributes are ``owner``'s, registered under flat names.
+
+    An attribute path that ``owner`` lacks is looked up in ``constants``
+    (tensors the trace lifted out of the code; see :mod:`.capture_store`).
+    """
+    gm = fx.GraphModule(_flat_attributes(owner, graph, constants or {}), graph, class_name="CapturedDenoiser")
     gm.graph.lint()
-    return gm, input_names
+    return gm
 
 
-def _flat_attributes(owner: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module:
+def _flat_attributes(owner: torch.nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A module holding every attribute ``graph`` reads, under a flat name; get_attr targets renamed to match."""
     root = torch.nn.Module()
     for node in graph.nodes:
-        if node.op == "call_module":  # e.g. export's `_guards_fn`
+        if node.op == "call_module":
             name = node.target.replace(".", "_")
             root.add_module(name, owner.get_submodule(node.target))
             node.target = name
@@ -149,7 +161,12 @@ def _flat_attributes(owner: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module
         if node.op != "get_attr":
             continue
         path = node.meta.get(ATTR_PATH, node.target)
-        value = _attribute(owner, path)
+        try:
+            value = _attribute(owner, path)
+        except AttributeError:
+            if path not in constants:
+                raise
+            value = constants[path]
         name = path.replace(".", "_")
         while hasattr(root, name) and getattr(root, name) is not value:
             name += "_"
@@ -183,15 +200,20 @@ class Capture:
         signature: The input signature this graph was captured for.
         graph_module: Flat ``GraphModule``; every attention site computed.
         input_names: Its placeholders, in order.
-        seconds: Wall time of the export.
+        seconds: Wall time of the export (or of the load from a capture store).
+        state_paths: Paths of the denoiser's parameters and buffers the graph reads
+            (bound from the model, never stored).
+        from_store: Loaded from a :class:`~tgate_fx.core.capture_store.CaptureStore`.
     """
 
-    def __init__(self, signature: InputSignature, graph_module: fx.GraphModule, input_names: list[str],
-                 seconds: float):
+    def __init__(self, signature: InputSignature | None, graph_module: fx.GraphModule, input_names: list[str],
+                 seconds: float, state_paths: frozenset[str] = frozenset()):
         self.signature = signature
         self.graph_module = graph_module
         self.input_names = input_names
         self.seconds = seconds
+        self.state_paths = state_paths
+        self.from_store = False
 
     def flat_inputs(self, call: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The graph inputs of a normalized call, by placeholder name."""
@@ -201,13 +223,33 @@ class Capture:
         return f"Capture({self.signature.describe()}; {len(self.graph_module.graph.nodes)} nodes)"
 
 
-def capture_denoiser(module: torch.nn.Module, call: dict[str, Any]) -> Capture:
+_DEFAULT = "default"
+
+
+def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any = _DEFAULT) -> Capture:
     """Export ``module`` for the normalized call ``call`` (see :func:`normalize_call`).
+
+    ``store``: a :class:`~tgate_fx.core.capture_store.CaptureStore` to load
+    the graph from (and to save a new export to), ``None`` for none, or the
+    default, the one the environment configures (on unless
+    ``TGATE_FX_CAPTURE_CACHE=0``).
 
     An accelerate hook on the module (``enable_model_cpu_offload`` and the
     like) is left out of the trace: it moves weights, which a graph cannot do
     (the runtime calls the hook around each graph call instead).
     """
+    signature = signature_of(call)
+    if store == _DEFAULT:
+        from .capture_store import default_store
+
+        store = default_store()
+    key = store.key(module, signature) if store is not None else None
+    if store is not None:
+        stored = store.load(key, module, call)
+        if stored is not None:
+            stored.signature = signature
+            stored.state_paths = _state_paths(module, stored.graph_module)
+            return stored
     start = time.perf_counter()
     was_training = module.training
     hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
@@ -224,4 +266,12 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any]) -> Capture:
     gm, input_names = _flatten_exported(exported)
     if sorted(input_names) != sorted(tensor_inputs(call)):
         raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")
-    return Capture(signature_of(call), gm, input_names, time.perf_counter() - start)
+    capture = Capture(signature, gm, input_names, time.perf_counter() - start, _state_paths(module, gm))
+    if store is not None:
+        store.save(key, capture)
+    return capture
+
+
+def _state_paths(module: torch.nn.Module, gm: fx.GraphModule) -> frozenset[str]:
+    state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return frozenset(p for p in parameter_paths(gm).values() if p in state)

@@ -55,16 +55,22 @@ def _attributes(obj: Any) -> tuple:
     return tuple(out)
 
 
-def fingerprint(module: torch.nn.Module) -> tuple:
-    """What of ``module``'s state a captured graph depends on (see the module docstring)."""
+def fingerprint(module: torch.nn.Module, portable: bool = False) -> tuple:
+    """What of ``module``'s state a captured graph depends on (see the module docstring).
+
+    ``portable=True`` leaves out object identities (hooks are listed by type,
+    parameters by name, shape and dtype): the same state gives the same
+    fingerprint in another process, as the capture store's keys need.
+    """
     state = []
     for name, sub in module.named_modules():
-        entry = [name, type(sub).__qualname__, _attributes(sub),
-                 tuple(tuple(map(id, getattr(sub, h).values())) for h in _HOOKS)]
+        hooks = tuple(tuple((type(h).__qualname__ if portable else id(h)) for h in getattr(sub, k).values())
+                      for k in _HOOKS)
+        entry = [name, type(sub).__qualname__, _attributes(sub), hooks]
         processor = getattr(sub, "processor", None)
         if processor is not None and not isinstance(processor, torch.nn.Module):
             entry += [type(processor).__qualname__, _attributes(processor)]
-        entry.append(tuple((k, id(t), tuple(t.shape), str(t.dtype))
+        entry.append(tuple((k, *(() if portable else (id(t),)), tuple(t.shape), str(t.dtype))
                            for k, t in [*sub._parameters.items(), *sub._buffers.items()] if t is not None))
         state.append(tuple(entry))
     return tuple(state)
