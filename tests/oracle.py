@@ -4,6 +4,9 @@ It shares no code with tgate_fx. The schedule is transcribed from the
 reference ``tgate_scheduler``; caching happens in attention processors set on
 the eager denoiser (the way the reference patches ``Attention.forward``):
 
+* each attention module keeps its own processor (softmax or Sana's linear
+  attention, rotary embeddings, LTX-Video's and Wan's own classes), wrapped
+  by a caching one;
 * the role of a call is decided as the reference does: cross-attention when
   ``encoder_hidden_states`` is passed, self-attention otherwise;
 * the cached value is the attention output before ``/ rescale_output_factor``
@@ -16,8 +19,10 @@ the eager denoiser (the way the reference patches ``Attention.forward``):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 
 def reference_schedule(cur: int, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
@@ -47,19 +52,22 @@ class _State:
 
 
 class CachingProcessor:
-    """AttnProcessor2_0 plus the reference's cache/reuse behaviour."""
+    """The module's own processor plus the reference's cache/reuse behaviour."""
 
-    def __init__(self, state: _State):
+    def __init__(self, state: _State, inner=None):
         self.state = state
         self.cache = None
-        self.inner = AttnProcessor2_0()
+        self.inner = inner if inner is not None else AttnProcessor2_0()
+        self.signature = inspect.signature(self.inner.__call__)
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        assert not attn.residual_connection and attn.rescale_output_factor == 1.0
+    def __call__(self, attn, *args, **kw):
+        # role as in the reference: cross-attention when encoder_hidden_states is passed
+        encoder_hidden_states = self.signature.bind(attn, *args, **kw).arguments.get("encoder_hidden_states")
+        assert not getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
         flags = self.state.ca if encoder_hidden_states is not None else self.state.sa
         if flags["reuse"] and self.cache is not None:
-            return self.cache / attn.rescale_output_factor
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+            return self.cache
+        out = self.inner(attn, *args, **kw)
         if flags["cache"]:
             if self.state.keep_shape:
                 self.cache = out
@@ -67,6 +75,21 @@ class CachingProcessor:
                 uncond, cond = out.chunk(2)
                 self.cache = (uncond + cond) / 2
         return out
+
+
+def caching_processor(state: _State, inner) -> CachingProcessor:
+    """A :class:`CachingProcessor` around ``inner`` whose ``__call__`` has ``inner``'s signature.
+
+    Attention modules drop the keyword arguments their processor's signature
+    does not name (HunyuanDiT's ``image_rotary_emb``), so the wrapper shows it.
+    """
+    cls = type(inner)
+
+    def call(self, attn, *args, **kw):
+        return CachingProcessor.__call__(self, attn, *args, **kw)
+
+    call.__wrapped__ = cls.__call__
+    return type(f"Caching{cls.__name__}", (CachingProcessor,), {"__call__": call})(state, inner)
 
 
 class OracleDenoiser(torch.nn.Module):
@@ -80,7 +103,8 @@ class OracleDenoiser(torch.nn.Module):
         self.state = _State()
         self.step = 0
         self.original_processors = denoiser.attn_processors
-        denoiser.set_attn_processor({name: CachingProcessor(self.state) for name in self.original_processors})
+        denoiser.set_attn_processor({name: caching_processor(self.state, processor)
+                                     for name, processor in self.original_processors.items()})
 
     def __getattr__(self, name):
         try:
@@ -91,14 +115,16 @@ class OracleDenoiser(torch.nn.Module):
     def close(self):
         self.denoiser.set_attn_processor(self.original_processors)
 
-    def forward(self, sample, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # the latents: first positional argument, else `sample` (UNets) or `hidden_states` (transformers)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         ca, sa, keep_shape = reference_schedule(self.step, *self.settings)
         self.state.ca, self.state.sa = ca, sa
         self.state.keep_shape = keep_shape or not self.cfg  # lcm=True: full tensor at the gate
         post_gate = self.cfg and self.step >= self.settings[0]
         self.step += 1
         if not post_gate:
-            return self.denoiser(sample, *args, **kwargs)
+            return self.denoiser(*args, **kwargs)
         batch = sample.shape[0]
         # AnimateDiff: text embeddings repeated per frame, unconditional frames first.
         # Stable Video Diffusion: the reference runs the conditional image latents and embeddings.
@@ -115,7 +141,7 @@ class OracleDenoiser(torch.nn.Module):
                 return type(x)(half(v) for v in x)
             return x
 
-        out = self.denoiser(half(sample), *half(args), **half(kwargs))
+        out = self.denoiser(*half(args), **half(kwargs))
         pred = out[0] if isinstance(out, tuple) else out.sample
         pred = torch.cat([pred, pred])
         return (pred,) if isinstance(out, tuple) else type(out)(sample=pred)

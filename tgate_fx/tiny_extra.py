@@ -2,10 +2,17 @@
 
 Video and newer image families, each tested on its own (``tests/test_families_extra.py``):
 AnimateDiff (``UNetMotionModel``), Stable Video Diffusion
-(``UNetSpatioTemporalConditionModel``), Sana, HunyuanDiT, Wan 2.1 and
-LTX-Video. Each builder returns ``(pipeline, call_kwargs)``; the pipeline's
-progress bar is off and every call kwarg needed for a 2-3 frame, 32x32
-generation is given. Shapes follow diffusers' own pipeline tests.
+(``UNetSpatioTemporalConditionModel``), Sana, HunyuanDiT, Wan 2.1,
+LTX-Video and Kandinsky 2.2. Each builder returns ``(pipeline, call_kwargs)``;
+the pipeline's progress bar is off and every call kwarg needed for a 2-3
+frame, 32x32 generation is given (HunyuanDiT: 64x64, its rotary grid assumes
+a VAE factor of 8). Shapes follow diffusers' own pipeline tests.
+
+Sana (Gemma), HunyuanDiT (BERT and mT5), Wan (UMT5) and LTX-Video (T5) ship
+no text encoder here: their tokenizers cannot be built offline, so the call
+kwargs carry seeded ``prompt_embeds``/``negative_prompt_embeds`` (and the
+masks each pipeline wants with them), as a user of prompt-weighting tools
+calls them.
 """
 
 from __future__ import annotations
@@ -14,11 +21,23 @@ import torch
 
 from .tiny import _clip_text_encoder, _sd_scheduler, _vae, make_tokenizer, tiny_pipeline
 
-__all__ = ["tiny_animatediff", "tiny_svd"]
+__all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
+           "tiny_wan"]
 
 
 def _seeded(seed: int):
     torch.manual_seed(seed)
+
+
+def _embeds(seed: int, tokens: int, dim: int, *, mask: bool = True, suffix: str = "") -> dict:
+    """Seeded positive and negative text embeddings (and all-ones attention masks) for one prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"prompt_embeds{suffix}": torch.randn(1, tokens, dim, generator=g),
+           f"negative_prompt_embeds{suffix}": torch.randn(1, tokens, dim, generator=g)}
+    if mask:
+        out[f"prompt_attention_mask{suffix}"] = torch.ones(1, tokens, dtype=torch.long)
+        out[f"negative_prompt_attention_mask{suffix}"] = torch.ones(1, tokens, dtype=torch.long)
+    return out
 
 
 def tiny_animatediff(seed: int = 0):
@@ -73,3 +92,125 @@ def tiny_svd(seed: int = 0):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 7))
     return pipe, dict(image=image, height=32, width=32, num_frames=3, decode_chunk_size=3,
                       min_guidance_scale=1.0, max_guidance_scale=3.0)
+
+
+def tiny_sana(seed: int = 0):
+    """Sana (linear self-attention, softmax cross-attention), 32x32, CFG on; text as embeddings (Gemma)."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    _seeded(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=16).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407).eval()
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(negative_prompt=None, **_embeds(seed + 5, 6, 8), height=32, width=32, guidance_scale=4.5,
+                      use_resolution_binning=False)
+
+
+def tiny_hunyuandit(seed: int = 0):
+    """HunyuanDiT (rotary self-attention; cross-attention over CLIP and projected T5 tokens), 64x64, CFG on.
+
+    Text as embeddings for both encoders (BERT: 6 tokens, mT5: 8); the pooled
+    mT5 embedding also enters the timestep embedding.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    _seeded(seed)
+    transformer = HunyuanDiT2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
+        cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=24,
+        activation_fn="gelu-approximate", text_len=6, text_len_t5=8).eval()
+    _seeded(seed + 1)
+    # four blocks: the pipeline sizes its rotary grid as height // 8 // patch_size
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=64).eval()
+    pipe = HunyuanDiTPipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(**_embeds(seed + 5, 6, 32), **_embeds(seed + 6, 8, 32, suffix="_2"), height=64, width=64,
+                      guidance_scale=5.0, use_resolution_binning=False)
+
+
+def tiny_ltx(seed: int = 0):
+    """LTX-Video (its own LTXAttention class, rotary self-attention), 9 frames of 32x32 (2 latent frames), CFG on."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    _seeded(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=32).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                       transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(**_embeds(seed + 5, 8, 32), height=32, width=32, num_frames=9, guidance_scale=3.0)
+
+
+def tiny_wan(seed: int = 0, *, guidance_scale: float = 6.0):
+    """Wan 2.1 text to video (its own WanAttention class), 9 frames of 32x32 (3 latent frames of 4x4).
+
+    ``guidance_scale > 1`` runs CFG as Wan's pipelines do: two denoiser calls
+    per step (conditional, then unconditional), not one batch.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    _seeded(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(**_embeds(seed + 5, 8, 32, mask=False), height=32, width=32, num_frames=9,
+                      guidance_scale=guidance_scale)
+
+
+def tiny_kandinsky22(seed: int = 0):
+    """Kandinsky 2.2 decoder (image embeddings enter attention as added keys/values), 32x32, CFG on."""
+    from diffusers import DDIMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None).eval()
+    _seeded(seed + 1)
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                              thresholding=False)
+    pipe = KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    return pipe, dict(image_embeds=torch.randn(1, 32, generator=g), negative_image_embeds=torch.randn(1, 32, generator=g),
+                      height=32, width=32, guidance_scale=4.0)

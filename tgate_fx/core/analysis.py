@@ -1,6 +1,7 @@
 """Analysis: find the regions of a captured denoiser (attention sites, module outputs) and tag them.
 
-An *attention site* is one call of a diffusers ``Attention`` module, found
+An *attention site* is one call of an attention module (diffusers
+``Attention``, or another class of :data:`ATTENTION_TYPES`), found
 through ``node.meta["nn_module_stack"]`` (the module may sit anywhere in a
 node's stack, not only innermost). For each site this module decides:
 
@@ -31,13 +32,26 @@ import torch.fx as fx
 
 from ..accounting.cost import node_macs
 
-__all__ = ["TAG", "AttentionSite", "Regions", "analyze", "find_attention_sites", "site_tag"]
+__all__ = ["ATTENTION_TYPES", "TAG", "AttentionSite", "Regions", "analyze", "find_attention_sites",
+           "is_attention_module", "site_tag"]
 
 TAG = "tgate_fx"
 TEXT_INPUT = "encoder_hidden_states"
 
-# Attention module classes, by qualified name as recorded in nn_module_stack.
-ATTENTION_TYPES = frozenset({"diffusers.models.attention_processor.Attention"})
+# Attention module classes, by qualified name as recorded in nn_module_stack. Each has the
+# structure analysis reads: to_q, to_k (or fused to_qkv/to_kv) and to_v projections, a to_out
+# output, and keys/values from `encoder_hidden_states` when that argument is passed (LTX-Video's
+# and Wan's own classes share it with diffusers' Attention).
+ATTENTION_TYPES = frozenset({
+    "diffusers.models.attention_processor.Attention",
+    "diffusers.models.transformers.transformer_ltx.LTXAttention",
+    "diffusers.models.transformers.transformer_wan.WanAttention",
+})
+
+
+def is_attention_module(module: torch.nn.Module, types: frozenset[str] = ATTENTION_TYPES) -> bool:
+    """Whether ``module`` is an instance of one of the attention classes analysis finds sites of."""
+    return _type_name(type(module)) in types
 
 
 @dataclass(frozen=True)

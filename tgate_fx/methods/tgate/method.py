@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...core.analysis import Regions
+from ...core.analysis import Regions, is_attention_module
 from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, tag_key
 from .config import TGateConfig
 
@@ -31,6 +31,9 @@ __all__ = ["CROSS", "SELF", "TGate"]
 SELF = "self"
 CROSS = "cross"
 NAME = "tgate"
+# Attention classes whose pipelines run CFG as two denoiser calls per step (conditional, then
+# unconditional: WanPipeline and its image/VACE variants) instead of one [uncond, cond] batch.
+_SEPARATE_CFG_CALLS = frozenset({"WanAttention"})
 
 
 def _rewrites(reuse=(), record=(), cfg_mean=False) -> frozenset[Rewrite]:
@@ -54,8 +57,9 @@ class TGate(Method):
     def check_denoiser(self, denoiser) -> None:
         from diffusers.models.attention_processor import Attention
 
-        joint = [name for name, m in denoiser.named_modules()
-                 if isinstance(m, Attention) and getattr(m, "added_kv_proj_dim", None) is not None]
+        attention = [(name, m) for name, m in denoiser.named_modules()
+                     if is_attention_module(m) or isinstance(m, Attention)]
+        joint = [name for name, m in attention if getattr(m, "added_kv_proj_dim", None) is not None]
         if joint:
             raise TypeError(
                 f"T-GATE cannot apply to {type(denoiser).__name__}: its conditioning enters attention as added "
@@ -64,6 +68,15 @@ class TGate(Method):
                 "unconditional branch after the gate would lose the conditioning. "
                 + ("DeepCache applies to this UNet: optimize(pipe, deepcache=DeepCacheConfig())."
                    if hasattr(denoiser, "up_blocks") else "No method of tgate_fx applies to it yet."))
+        separate = [type(m).__name__ for _, m in attention if type(m).__name__ in _SEPARATE_CFG_CALLS]
+        if separate and self.config.lcm is not True:
+            raise TypeError(
+                f"T-GATE cannot gate {type(denoiser).__name__} under classifier-free guidance: the pipelines of "
+                f"its attention class ({separate[0]}: WanPipeline and its variants) run the conditional and the "
+                "unconditional prediction as two denoiser calls per step, not as one CFG batch, so there is no "
+                "batch whose halves T-GATE can average at the gate and drop after it. Without guidance "
+                "(guidance_scale <= 1, e.g. step-distilled Wan models) T-GATE applies: pass lcm=True, "
+                "optimize(pipe, tgate=TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm=True)).")
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
