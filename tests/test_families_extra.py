@@ -65,14 +65,6 @@ def test_animatediff_matches_the_oracle(settings):
 NOTHING_CACHED_4 = dict(gate_step=4, sp_interval=1, fi_interval=1, warm_up=4)
 CACHED_4 = dict(gate_step=2, sp_interval=2, fi_interval=1, warm_up=1)
 SETTINGS_4 = pytest.mark.parametrize("settings", [NOTHING_CACHED_4, CACHED_4], ids=["nothing-cached", "cached"])
-# optimize's denoiser check (tgate_fx.api._denoiser_attribute) accepts diffusers' Attention only; analysis
-# serves LTXAttention and WanAttention (core.analysis.ATTENTION_TYPES). Remove this mark when that check
-# reads core.analysis.is_attention_module.
-NEEDS_API_ATTENTION_CLASSES = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="optimize() refuses denoisers without diffusers Attention before analysis sees LTXAttention/WanAttention")
-
-
 def _latents(pipe, kw):
     out = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=4, **kw)
     return out.frames if hasattr(out, "frames") else out.images
@@ -108,14 +100,12 @@ def test_hunyuandit_matches_the_oracle(settings):
     _check_against_oracle(pipe, kw, settings)
 
 
-@NEEDS_API_ATTENTION_CLASSES
 @SETTINGS_4
 def test_ltx_video_matches_the_oracle(settings):
     pipe, kw = tiny_ltx()
     _check_against_oracle(pipe, kw, settings)
 
 
-@NEEDS_API_ATTENTION_CLASSES
 @pytest.mark.parametrize("settings", [{**NOTHING_CACHED_4, "lcm": True}, {**CACHED_4, "lcm": True}],
                          ids=["nothing-cached", "cached"])
 def test_wan_without_guidance_matches_the_oracle(settings):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .core.analysis import is_attention_module
 from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
 from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
 
@@ -32,7 +33,7 @@ def _denoiser_attribute(pipe: Any, class_conditioned: bool = False) -> str:
         module = module.denoiser
     params = inspect.signature(module.forward).parameters
     text_conditioned = "encoder_hidden_states" in params or (class_conditioned and "class_labels" in params)
-    if not text_conditioned or not any(isinstance(m, Attention) for m in module.modules()):
+    if not text_conditioned or not any(isinstance(m, Attention) or is_attention_module(m) for m in module.modules()):
         raise TypeError(
             f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
             "denoiser with diffusers Attention modules; supported denoisers "
