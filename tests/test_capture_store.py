@@ -116,3 +116,16 @@ def test_where_the_store_lives(monkeypatch, tmp_path):
     assert default_store().directory == str(tmp_path / "elsewhere")
     monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "0")
     assert default_store() is None
+
+
+def test_keys_are_the_same_in_every_process():
+    # diffusers' config holds a list in set order (`_use_default_values`): hash seeds must not change keys
+    import subprocess
+    import sys
+
+    code = ("from tgate_fx.archs import get_arch; from tgate_fx.core.capture import signature_of; "
+            "from tgate_fx.core.capture_store import CaptureStore; a = get_arch('sd15'); "
+            "print(CaptureStore.key(a.build_denoiser(), signature_of(a.make_call(2))))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.split()[-1] for seed in (1, 2)}
+    assert len(keys) == 1

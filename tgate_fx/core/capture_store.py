@@ -99,7 +99,9 @@ class CaptureStore:
         config = getattr(module, "config", None)
         parts = [
             FORMAT, f"{cls.__module__}.{cls.__qualname__}",
-            json.dumps(dict(config) if config is not None else None, sort_keys=True, default=str),
+            # diffusers' private config entries (`_use_default_values`: a list in set order) vary by process
+            json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")} if config is not None
+                       else None, sort_keys=True, default=str),
             signature.structure,
             [(n, list(s), str(d), str(dev)) for n, s, d, dev in signature.tensors],
             list(signature.constants),
