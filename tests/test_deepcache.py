@@ -138,9 +138,13 @@ def test_methods_rewriting_the_same_node_differently_are_refused():
     value = next(n for n in graph.nodes if n.meta.get(tag_key("tgate"), {}).get("group") == "cross")
     value.meta[tag_key("other")] = {"group": "g", "site": "elsewhere", "slot": "out"}
     try:
-        spec = VariantSpec("clash", frozenset([Rewrite("tgate", "cross", REUSE), Rewrite("other", "g", RECORD)]))
+        spec = VariantSpec("clash", frozenset([Rewrite("tgate", "cross", REUSE), Rewrite("other", "g", REUSE)]))
         with pytest.raises(ValueError, match="methods 'other' and 'tgate' cannot be composed"):
             resolve(graph, spec)
+        # a record of a value another method reads from its cache records what the step uses (ToCa + T-GATE)
+        spec = VariantSpec("read", frozenset([Rewrite("tgate", "cross", REUSE), Rewrite("other", "g", RECORD)]))
+        resolved = resolve(graph, spec)
+        assert [k.method for k, _ in resolved.records] == ["other"] and "tgate" in {k.method for k in resolved.reads}
     finally:
         del value.meta[tag_key("other")]
 
