@@ -274,6 +274,12 @@ class GenerationTracker:
         gen.switched_at = gen.step
         self.last_plan = gen.plan
 
+    @property
+    def current_plan(self) -> Plan | None:
+        """The plan of this thread's current generation (``None`` between generations)."""
+        gen = self._generation
+        return gen.plan if gen is not None else None
+
     def next_step(self, call: dict[str, Any]) -> Step:
         """Account for one denoiser call (a normalized call dict) and return its step."""
         gen = self._current(call)

@@ -41,7 +41,7 @@ from .generation import GenerationTracker, output_class, take_half
 from .method import Method
 from .plan import Plan
 from .state import fingerprint
-from .variants import CapturedGraphs, Variant
+from .variants import CapturedGraphs, Variant, walk_plan
 
 __all__ = ["DENOISER_ATTRIBUTES", "OptimizedDenoiser", "find_denoiser", "unwrap_compiled"]
 
@@ -287,11 +287,13 @@ class OptimizedDenoiser(_model_base()):
     def _forward(self, *args, **kwargs):
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
-        if step.drops_uncond:
-            call = take_half(call, self._sample_arg, type(self.denoiser).__name__)
         with self._lock:
             if step.plan.step == 0:
                 self._check_state()
+                self._prepare(call, self.generations.current_plan)
+        if step.drops_uncond:
+            call = take_half(call, self._sample_arg, type(self.denoiser).__name__)
+        with self._lock:
             graphs = self.graphs_for(call)
             variant = graphs.variant(step.plan.variant, step.caches)
         inputs = graphs.capture.flat_inputs(call)
@@ -302,6 +304,19 @@ class OptimizedDenoiser(_model_base()):
         if self._trace is not None:
             self._trace.append((step.plan, graphs, variant))
         return step.finish(outputs[0], return_dict, self._output_class)
+
+    def _prepare(self, call: dict[str, Any], plan: Plan) -> None:
+        """At a generation's first call: capture every batch its plan runs and build every variant.
+
+        The capture of the post-gate batch (half the CFG batch) and the
+        variant builds would otherwise happen in the middle of the generation,
+        at the step that first needs them; the first call pays them instead,
+        and each later step only runs its graph.
+        """
+        half = None
+        if any(s.drops_uncond for s in plan.steps):
+            half = take_half(call, self._sample_arg, type(self.denoiser).__name__)
+        walk_plan(plan, lambda s: self.graphs_for(half if s.drops_uncond else call))
 
     def extra_repr(self) -> str:
         return ", ".join(m.describe() for m in self.methods)
