@@ -35,8 +35,8 @@ attention core).
 
 Example::
 
-    python benchmarks/todo_bench.py                       # 5 timed rounds, ~30 min on 2 busy cores
-    python benchmarks/todo_bench.py --repeats 3 --no-plot
+    python benchmarks/todo_bench.py                       # 25 steps, 5 rounds: about an hour on 2 busy cores
+    python benchmarks/todo_bench.py --steps 12 --tgate 5,2,1,1 --repeats 3   # the committed, reduced run
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 COLUMNS = ("baseline", "fx_plain", "todo", "tomesd", "tgate", "tgate_todo")
-TITLES = {"baseline": "baseline", "fx_plain": "tgate_fx graph, no rewrite", "todo": "ToDo (tgate_fx)", "tomesd": "tomesd 0.1.3 (ratio 0.75)",
-          "tgate": "T-GATE (tgate_fx)", "tgate_todo": "T-GATE + ToDo (tgate_fx)"}
+TITLES = {"baseline": "baseline", "fx_plain": "tgate_fx graph, no rewrite", "todo": "ToDo (tgate_fx)",
+          "tomesd": "tomesd 0.1.3 (ratio 0.75)", "tgate": "T-GATE (tgate_fx)", "tgate_todo": "T-GATE + ToDo (tgate_fx)"}
 TOMESD_RATIO = 0.75  # ToDo's factor 2 keeps 1/4 of the keys/values: tomesd removing 3/4 of the tokens matches it
 
 
