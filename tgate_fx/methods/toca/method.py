@@ -231,12 +231,20 @@ class _ToCaPass(GraphPass):
         total = self._op(aten.sum.dim_IntList, self._op(aten.mul.Tensor, amap, logs, like=like), [-1], like=like)
         return self._op(aten.neg.default, total, like=like)
 
-    def _score_source(self, core: fx.Node, tag: dict, pairs: bool) -> fx.Node:
+    def _attention_map(self, core: fx.Node) -> fx.Node:
+        """The head-mean attention map of ``core`` (:class:`ComputeAttentionMap`), with a softmax ONNX exports."""
         amap = ComputeAttentionMap([core])
         amap(self.graph.owning_module)
+        probs = amap.maps[0].args[0]
+        if probs.target is aten._softmax.default:  # the same kernel; the ONNX exporters know only aten.softmax
+            probs.target, probs.args = aten.softmax.int, probs.args[:2]
+        return amap.maps[0]
+
+    def _score_source(self, core: fx.Node, tag: dict, pairs: bool) -> fx.Node:
+        amap = self._attention_map(core)
         if self.config.family == "pixart":
-            return self._entropy(amap.maps[0], pairs, like=core)
-        return self._op(aten.sum.dim_IntList, amap.maps[0], [1], like=core)
+            return self._entropy(amap, pairs, like=core)
+        return self._op(aten.sum.dim_IntList, amap, [1], like=core)
 
     # --- full ------------------------------------------------------------------
     def _full(self, node: fx.Node, tag: dict) -> None:
@@ -317,9 +325,7 @@ class _ToCaPass(GraphPass):
                 new_cache = self._op(aten.scatter.src, cache, 1, wide, fresh, like=output)
                 if module == "cross" and c.family == "pixart":
                     core = next(copies[n] for n in copies if n.target is SDPA)
-                    amap = ComputeAttentionMap([core])
-                    amap(self.graph.owning_module)
-                    rows_h = self._entropy(amap.maps[0], pairs, like=core)
+                    rows_h = self._entropy(self._attention_map(core), pairs, like=core)
                     sub = self._op(aten.slice.Tensor, index, 0, 0, rows, like=output) if pairs else index
                     score = io.read(score_key, _empty_like(source, (rows, tokens), torch.float32))
                     io.write(score_key, self._op(aten.scatter.src, score, 1, sub, rows_h, like=output))
@@ -355,7 +361,7 @@ class _ToCaPass(GraphPass):
             score = op(aten.div.Tensor, source, denom)
         if share:
             score = op(aten.repeat.default, score, [2, 1])
-        soft = op(aten.div.Tensor, op(aten._to_copy.default, count, dtype=torch.float32), c.interval)
+        soft = op(aten.div.Tensor, op(aten.to.dtype, count, torch.float32), c.interval)
         score = op(aten.add.Tensor, score, op(aten.mul.Tensor, soft, c.cache_weight))
         score = self._bonus(score, op)
         order = op(aten.argsort.default, score, -1, True)
