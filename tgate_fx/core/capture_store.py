@@ -266,13 +266,17 @@ def _val(x: Any) -> Any:
     raise _Unstorable(f"value {type(x).__name__}")
 
 
-def _unval(spec: Any) -> Any:
+def _unval(spec: Any, mode) -> Any:
     kind = spec[0]
     if kind == "T":
+        # a fake tensor straight from a meta tensor: no dispatch through the fake mode (10x faster)
+        from torch._subclasses.fake_tensor import FakeTensor
+
         _, shape, stride, dtype, device = spec
-        return torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
+        meta = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device="meta")
+        return FakeTensor(mode, meta, torch.device(device))
     if kind in ("l", "t"):
-        items = [_unval(v) for v in spec[1]]
+        items = [_unval(v, mode) for v in spec[1]]
         return items if kind == "l" else tuple(items)
     return spec[1]
 
@@ -341,10 +345,10 @@ def _decode(data: dict, module: torch.nn.Module) -> Capture:
             node.meta[ATTR_PATH] = entry["path"]
         vals.append((node, entry.get("val")))
         nodes.append(node)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        for node, spec in vals:
-            if spec is not None:
-                node.meta["val"] = _unval(spec)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for node, spec in vals:
+        if spec is not None:
+            node.meta["val"] = _unval(spec, mode)
     constants = {path: _constant(*spec) for path, spec in data["constants"].items()}
     gm = flat_graph_module(module, graph, constants)
     for node in gm.graph.nodes:  # every bound attribute must be what the graph was traced with

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 from .analysis import Regions, analyze
@@ -198,11 +199,17 @@ class Variant:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters."""
+    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters.
+
+    Its Python code is generated lazily (at its first call, or by
+    ``_LazyGraphModule.force_recompile``): passes change the graph first, and
+    generating the code of a graph of thousands of nodes twice would double
+    a variant's build time.
+    """
     graph = fx.Graph()
     outputs = graph.graph_copy(gm.graph, {})
     graph.output(outputs)
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return _LazyGraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def _find(graph: fx.Graph, keys: Iterable[CacheKey]) -> dict[CacheKey, fx.Node]:
@@ -280,6 +287,7 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
     for graph_pass in passes:
         gm = graph_pass(gm).graph_module
     gm.recompile()
+    _LazyGraphModule.force_recompile(gm)  # the code now, at build time, not at the first step that runs it
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if io.reads or io.writes:  # the variant's calling convention includes the transforms' caches
         kept = {n.name for n in placeholders}
