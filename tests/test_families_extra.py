@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import tgate_fx
+import tgate_fx.accounting.report
+import tgate_fx.core.runtime
 from oracle import run_oracle
 from tgate_fx.methods import TGate, TGateConfig
 from tgate_fx.tiny_extra import (tiny_animatediff, tiny_hunyuandit, tiny_kandinsky22, tiny_ltx, tiny_sana, tiny_svd,
@@ -144,3 +146,15 @@ def test_kandinsky22_deepcache_caching_nothing_equals_the_unoptimized_pipeline()
     cached = _latents(pipe, kw)
     assert torch.isfinite(cached).all() and not torch.equal(cached, baseline)
     assert [s.variant.name for s in tgate_fx.get_runtime(pipe).last_plan.steps] == ["dc_full", "dc_partial"] * 2
+
+
+@pytest.mark.parametrize("build", [tiny_kandinsky22, tiny_ltx, tiny_animatediff], ids=["kandinsky22", "ltx", "animatediff"])
+def test_todo_is_refused_by_optimize_where_it_has_no_rule(build):
+    # added keys/values (Kandinsky 2.2) and video denoisers: refused at optimize, not at the first call
+    pipe, _ = build()
+    with pytest.raises(TypeError, match="ToDo cannot apply"):
+        tgate_fx.optimize(pipe, tgate=None, todo=tgate_fx.ToDoConfig(factor=2))
+    assert not isinstance(getattr(pipe, "unet", getattr(pipe, "transformer", None)),
+                          tgate_fx.core.runtime.OptimizedDenoiser)
+    assert "ToDo no (ToDo cannot apply" in tgate_fx.accounting.report._applicable(
+        getattr(pipe, "unet", getattr(pipe, "transformer", None)))

@@ -126,6 +126,24 @@ class ToDo(Method):
     title = "ToDo"
     reads_timesteps = True
 
+    def check_denoiser(self, denoiser) -> None:
+        from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
+        from diffusers.models.attention_processor import Attention
+
+        name = type(denoiser).__name__
+        if isinstance(denoiser, (UNetMotionModel, UNetSpatioTemporalConditionModel)) or "3D" in name:
+            raise TypeError(
+                f"ToDo cannot apply to {name}: it downsamples the 2-D token grid of an image's self-attention, and "
+                f"{name} is a video denoiser (frames, packed or temporal tokens), for which no downsampling rule is "
+                "defined. T-GATE applies to it: optimize(pipe, gate_step=...).")
+        added = [n for n, m in denoiser.named_modules()
+                 if isinstance(m, Attention) and getattr(m, "added_kv_proj_dim", None) is not None]
+        if added:
+            raise TypeError(
+                f"ToDo cannot apply to {name}: its attention adds the conditioning's keys/values to the image's "
+                f"({added[0]}: joint attention as in SD3 and Flux, or Kandinsky's added K/V), so downsampling the "
+                "image keys/values would change what the conditioning attends with; no rule is defined for it.")
+
     def factor_at(self, depth: int, latent_hw: tuple[int, int]) -> int:
         """The factor of a site at ``depth`` for a latent of ``latent_hw``."""
         setting = self.config.setting(depth)
