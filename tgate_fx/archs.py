@@ -231,6 +231,31 @@ PIXART_SIGMA_TRANSFORMER = {
     "use_linear_projection": False,
 }
 
+# facebook/DiT-XL-2-256, transformer/config.json (https://huggingface.co/facebook/DiT-XL-2-256/blob/main/
+# transformer/config.json): DiT-XL/2, 28 blocks of width 1152, patch 2 on the 32x32 latent of 256x256 px,
+# class-conditional (1000 classes + the null class of CFG), no text. diffusers loads it as DiTTransformer2DModel.
+DIT_XL_2_256_TRANSFORMER = {
+    "_class_name": "Transformer2DModel",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "dropout": 0.0,
+    "in_channels": 4,
+    "norm_elementwise_affine": False,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_zero",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 8,
+    "patch_size": 2,
+    "sample_size": 32,
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
 # T-GATE defaults of the published results (tgate-reference.md, "Defaults used in the published results").
 _SD_TGATE = TGateConfig(gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)
 _PIXART_TGATE = TGateConfig(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
@@ -245,7 +270,8 @@ class Arch:
     Attributes:
         name: Registry name, e.g. ``"sdxl"``.
         family: ``"sd"`` (SD 1.x/2.x UNet), ``"sdxl"`` (UNet with text-time
-            conditioning) or ``"pixart"`` (PixArt transformer); decides the call.
+            conditioning), ``"pixart"`` (PixArt transformer) or ``"dit"`` (class-conditional
+            DiT transformer, no text); decides the call.
         model_class: ``"UNet2DConditionModel"`` or ``"PixArtTransformer2DModel"``.
         config: The denoiser's ``config.json`` (excluded from hashing and equality).
         source: Where the config comes from.
@@ -271,8 +297,8 @@ class Arch:
     vae_scale: int = _VAE_SCALE
 
     def __post_init__(self) -> None:
-        if self.family not in ("sd", "sdxl", "pixart"):
-            raise ValueError(f"family must be 'sd', 'sdxl' or 'pixart', got {self.family!r}")
+        if self.family not in ("sd", "sdxl", "pixart", "dit"):
+            raise ValueError(f"family must be 'sd', 'sdxl', 'pixart' or 'dit', got {self.family!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value % self.vae_scale:
@@ -321,6 +347,10 @@ class Arch:
         def t(*shape, dt=dtype):
             return torch.empty(*shape, device=device, dtype=dt)
 
+        if self.family == "dit":
+            # DiTPipeline expands the step's timestep over the batch and passes class labels, no text.
+            return {"hidden_states": t(b, c, h, w), "timestep": t(b, dt=torch.int64),
+                    "class_labels": t(b, dt=torch.int64)}
         text = t(b, self.text_tokens, self.text_dim)
         if self.family == "pixart":
             # PixArt pipelines expand the step's timestep over the batch and pass the text mask.
@@ -350,8 +380,8 @@ class Arch:
 
     def describe(self) -> str:
         """One line: name, class, size, text length, CFG."""
-        return (f"{self.name}: {self.model_class}, {self.height}x{self.width}, {self.text_tokens} text tokens, "
-                f"CFG {'on' if self.cfg else 'off'}")
+        text = "class labels" if self.family == "dit" else f"{self.text_tokens} text tokens"
+        return f"{self.name}: {self.model_class}, {self.height}x{self.width}, {text}, CFG {'on' if self.cfg else 'off'}"
 
 
 def _pixart_size_conditions(config: dict) -> bool:
@@ -379,6 +409,9 @@ ARCHS: dict[str, Arch] = {
         Arch("lcm_pixart", "pixart", "PixArtTransformer2DModel", PIXART_ALPHA_TRANSFORMER,
              "PixArt-alpha/PixArt-LCM-XL-2-1024-MS transformer/config.json", text_tokens=120, num_steps=4,
              tgate=_LCM_TGATE, cfg=False),
+        # ToCa's DiT setting: DDIM 50 steps with CFG (T-GATE does not apply: DiT has no cross-attention).
+        Arch("dit_xl_2", "dit", "DiTTransformer2DModel", DIT_XL_2_256_TRANSFORMER,
+             "facebook/DiT-XL-2-256 transformer/config.json", height=256, width=256, text_tokens=0, num_steps=50),
     ]
 }
 

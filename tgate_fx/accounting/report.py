@@ -9,7 +9,31 @@ from ..core.variants import CapturedGraphs
 from ._format import roles_summary, sites_table, table
 from .inspection import computed_sites
 
-__all__ = ["report"]
+__all__ = ["cache_memory", "report"]
+
+
+def cache_memory(graphs: CapturedGraphs) -> dict[str, tuple[int, int]]:
+    """Per method, ``(bytes, tensors)`` of the caches its variants of ``graphs`` hold between steps.
+
+    Read from the variants' cache inputs and records (their ``meta["val"]``
+    shapes and dtypes): each cache key is one tensor held from the step that
+    writes it to the step that reads it, counted once whatever the number of
+    variants that read or write it.
+    """
+    held: dict = {}
+    for v in graphs.variants.values():
+        nodes = list(v.graph_module.graph.nodes)
+        placeholders = {n.name: n for n in nodes if n.op == "placeholder"}
+        output = next(n for n in nodes if n.op == "output").args[0]
+        values = [(key, placeholders[name].meta["val"]) for key, name in v.cache_inputs.items()]
+        values += list(zip(v.records, [n.meta["val"] for n in output[1:]]))
+        for key, val in values:
+            held[key] = max(held.get(key, 0), val.numel() * val.element_size())
+    out: dict[str, tuple[int, int]] = {}
+    for key, size in held.items():
+        total, count = out.get(key.method, (0, 0))
+        out[key.method] = (total + size, count + 1)
+    return out
 
 
 def _variant_rows(graphs: CapturedGraphs) -> list[tuple[str, ...]]:
@@ -64,6 +88,10 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
                   f"  export {cap.seconds:.2f}s, {len(cap.graph_module.graph.nodes)} nodes, "
                   f"{len(graphs.sites)} attention sites", ""]
         lines += ["  " + line for line in sites_table(graphs.sites)] + [""]
+        memory = cache_memory(graphs)
+        if memory:
+            lines += ["  caches held between steps: " + ", ".join(
+                f"{m} {b / 2**20:.2f} MiB ({n} tensors)" for m, (b, n) in memory.items()), ""]
         if graphs.variants:
             header = ("variant", "ops", "params", "computed", "reused", "recorded", "inputs")
             lines += ["  " + line for line in table([header] + _variant_rows(graphs))] + [""]

@@ -15,6 +15,8 @@ Example::
     tgate-fx macs --arch pixart_sigma --gate-step 10 --json
     tgate-fx macs --arch lcm_sdxl --include-attention
     tgate-fx macs --arch sd15 --height 2048 --width 2048 --todo --no-tgate --factor auto --include-attention
+    tgate-fx macs --arch pixart_alpha --toca --no-tgate --height 512 --width 512 --steps 20
+    tgate-fx macs --arch dit_xl_2 --toca --no-tgate
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ def plan_from_args(args: argparse.Namespace, arch):
     """The :class:`~tgate_fx.Plan` for ``arch`` with the command-line methods and overrides applied."""
     from ..core.plan import Plan
 
+    from ..methods import as_methods
+
     methods = methods_from_args(args, {"tgate": arch.tgate})
     if not methods:
         raise ValueError("no method is on: keep T-GATE or add --deepcache")
+    methods = as_methods(methods)
+    denoiser = arch.build_denoiser()  # on the meta device: each method checks it and fills what it derives
+    for method in methods:            # from it (ToCa's family defaults), as tgate_fx.optimize does
+        method.check_denoiser(denoiser)
     return Plan(args.steps if args.steps is not None else arch.num_steps, methods, cfg=arch.cfg)
 
 
