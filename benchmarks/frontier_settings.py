@@ -191,13 +191,12 @@ def _toca_settings(testbed: str) -> list[Setting]:
             out.append(Setting(label, "ToCa", True, f"{cls.__name__}(**{kwargs})", _raise(error)))
         else:
             out.append(Setting(label, "ToCa", True, _describe(config), _fx(config)))
-    if ratio:
-        try:
-            both = (DEFAULT_TGATE[testbed], cls())
-            out.append(Setting(f"T-GATE {DEFAULT_TGATE[testbed].gate_step} + ToCa defaults", "T-GATE + ToCa", True,
-                               " + ".join(_describe(c) for c in both), _fx(*both)))
-        except Exception:
-            pass
+    # T-GATE composes with ToCa when it reuses no self-attention (sp_interval = fi_interval = 1): ToCa owns the
+    # self-attention and MLP caches, T-GATE the cross-attention one after the gate.
+    gate = DEFAULT_TGATE[testbed].gate_step
+    both = (TGateConfig(gate, 1, 1, 0), cls())
+    out.append(Setting(f"T-GATE gate only {gate} + ToCa defaults", "T-GATE + ToCa", True,
+                       " + ".join(_describe(c) for c in both), _fx(*both)))
     return out
 
 

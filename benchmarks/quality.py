@@ -306,7 +306,7 @@ def _markdown(rows, base, real, meta, args, testbed) -> str:
         f"**Pipeline**: `tgate_fx.shapes.{LOADERS[testbed].__name__}()`, {meta['steps']} DPM-Solver++ steps, "
         f"guidance {meta['guidance']}, CFG on.",
         "",
-        f"**Sample** (the same pictures and seeds for every setting): every {args.seen_every}th of the 315 "
+        f"**Sample** (the same pictures and seeds for every setting): one in {args.seen_every} of the 315 "
         f"captions seen in training x {args.seen_per_combo} = **{n_seen} seen** pictures, and the 45 held-out "
         f"captions x {args.held_out_per_combo} = **{n_held} held-out** pictures; picture i from seed "
         f"{args.seed} + i; batches of {args.chunk}. Standard error of an accuracy p at these sizes: "
