@@ -15,7 +15,7 @@ from tgate_fx import TGateConfig, ToCaConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 
 STEPS = 8  # PixArt N=3 at 8 steps: full, partial x3, mixed, partial, full, partial
-TOCA = ToCaConfig(family="pixart")  # export_onnx builds its plan before it sees the denoiser: give the family
+TOCA = ToCaConfig()  # export_onnx fills the family defaults from the denoiser, as optimize does
 CASES = {
     "toca": [TOCA],
     "tgate+toca": [TGateConfig(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1), TOCA],
