@@ -92,8 +92,19 @@ class ToCa(Method):
         self.config = self.config.resolved(family)
 
     def compose(self, others: list[Method]) -> None:
-        """Remember the methods composed with ToCa (their dropped CFG halves change how ToCa scores)."""
+        """Remember the methods composed with ToCa (their dropped CFG halves change how ToCa scores).
+
+        Raises ``ValueError`` at once for T-GATE settings that reuse self-attention, which ToCa
+        caches itself (the graph conflict would otherwise surface at the first call).
+        """
         self._others = [m for m in others if m is not self]
+        for m in self._others:
+            c = m.config
+            if m.name == "tgate" and (getattr(c, "sp_interval", 1) != 1 or getattr(c, "fi_interval", 1) != 1):
+                raise ValueError(
+                    f"ToCa cannot be composed with T-GATE reusing self-attention (sp_interval={c.sp_interval}, "
+                    f"fi_interval={c.fi_interval}): ToCa caches self-attention itself. Compose it with T-GATE's "
+                    f"gate only: TGateConfig(gate_step={c.gate_step}, sp_interval=1, fi_interval=1, warm_up=0)")
 
     # --- tags ------------------------------------------------------------------
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
