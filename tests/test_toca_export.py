@@ -18,7 +18,7 @@ STEPS = 8  # PixArt N=3 at 8 steps: full, partial x3, mixed, partial, full, part
 TOCA = ToCaConfig()  # export_onnx fills the family defaults from the denoiser, as optimize does
 CASES = {
     "toca": [TOCA],
-    "tgate+toca": [TGateConfig(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1), TOCA],
+    "tgate+toca": [TGateConfig(gate_step=4, sp_interval=1, fi_interval=1, warm_up=0), TOCA],
 }
 
 
