@@ -1,11 +1,13 @@
-"""Helpers shared by the benchmark scripts: the CPU's name, and a denoiser stand-in that times its calls."""
+"""Helpers shared by the benchmark scripts: the machine, a denoiser stand-in that times its calls, and plots."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 import time
 
-__all__ = ["TimedDenoiser", "cpu_model"]
+__all__ = ["TimedDenoiser", "cpu_model", "machine", "require_matplotlib", "speedup_bars"]
 
 
 def cpu_model() -> str:
@@ -18,6 +20,42 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine(**extra: str) -> dict:
+    """CPU, cores and the versions of Python, torch and diffusers (plus ``extra`` entries)."""
+    import diffusers
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, **extra, "python": platform.python_version()}
+
+
+def require_matplotlib(no_plot: bool) -> None:
+    """Stop before any work if a plot is asked for and matplotlib is missing."""
+    if not no_plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("matplotlib is needed for the plot: pip install -e '.[bench]', or pass --no-plot")
+
+
+def speedup_bars(path: str, labels: list[str], bars: dict[str, list[float]], title: str) -> None:
+    """A bar chart of speed-ups over the baseline: one group per label, one bar per entry of ``bars``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 1.1), 4))
+    for i, (name, values) in enumerate(bars.items()):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks(list(range(len(labels))), [label.replace(" (", "\n(") for label in labels], fontsize=7)
+    ax.set_ylabel("speed-up over baseline")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 class TimedDenoiser:

@@ -71,6 +71,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from common import machine, require_matplotlib, speedup_bars  # noqa: E402
+
 COLUMNS = ("baseline", "toca", "tgate", "tgate_toca", "fbc", "taylorseer", "pab")
 TITLES = {"baseline": "baseline", "toca": "ToCa (tgate_fx, official defaults)", "tgate": "T-GATE (tgate_fx)",
           "tgate_toca": "T-GATE gate + ToCa (tgate_fx)", "fbc": "FirstBlockCache 0.1 (diffusers)",
@@ -277,18 +279,6 @@ def count_macs(args) -> dict:
     return out
 
 
-def machine() -> dict:
-    import platform
-
-    import diffusers
-    import torch
-
-    from common import cpu_model
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "python": platform.python_version()}
-
-
 def run(args, argv, on_round=None) -> dict:
     import torch
 
@@ -422,11 +412,6 @@ def write_markdown(res: dict, path: str, argv: list[str], wall: float) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = [c for c in res["columns"] if _median_time(res["children"][c]) and _col_macs(res, c)]
     base = _median_time(res["children"]["baseline"])
     executed_base = _col_macs({"macs": {}, "children": res["children"]}, "baseline")
@@ -434,16 +419,10 @@ def plot(res: dict, path: str) -> None:
     for c in cols:
         ref = res["macs"]["baseline"] if c in res["macs"] else (executed_base or res["macs"]["baseline"])
         ideal.append(ref["with_core"] / _col_macs(res, c)["with_core"])
-    x = range(len(cols))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar([i - 0.2 for i in x], [base / _median_time(res["children"][c]) for c in cols], 0.4, label="measured")
-    ax.bar([i + 0.2 for i in x], ideal, 0.4, label="MAC-ideal (+ attention core)")
-    ax.set_xticks(list(x), [TITLES[c].replace(" (", "\n(") for c in cols], fontsize=7)
-    ax.set_ylabel("speed-up over baseline")
-    ax.set_title(f"scaled PixArt-alpha, 448x448, {res['steps']} steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    speedup_bars(path, [TITLES[c] for c in cols],
+                 {"measured": [base / _median_time(res["children"][c]) for c in cols],
+                  "MAC-ideal (+ attention core)": ideal},
+                 f"scaled PixArt-alpha, 448x448, {res['steps']} steps")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,10 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
-    import importlib.util
-
-    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("matplotlib is needed for the plot: pip install -e '.[bench]', or pass --no-plot")
+    require_matplotlib(args.no_plot)
     if "baseline" not in args.columns.split(","):
         raise SystemExit("the baseline column is needed (speed-ups are against it)")
     start = time.perf_counter()

@@ -55,6 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from common import machine, require_matplotlib, speedup_bars  # noqa: E402
+
 COLUMNS = ("baseline", "fx_plain", "todo", "tomesd", "tgate", "tgate_todo")
 TITLES = {"baseline": "baseline", "fx_plain": "tgate_fx graph, no rewrite", "todo": "ToDo (tgate_fx)",
           "tomesd": "tomesd 0.1.3 (ratio 0.75)", "tgate": "T-GATE (tgate_fx)", "tgate_todo": "T-GATE + ToDo (tgate_fx)"}
@@ -130,21 +132,13 @@ def count_macs(workload, steps: int) -> dict:
     return out
 
 
-def machine() -> dict:
-    import platform
-
-    import diffusers
-    import torch
-
-    from common import cpu_model
-
+def _machine() -> dict:
     try:
         from importlib import metadata
         tomesd_version = metadata.version("tomesd")
     except Exception:  # noqa: BLE001 - any failure means "not installed"
         tomesd_version = "not installed"
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "tomesd": tomesd_version, "python": platform.python_version()}
+    return machine(tomesd=tomesd_version)
 
 
 def run(args, on_round=None) -> dict:
@@ -212,7 +206,7 @@ def _results(args, workload, columns, skipped, macs, warm, times, loads, outputs
     return {"workload": dataclasses.asdict(workload) | {"build_fn": None},
             "steps": args.steps, "threads": args.threads, "repeats": rounds, "columns": columns,
             "skipped": skipped, "macs": macs, "warm": warm, "times": times, "loads": loads, "diffs": diffs,
-            "variants": plans, "machine": machine(), "tgate": dataclasses.asdict(workload.tgate),
+            "variants": plans, "machine": _machine(), "tgate": dataclasses.asdict(workload.tgate),
             "baseline_abs_max": float(base.abs().max()) if base is not None else None}
 
 
@@ -300,28 +294,13 @@ def write_markdown(res: dict, path: str, argv: list[str], wall: float) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     med = {c: statistics.median(t) for c, t in res["times"].items()}
-    cols = res["columns"]
-    base = med["baseline"]
-    macs = res["macs"]
-    x = range(len(cols))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([i - 0.27 for i in x], [base / med[c] for c in cols], 0.27, label="measured")
-    ax.bar([i for i in x], [macs["baseline"]["with_core"] / macs[c]["with_core"] for c in cols], 0.27,
-           label="MAC-ideal (+ attention core)")
-    ax.bar([i + 0.27 for i in x], [macs["baseline"]["linear_conv"] / macs[c]["linear_conv"] for c in cols], 0.27,
-           label="MAC-ideal (Linear+Conv)")
-    ax.set_xticks(list(x), [TITLES[c].replace(" (", "\n(") for c in cols], fontsize=8)
-    ax.set_ylabel("speed-up over baseline")
-    ax.set_title(f"scaled SD-1.5, {res['workload']['height']}x{res['workload']['width']}, {res['steps']} steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    cols, macs = res["columns"], res["macs"]
+    speedup_bars(path, [TITLES[c] for c in cols],
+                 {"measured": [med["baseline"] / med[c] for c in cols],
+                  "MAC-ideal (+ attention core)": [macs["baseline"]["with_core"] / macs[c]["with_core"] for c in cols],
+                  "MAC-ideal (Linear+Conv)": [macs["baseline"]["linear_conv"] / macs[c]["linear_conv"] for c in cols]},
+                 f"scaled SD-1.5, {res['workload']['height']}x{res['workload']['width']}, {res['steps']} steps")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "todo_bench.md"))
     parser.add_argument("--no-plot", action="store_true", help="write the markdown only (no matplotlib needed)")
     args = parser.parse_args(argv)
-    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("matplotlib is needed for the plot: pip install -e '.[bench]', or pass --no-plot")
+    require_matplotlib(args.no_plot)
     if "baseline" not in args.columns.split(","):
         raise SystemExit("the baseline column is needed (speed-ups are against it)")
     start = time.perf_counter()

@@ -202,33 +202,12 @@ PIXART_ALPHA_TRANSFORMER = {
 # "Update config file for diffusers update"; read through the verbatim copy
 # https://huggingface.co/unclecode/pixart-sigma-int8/blob/main/config.json,
 # "_name_or_path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS").
+# It differs from PixArt-alpha's only in these keys (every other key is equal, checked against that copy):
 PIXART_SIGMA_TRANSFORMER = {
+    **PIXART_ALPHA_TRANSFORMER,
     "_class_name": "PixArtTransformer2DModel",
-    "activation_fn": "gelu-approximate",
-    "attention_bias": True,
-    "attention_head_dim": 72,
-    "attention_type": "default",
-    "caption_channels": 4096,
-    "cross_attention_dim": 1152,
-    "double_self_attention": False,
-    "dropout": 0.0,
-    "in_channels": 4,
     "interpolation_scale": 2,
-    "norm_elementwise_affine": False,
-    "norm_eps": 1e-06,
-    "norm_num_groups": 32,
-    "norm_type": "ada_norm_single",
-    "num_attention_heads": 16,
-    "num_embeds_ada_norm": 1000,
-    "num_layers": 28,
-    "num_vector_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 8,
-    "patch_size": 2,
-    "sample_size": 128,
-    "upcast_attention": False,
     "use_additional_conditions": False,
-    "use_linear_projection": False,
 }
 
 # facebook/DiT-XL-2-256, transformer/config.json (https://huggingface.co/facebook/DiT-XL-2-256/blob/main/

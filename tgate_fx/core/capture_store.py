@@ -309,7 +309,7 @@ def _encode(capture: Capture) -> dict:
             value = getattr(gm, node.target)
             if not isinstance(value, torch.Tensor):
                 raise _Unstorable(f"attribute {node.target} of type {type(value).__name__}")
-            if not isinstance(value, torch.nn.Parameter) and not _is_state(capture, entry["path"]):
+            if not isinstance(value, torch.nn.Parameter) and entry["path"] not in capture.state_paths:
                 if value.device.type == "meta":
                     raise _Unstorable("a constant on the meta device")
                 constants[entry["path"]] = (str(value.dtype).removeprefix("torch."), list(value.shape),
@@ -319,14 +319,8 @@ def _encode(capture: Capture) -> dict:
     return {"nodes": nodes, "inputs": list(capture.input_names), "constants": constants}
 
 
-def _is_state(capture: Capture, path: str) -> bool:
-    return path in capture.state_paths
-
-
 def _decode(data: dict, module: torch.nn.Module) -> Capture:
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .capture import signature_of  # noqa: F401  (the signature is the caller's: same key)
 
     graph = fx.Graph()
     nodes: list[fx.Node] = []
