@@ -1,5 +1,6 @@
 """ToCa in an ONNX bundle: the full, partial and mixed variants (top-k, gather, scatter) export and run in
-``OnnxDenoiser`` inside the unmodified tiny PixArt-alpha pipeline, alone and with T-GATE, within 1e-4 of torch."""
+``OnnxDenoiser`` inside the unmodified tiny PixArt-alpha pipeline, alone and with T-GATE, and inside the unmodified
+tiny DiTPipeline (class labels, no prompt), within 1e-4 of torch."""
 
 import os
 
@@ -11,6 +12,7 @@ pytest.importorskip("onnxruntime")
 
 import tgate_fx  # noqa: E402
 from conftest import eager_denoiser, latents, shared_optimized  # noqa: E402
+from test_toca import _dit, dit_latents  # noqa: E402
 from tgate_fx import TGateConfig, ToCaConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 
@@ -50,6 +52,39 @@ def test_toca_onnx_bundle_matches_torch(case, tmp_path):
     # each partial graph selects (TopK), gathers and scatters inside the model: no host round trip
     partials = [f for f in os.listdir(tmp_path) if "toca_partial" in f and f.endswith(".onnx")]
     assert partials
+    for file in partials:
+        ops = {n.op_type for n in onnx.load(str(tmp_path / file), load_external_data=False).graph.node}
+        assert {"TopK", "GatherElements", "ScatterElements"} <= ops, (file, sorted(ops))
+
+
+DIT_STEPS = 7  # DiT DDIM-50 schedule, N=3, at 7 steps: full, partial, mixed, full, partial, partial, full
+
+
+def test_toca_dit_onnx_bundle_matches_torch(tmp_path):
+    """DiT (self-attention map scores, MLP refreshed, steps counted down): the bundle runs in DiTPipeline."""
+    pipe = tgate_fx.optimize(_dit(), toca=TOCA)
+    ref = dit_latents(pipe, DIT_STEPS)
+    torch_plan = tgate_fx.get_runtime(pipe).last_plan
+    export_onnx(pipe, str(tmp_path), num_inference_steps=DIT_STEPS, methods=[TOCA], class_labels=[1, 7],
+                guidance_scale=4.0)
+    saved = pipe.transformer
+    denoiser = OnnxDenoiser.from_dir(str(tmp_path))
+    denoiser.install(pipe)
+    try:
+        got = dit_latents(pipe, DIT_STEPS)
+    finally:
+        object.__setattr__(pipe, "transformer", saved)
+    assert [s.variant for s in denoiser.last_plan.steps] == [s.variant.name for s in torch_plan.steps]
+    assert [s.methods["toca"].columns[0][1] for s in torch_plan.steps] == \
+        ["full", "partial", "mixed", "full", "partial", "partial", "full"]
+    diff = (got - ref).abs().max().item()
+    print(f"dit: max |onnx - torch| = {diff:.3g}")
+    assert diff <= 1e-4
+    with eager_denoiser(pipe):
+        plain = dit_latents(pipe, DIT_STEPS)
+    assert (plain - ref).abs().max().item() > 100 * max(diff, 1e-7)  # the bound sees ToCa
+    partials = [f for f in os.listdir(tmp_path) if "toca_partial" in f and f.endswith(".onnx")]
+    assert len(partials) == 3
     for file in partials:
         ops = {n.op_type for n in onnx.load(str(tmp_path / file), load_external_data=False).graph.node}
         assert {"TopK", "GatherElements", "ScatterElements"} <= ops, (file, sorted(ops))

@@ -530,6 +530,8 @@ def export_onnx(
             raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows, got "
                              f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
         call = dict(call_kwargs)
+    elif "prompt" not in inspect.signature(pipe.__call__).parameters:
+        call = dict(call_kwargs)  # class-conditioned pipelines (DiT): their labels come in call_kwargs
     else:
         call = dict(call_kwargs, prompt=[prompt] * batch_size)
     call.update(num_inference_steps=num_inference_steps, output_type="latent",
