@@ -23,6 +23,12 @@ Differences from the official code, where it cannot run as is:
 * Composition with T-GATE: ``tgate_gate``: the steps ``gate - 1`` and ``gate``
   are full, and from the gate on cross-attention is what the (T-GATE) processor
   returns, with no ToCa refresh and no map update; the batch is then no CFG pair.
+* ``cache_type="random"``: the scores are ``torch.rand`` draws from torch's
+  global generator, as the official code makes them, but only where tokens are
+  selected (k > 0); the official code draws for k = 0 too. The graphs draw
+  where they select (a draw nothing reads is dead code), so seeding the global
+  generator before a generation makes both draw the same numbers in the same
+  order (block by block, cross-attention before MLP).
 """
 
 from __future__ import annotations
@@ -228,10 +234,13 @@ class ToCaOracle:
 
     def cache_cutfresh(self, tokens, layer, module):
         fresh_ratio = self.sched.ratio(layer, "cross-attn" if module == "cross" else module)
-        score = self.score_evaluate(tokens, layer, module)
+        topk = int(fresh_ratio * tokens.shape[1])
+        if self.cache_type == "random" and topk == 0:  # no draw where nothing is selected (see the module doc)
+            score = torch.zeros(tokens.shape[:2], device=tokens.device)
+        else:
+            score = self.score_evaluate(tokens, layer, module)
         score = local_selection_with_bonus(score, *self.bonus)
         indices = score.argsort(dim=-1, descending=True)
-        topk = int(fresh_ratio * score.shape[1])
         fresh_indices = indices[:, :topk]
         self.cache_index[layer][module] += 1
         self.cache_index[layer][module].scatter_(dim=1, index=fresh_indices,

@@ -48,11 +48,16 @@ class TokenRegion(NamedTuple):
 
 def call_with_meta(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None,
                    like: fx.Node | None = None) -> fx.Node:
-    """``target(*args, **kwargs)`` as a node at the graph's insertion point, with ``meta["val"]`` and ``like``'s provenance."""
+    """``target(*args, **kwargs)`` as a node at the graph's insertion point, with ``meta["val"]`` and ``like``'s provenance.
+
+    The value is computed in the fake mode of the tensor arguments (of ``like``'s value for a factory with none).
+    """
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     leaves = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    if not leaves and like is not None and isinstance(like.meta.get("val"), torch.Tensor):
+        leaves = [like.meta["val"]]  # a factory (rand, zeros): its value must live in the graph's fake mode
     with detect_fake_mode(leaves) or torch._subclasses.FakeTensorMode():
         node.meta["val"] = target(*vals[0], **vals[1])
     if like is not None:

@@ -52,7 +52,13 @@ class ToCaConfig:
             ``"ToCa-ddpm250"`` (DiT with DDPM-250) or ``"constant"`` (R everywhere).
         score: ``"attention"`` (the published score: PixArt the entropy of the cross-attention map,
             both CFG halves sharing one selection; DiT the attention each token receives) or
-            ``"random"`` (the ablation: uniform random scores, shared by both CFG halves).
+            ``"random"`` (the ablation: uniform random scores, shared by both CFG halves; schedule and k
+            as with ``"attention"``). The graphs draw them (``aten.rand``, one ``(rows, N)`` draw per
+            selection with k > 0, block by block, cross-attention before MLP); in the eager runtime from
+            torch's global generator, so ``torch.manual_seed`` before a generation repeats it (the
+            pipeline's ``generator`` does not reach these draws), and the test oracle draws the same
+            numbers (equal latents). Other backends (torch.compile's inductor, ONNX Runtime's
+            ``RandomUniform``) draw with their own generators: another uniform selection, not eager's.
         cache_weight: Weight of the cache-frequency score (``soft_fresh_weight``): ``+ w * c / N``
             for a token stale for c partial steps. Default 0.25.
         bonus_ratio: Spatial bonus: in each ``bonus_grid`` x ``bonus_grid`` cell of the token grid the
