@@ -167,6 +167,7 @@ def test_random_score_equals_eager_oracle_from_the_same_generator(family, settin
     torch.manual_seed(11)
     expected, oracle = oracle_latents(pipe, fam, config, steps, cfg, call)
     diff = (got - expected).abs().max().item()
+    print(f"{family} {settings}: max |graphs - oracle| = {diff:.3g}")
     assert diff <= TOL, diff
     assert any(0 < k < 64 for *_, kind in oracle.log if kind != "full" for k in kind[1].values())
     torch.manual_seed(12)
