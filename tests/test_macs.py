@@ -310,3 +310,47 @@ def test_macs_cli_rejects_bad_settings(capsys):
     assert "no method is on" in capsys.readouterr().err
     assert _run_cli(["--arch", "pixart_alpha", "--deepcache"]) == 2
     assert "DeepCache needs a UNet" in capsys.readouterr().err
+
+
+def test_method_flags_cover_every_config_field(capsys):
+    """Every field of every method config has a flag, typed from its annotation (int, float, str choices,
+    ``| None``, bool); the three commands that take method flags build their parsers without a clash."""
+    import dataclasses
+
+    from tgate_fx import ToCaConfig, ToDoConfig
+    from tgate_fx.cli import export as export_cli, generate as generate_cli
+    from tgate_fx.cli._methods import add_method_arguments, methods_from_args
+    from tgate_fx.methods import METHODS
+
+    for cli in (generate_cli, macs_cli, export_cli):
+        cli.add_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    for name, method_cls in METHODS.items():
+        for field in dataclasses.fields(method_cls.config_class):
+            assert defaults[f"{name}__{field.name}"] is None, (name, field.name)  # absent: the config's default
+    assert methods_from_args(parser.parse_args([]), {"tgate": None}) == [TGateConfig()]
+
+    args = parser.parse_args(["--no-tgate", "--toca", "--ratio", "0.15", "--interval", "4", "--cache-weight", "0.5",
+                              "--bonus-ratio", "0", "--bonus-grid", "2", "--score", "random", "--schedule",
+                              "constant", "--compat", "clean", "--family", "pixart"])
+    assert methods_from_args(args) == [ToCaConfig(family="pixart", interval=4, ratio=0.15, schedule="constant",
+                                                  score="random", cache_weight=0.5, bonus_ratio=0.0, bonus_grid=2,
+                                                  compat="clean")]
+    assert type(args.toca__ratio) is float and type(args.toca__interval) is int
+    # a setting switches its method on; bools have --no-; int | str takes a word
+    tgate, todo = methods_from_args(parser.parse_args(["--lcm", "--no-skip-timestep-zero", "--factor", "auto",
+                                                       "--mode", "avg_pool", "--gate-step", "7"]))
+    assert tgate == TGateConfig(gate_step=7, lcm=True)
+    assert todo == ToDoConfig(factor="auto", mode="avg_pool", skip_timestep_zero=False)
+    (deepcache,) = methods_from_args(parser.parse_args(["--no-tgate", "--skip-mode", "uniform",
+                                                        "--cache-interval", "2"]))
+    assert deepcache == DeepCacheConfig(cache_interval=2)
+    with pytest.raises(SystemExit):  # a Literal field takes its values only
+        parser.parse_args(["--score", "entropy"])
+    assert "invalid choice: 'entropy'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--no-toca with --ratio"):
+        methods_from_args(parser.parse_args(["--no-toca", "--ratio", "0.1"]))
+    with pytest.raises(ValueError, match="ratio must be a number in"):  # the config checks the value
+        methods_from_args(parser.parse_args(["--ratio", "1.5"]))

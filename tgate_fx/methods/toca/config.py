@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -11,10 +11,12 @@ from .._checks import check_int
 
 __all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "step_kinds"]
 
-FAMILIES = ("pixart", "dit")
-SCHEDULES = ("ToCa", "ToCa-ddim50", "ToCa-ddpm250", "constant")
-SCORES = ("attention", "random")
-COMPAT = ("official", "clean")
+# Literal annotations: the CLI offers their values as the flags' choices.
+Family = Literal["pixart", "dit"]
+Schedule = Literal["ToCa", "ToCa-ddim50", "ToCa-ddpm250", "constant"]
+Score = Literal["attention", "random"]
+Compat = Literal["official", "clean"]
+FAMILIES, SCHEDULES, SCORES, COMPAT = (get_args(t) for t in (Family, Schedule, Score, Compat))
 
 # Official defaults per family: (interval N, fresh ratio R, ratio schedule, bonus ratio, bonus grid).
 _DEFAULTS = {
@@ -73,15 +75,15 @@ class ToCaConfig:
             previous full step.
     """
 
-    family: str | None = None
+    family: Family | None = None
     interval: int | None = None
     ratio: float | None = None
-    schedule: str | None = None
-    score: str = "attention"
+    schedule: Schedule | None = None
+    score: Score = "attention"
     cache_weight: float = 0.25
     bonus_ratio: float | None = None
     bonus_grid: int | None = None
-    compat: str = "official"
+    compat: Compat = "official"
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
