@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
+from .blockwise import RegionalCompiler
 from .capture import InputSignature, capture_denoiser, normalize_call, signature_of
 from .generation import GenerationTracker, output_class, take_half
 from .method import Method
@@ -135,7 +136,7 @@ class OptimizedDenoiser(_model_base()):
         raise KeyError(f"method {method!r} is not applied (applied: {[m.name for m in self.methods]})")
 
     # --- torch.compile ---------------------------------------------------------
-    def compile(self, *args, **kwargs) -> None:
+    def compile(self, *args, regional: bool = False, **kwargs) -> None:
         """Compile each graph variant with ``torch.compile(*args, **kwargs)``, once, at its first use.
 
         Replaces ``nn.Module.compile``: compiling this module's own ``forward``
@@ -144,14 +145,20 @@ class OptimizedDenoiser(_model_base()):
         and a graph break inside it would be a bug worth an error.
         ``torch.compile(runtime)`` assigned back to the pipeline is recognised
         too (see :meth:`_active_compiler`).
+
+        ``regional=True`` compiles block by block instead (see
+        :mod:`tgate_fx.core.blockwise`): each distinct block (a resnet, an
+        attention block, ...) is compiled once and shared by every variant
+        and every identical site, which cuts the first compile; the ops
+        between blocks run eagerly.
         """
         kwargs.setdefault("fullgraph", True)
-        self._compiler = functools.partial(torch.compile, *args, **kwargs)
-        self._compiled.clear()
+        self.compile_with(functools.partial(torch.compile, *args, **kwargs), regional=regional)
 
-    def compile_with(self, compiler: Callable) -> None:
-        """Compile each graph variant's ``forward`` with ``compiler(fn)`` (e.g. a dynamo context), once."""
-        self._compiler = compiler
+    def compile_with(self, compiler: Callable, regional: bool = False) -> None:
+        """Compile each graph variant's ``forward`` with ``compiler(fn)`` (e.g. a dynamo context), once;
+        ``regional=True``: each distinct block of the variants instead (see :meth:`compile`)."""
+        self._compiler = RegionalCompiler(compiler) if regional else compiler
         self._compiled.clear()
 
     def _active_compiler(self) -> Callable | None:
@@ -173,7 +180,8 @@ class OptimizedDenoiser(_model_base()):
         if compiler is None:
             return variant.graph_module
         if variant not in self._compiled:
-            self._compiled[variant] = compiler(variant.graph_module.forward)
+            gm = variant.graph_module
+            self._compiled[variant] = compiler(gm) if isinstance(compiler, RegionalCompiler) else compiler(gm.forward)
         return self._compiled[variant]
 
     def __deepcopy__(self, memo):
