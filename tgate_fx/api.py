@@ -110,7 +110,10 @@ def optimize(
         methods: A list of method configs, instead of the keywords.
         compile: ``True`` compiles every graph variant with ``torch.compile``
             (once each, at first use); a dict is passed to ``torch.compile`` as
-            options, e.g. ``{"backend": "inductor", "mode": "max-autotune"}``.
+            options, e.g. ``{"backend": "inductor", "mode": "max-autotune"}``;
+            ``{"regional": True, ...}`` compiles each distinct block of the
+            variants once instead of each variant whole (a much shorter first
+            compile; see :meth:`OptimizedDenoiser.compile`).
             ``pipe.unet.compile(...)`` and ``pipe.unet = torch.compile(pipe.unet)``
             after ``optimize`` do the same.
 
