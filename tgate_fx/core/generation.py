@@ -27,6 +27,7 @@ an exported bundle) and clears the caches.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -41,6 +42,15 @@ from collections.abc import Callable
 from .plan import Plan, StepPlan
 
 __all__ = ["GenerationTracker", "Step", "output_class", "take_half"]
+
+
+@functools.cache
+def _diffusion_pipeline() -> type:
+    # Imported once: `from diffusers import ...` goes through diffusers' lazy module at every
+    # execution (about 1 ms), and the caller is looked up at every denoiser call.
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
 
 
 def output_class(denoiser: torch.nn.Module):
@@ -153,15 +163,13 @@ class GenerationTracker:
 
     def _caller(self) -> tuple[Any, dict]:
         """``(pipeline, its __call__'s locals)`` of the pipeline calling the denoiser, else the given one."""
-        from diffusers import DiffusionPipeline
-
         frame = sys._getframe(2)
         for _ in range(40):
             if frame is None:
                 break
             if frame.f_code.co_name == "__call__":
                 owner = frame.f_locals.get("self")
-                if isinstance(owner, DiffusionPipeline):
+                if isinstance(owner, _diffusion_pipeline()):
                     return owner, frame.f_locals
             frame = frame.f_back
         return self._pipeline(), {}
