@@ -45,7 +45,7 @@ def speedup_bars(path: str, labels: list[str], bars: dict[str, list[float]], tit
     import matplotlib.pyplot as plt
 
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 1.1), 4))
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 1.5), 4))
     for i, (name, values) in enumerate(bars.items()):
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar([x + offset for x in range(len(labels))], values, width, label=name)
