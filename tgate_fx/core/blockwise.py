@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .capture import _attribute as _attr
+
 __all__ = ["RegionalCompiler", "region_of", "split_regions"]
 
 # Regions with fewer compute nodes than this run eagerly: a compile costs far more than running them.
@@ -109,13 +111,6 @@ def _unsupported(gm: fx.GraphModule) -> str | None:
         if node.op == "get_attr" and not isinstance(_attr(gm, node.target), torch.Tensor):
             return f"attribute {node.target} is a {type(_attr(gm, node.target)).__name__}, not a tensor"
     return None
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def split_regions(graph: fx.Graph) -> list[Region]:
@@ -232,6 +227,7 @@ class RegionalCompiler:
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         owners: dict[str, Any] = {}
+        sites = 0
         regions = {id(n): r for r in split_regions(gm.graph) for n in r.nodes}
         done: set[int] = set()
         for node in gm.graph.nodes:
@@ -245,7 +241,7 @@ class RegionalCompiler:
                     for n in region.nodes:
                         env[n] = graph.node_copy(n, lambda a: env[a])
                     continue
-                name = f"region_{len([k for k in owners if k.startswith('region_')])}"
+                name, sites = f"region_{sites}", sites + 1
                 owners[name] = _RegionCall(*self._function(region, gm))
                 call = graph.call_module(name, tuple(env[n] for n in region.inputs))
                 for i, out in enumerate(region.outputs):
