@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from .core.capture import capture_denoiser
+from .core.rebatch import BatchCaptures
 from .core.variants import CapturedGraphs
 from .methods import TGateConfig
 
@@ -452,7 +454,8 @@ def arch_from_pipeline(pipe: Any, *, height: int | None = None, width: int | Non
 
 
 class ArchGraphs:
-    """The captures of one architecture, one per batch size, made on first use.
+    """The captures of one architecture, one per batch size, made on first use from one export (see
+    :mod:`tgate_fx.core.rebatch`).
 
     Calling it with a batch size returns a
     :class:`~tgate_fx.core.variants.CapturedGraphs` (capture, attention sites, and
@@ -469,13 +472,17 @@ class ArchGraphs:
         self.arch = arch
         self.progress = progress if progress is not None else _stderr
         self._by_batch: dict[int, CapturedGraphs] = {}
+        self._captures: BatchCaptures | None = None
 
     def __call__(self, batch_size: int) -> CapturedGraphs:
         if batch_size not in self._by_batch:
             self.progress(f"capturing {self.arch.name} at batch {batch_size} on the meta device ...")
             start = time.perf_counter()
-            self._by_batch[batch_size] = self.arch.capture(batch_size)
-            graphs = self._by_batch[batch_size]
+            if self._captures is None:  # one denoiser, one export for every batch size (see core.rebatch)
+                denoiser = self.arch.build_denoiser()
+                self._captures = BatchCaptures(denoiser, next(iter(inspect.signature(denoiser.forward).parameters)))
+            capture = self._captures(self.arch.make_call(batch_size))
+            self._by_batch[batch_size] = graphs = CapturedGraphs.from_capture(capture)
             self.progress(f"  {len(graphs.capture.graph_module.graph.nodes)} nodes, {len(graphs.sites)} attention "
                           f"sites, {time.perf_counter() - start:.1f}s")
         return self._by_batch[batch_size]

@@ -4,7 +4,9 @@ A capture is made lazily, from the real arguments of a denoiser call, with
 non-strict ``torch.export`` and static shapes. Each distinct
 :class:`InputSignature` (tensor shapes, dtypes and devices, which optional
 inputs are present, and the values of non-tensor arguments) gets its own
-capture; the caller keeps them in a dict keyed by signature.
+capture; the caller keeps them in a dict keyed by signature. The runtime
+exports once per resolution and derives the capture of each batch size from
+that one trace (:mod:`~tgate_fx.core.rebatch`).
 
 The exported program is turned into a *flat* ``GraphModule``: its placeholders
 are the tensor leaves of the call (named after their argument, e.g.
@@ -19,6 +21,7 @@ call); :func:`parameter_paths` maps the flat names back to the denoiser's.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -30,11 +33,13 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "Capture",
+    "as_traced",
     "InputSignature",
     "capture_denoiser",
     "normalize_call",
     "parameter_paths",
     "signature_of",
+    "state_paths",
     "tensor_inputs",
 ]
 
@@ -248,9 +253,24 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
         stored = store.load(key, module, call)
         if stored is not None:
             stored.signature = signature
-            stored.state_paths = _state_paths(module, stored.graph_module)
+            stored.state_paths = state_paths(module, stored.graph_module)
             return stored
     start = time.perf_counter()
+    with as_traced(module):
+        exported = torch.export.export(module, (), {**call, "return_dict": False}, strict=False)
+    gm, input_names = _flatten_exported(exported)
+    if sorted(input_names) != sorted(tensor_inputs(call)):
+        raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")
+    capture = Capture(signature, gm, input_names, time.perf_counter() - start, state_paths(module, gm))
+    if store is not None:
+        store.save(key, capture)
+    return capture
+
+
+@contextlib.contextmanager
+def as_traced(module: torch.nn.Module):
+    """Within the block, ``module`` runs as a capture traces it: in eval mode, without autograd, and
+    without the accelerate hook on its ``forward`` (which moves weights; see :func:`capture_denoiser`)."""
     was_training = module.training
     hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
     if hooked:
@@ -258,20 +278,14 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
     module.eval()
     try:
         with torch.no_grad():
-            exported = torch.export.export(module, (), {**call, "return_dict": False}, strict=False)
+            yield module
     finally:
         module.train(was_training)
         if hooked:
             module.forward = wrapped
-    gm, input_names = _flatten_exported(exported)
-    if sorted(input_names) != sorted(tensor_inputs(call)):
-        raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")
-    capture = Capture(signature, gm, input_names, time.perf_counter() - start, _state_paths(module, gm))
-    if store is not None:
-        store.save(key, capture)
-    return capture
 
 
-def _state_paths(module: torch.nn.Module, gm: fx.GraphModule) -> frozenset[str]:
+def state_paths(module: torch.nn.Module, gm: fx.GraphModule) -> frozenset[str]:
+    """Paths of ``module``'s parameters and buffers that ``gm`` reads."""
     state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     return frozenset(p for p in parameter_paths(gm).values() if p in state)

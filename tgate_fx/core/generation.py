@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from .plan import Plan, StepPlan
 
-__all__ = ["GenerationTracker", "Step", "output_class", "take_half"]
+__all__ = ["GenerationTracker", "Step", "batched_sizes", "output_class", "take_half"]
 
 
 @functools.cache
@@ -75,15 +75,20 @@ _KEEPS_CONDITIONAL_HALF = frozenset({"UNetSpatioTemporalConditionModel"})
 _PER_FRAME_CONDITIONING = frozenset({"UNetMotionModel"})
 
 
+def batched_sizes(sample: torch.Tensor, denoiser_class: str) -> set[int]:
+    """The leading sizes of a call's batched tensors: the latents' batch, and ``batch * frames`` for a
+    denoiser with per-frame conditioning."""
+    batch = sample.shape[0]
+    return {batch, batch * sample.shape[2]} if denoiser_class in _PER_FRAME_CONDITIONING else {batch}
+
+
 def take_half(call: dict[str, Any], sample_arg: str, denoiser_class: str) -> dict[str, Any]:
     """The half of a CFG call that a step dropping guidance runs (see ``_KEEPS_CONDITIONAL_HALF``).
 
     A tensor is batched if its leading dimension is the latents' batch, or
     ``batch * frames`` for a denoiser with per-frame conditioning.
     """
-    sample = call[sample_arg]
-    batch = sample.shape[0]
-    sizes = {batch, batch * sample.shape[2]} if denoiser_class in _PER_FRAME_CONDITIONING else {batch}
+    sizes = batched_sizes(call[sample_arg], denoiser_class)
     second = denoiser_class in _KEEPS_CONDITIONAL_HALF
 
     def half(x):

@@ -10,7 +10,8 @@
 2. where a method drops it, keeps only the unconditional half of a CFG
    batch, as the reference T-GATE feeds the negative conditioning;
 3. captures the denoiser for the call's input signature if it has not yet
-   (and lets each method tag the capture), builds the step's graph variant
+   (one export per resolution serves every batch size, see
+   :mod:`~tgate_fx.core.rebatch`; each method tags the capture), builds the step's graph variant
    if it has not yet, and runs it with the caches it reads;
 4. stores the caches the variant writes, keyed by ``(method, site, slot)``,
    and returns the prediction; where the unconditional half was dropped it
@@ -37,10 +38,11 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .blockwise import RegionalCompiler
-from .capture import InputSignature, capture_denoiser, normalize_call, signature_of
+from .capture import InputSignature, normalize_call, signature_of
 from .generation import GenerationTracker, output_class, take_half
 from .method import Method
 from .plan import Plan
+from .rebatch import BatchCaptures
 from .state import fingerprint
 from .variants import CapturedGraphs, Variant, walk_plan
 
@@ -96,6 +98,7 @@ class OptimizedDenoiser(_model_base()):
         self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
         self._output_class = output_class(denoiser)
         self._captures: dict[InputSignature, CapturedGraphs] = {}
+        self._batches = BatchCaptures(denoiser, self._sample_arg)  # one export per resolution, any batch
         self._compiler: Callable | None = None
         self._compiled: dict[Variant, Callable] = {}
         self._trace: list | None = None
@@ -217,9 +220,13 @@ class OptimizedDenoiser(_model_base()):
         dtypes = _dtypes(self.denoiser)
         out = super()._apply(fn, recurse)
         if _dtypes(self.denoiser) != dtypes:
-            self._captures.clear()
-            self._compiled.clear()
+            self._drop_graphs()
         return out
+
+    def _drop_graphs(self) -> None:
+        self._captures.clear()
+        self._batches.clear()
+        self._compiled.clear()
 
     # --- generation accounting ---------------------------------------------
     def reset(self) -> None:
@@ -237,11 +244,11 @@ class OptimizedDenoiser(_model_base()):
 
     # --- graphs --------------------------------------------------------------
     def graphs_for(self, call: dict[str, Any]) -> CapturedGraphs:
-        """The capture for a normalized call's signature, made on first use."""
+        """The capture for a normalized call's signature, made on first use (from the capture of its
+        resolution, see :mod:`~tgate_fx.core.rebatch`)."""
         signature = signature_of(call)
         if signature not in self._captures:
-            capture = capture_denoiser(self.denoiser, call)
-            self._captures[signature] = CapturedGraphs.from_capture(capture, self.methods)
+            self._captures[signature] = CapturedGraphs.from_capture(self._batches(call), self.methods)
         return self._captures[signature]
 
     @contextlib.contextmanager
@@ -278,8 +285,7 @@ class OptimizedDenoiser(_model_base()):
         """
         state = fingerprint(self.denoiser)
         if self._state is not None and state != self._state and self._captures:
-            self._captures.clear()
-            self._compiled.clear()
+            self._drop_graphs()
             self.recaptures += 1
         self._state = state
 

@@ -1,0 +1,133 @@
+"""One capture per resolution: a trace at a probe batch, specialised to each batch size (tgate_fx.core.rebatch)."""
+
+import inspect
+
+import pytest
+import torch
+
+import tgate_fx
+from conftest import latents, record_calls
+from tgate_fx.core import rebatch
+from tgate_fx.core.capture import capture_denoiser, normalize_call
+from tgate_fx.core.generation import take_half
+from tgate_fx.core.rebatch import BatchCaptures, RebatchWarning, probe_batch
+from tgate_fx.tiny import FAMILIES, tiny_pipeline
+
+SETTINGS = dict(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+
+
+def _counting_exports(monkeypatch) -> list:
+    calls = []
+    export = torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls
+
+
+def _first_call(family: str):
+    pipe = tiny_pipeline(family)
+    extra = {"prompt": [3]} if family == "dit" else {}  # DiT: class labels
+    denoiser, calls = record_calls(pipe, FAMILIES[family].denoiser, num_inference_steps=2, **extra)
+    call, _ = normalize_call(denoiser, *calls[0])
+    return denoiser, call
+
+
+def _sample_arg(denoiser) -> str:
+    return next(iter(inspect.signature(denoiser.forward).parameters))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "dit", "sd15_controlnet"])
+def test_specialised_graphs_are_the_static_exports(family):
+    """The graph of each batch size, specialised from one trace, is the graph a static export of that batch gives."""
+    denoiser, call = _first_call(family)
+    captures = BatchCaptures(denoiser, _sample_arg(denoiser), store=None)
+    half = take_half(call, _sample_arg(denoiser), type(denoiser).__name__)
+    for c in (call, half):
+        got = captures(c)
+        static = capture_denoiser(denoiser, c, store=None)
+        assert got.graph_module.code == static.graph_module.code
+        with torch.no_grad():
+            out = got.graph_module(**got.flat_inputs(c))
+            assert torch.equal(out[0], denoiser(**c, return_dict=False)[0])
+    assert not captures.fallbacks
+
+
+def test_one_export_serves_the_cfg_and_the_post_gate_batch(monkeypatch):
+    expected = latents(tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS), num_inference_steps=4)
+    exports = _counting_exports(monkeypatch)
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    assert torch.equal(latents(pipe, num_inference_steps=4), expected)
+    runtime = tgate_fx.get_runtime(pipe)
+    assert [g.capture.signature.tensors[0][1][0] for g in runtime.captures] == [2, 1]
+    assert len(exports) == 1
+    # another batch size of the same resolution: no export at all
+    latents(pipe, num_inference_steps=4, num_images_per_prompt=3)
+    assert len(runtime.captures) == 4 and len(exports) == 1
+
+
+def test_a_new_process_serves_a_new_batch_size_from_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "1")
+    monkeypatch.setenv("TGATE_FX_CACHE_DIR", str(tmp_path))
+    latents(tgate_fx.optimize(tiny_pipeline("pixart_alpha"), **SETTINGS), num_inference_steps=3)
+    with monkeypatch.context() as m:
+        m.setenv("TGATE_FX_CAPTURE_CACHE", "0")
+        expected = latents(tgate_fx.optimize(tiny_pipeline("pixart_alpha"), **SETTINGS), num_inference_steps=3,
+                           num_images_per_prompt=2)
+    exports = _counting_exports(monkeypatch)
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), **SETTINGS)  # a fresh model, as in a new process
+    assert torch.equal(latents(pipe, num_inference_steps=3, num_images_per_prompt=2), expected)
+    assert not exports
+    assert all(g.capture.from_store for g in tgate_fx.get_runtime(pipe).captures)
+
+
+class _SplitsTheBatch(torch.nn.Module):
+    """A denoiser whose trace depends on the batch otherwise than through its size: it splits it in two
+    (halves of the probe batch are no multiples of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, sample, timestep=None, return_dict=False):
+        first, second = sample.chunk(2)  # runs right at any batch, but its records say (6, 5) for the probe's 11
+        return (torch.cat([self.proj(first), self.proj(second) * 2]),)
+
+
+def test_a_graph_that_does_not_specialise_is_exported_on_its_own_and_never_run_wrong():
+    module = _SplitsTheBatch()
+    call = {"sample": torch.randn(4, 3, 8), "timestep": torch.tensor(1.0)}
+    captures = BatchCaptures(module, "sample", store=None)
+    with pytest.warns(RebatchWarning, match="batch 4 is exported on its own"):
+        capture = captures(call)
+    with torch.no_grad():
+        assert torch.equal(capture.graph_module(**capture.flat_inputs(call))[0], module(**call)[0])
+    assert [b for b, _ in captures.fallbacks] == [4]
+
+
+def test_check_refuses_a_graph_that_differs_from_the_denoiser():
+    denoiser, call = _first_call("sd15")
+    capture = BatchCaptures(denoiser, "sample", store=None)(call)
+    rebatch.check_capture(capture, denoiser, call)
+    other = {**call, "sample": call["sample"] + 0.1}  # the denoiser run on other inputs than the graph
+    with pytest.raises(rebatch.RebatchError, match="differs from the denoiser's"):
+        rebatch.check_capture(capture, _Swapped(denoiser, other), call)
+
+
+class _Swapped(torch.nn.Module):
+    def __init__(self, inner, call):
+        super().__init__()
+        self.inner, self.call = inner, call
+
+    def forward(self, **kwargs):
+        return self.inner(**self.call, return_dict=False)
+
+
+def test_the_probe_batch_divides_no_dimension():
+    assert probe_batch({2, 4, 64, 77, 320}) == 13  # 77 = 7 * 11
+    assert probe_batch({1, 104, 768}) == 11
+    assert probe_batch({11 * 13, 17 * 2}) == 19
+    assert probe_batch({0, 1}) == 11

@@ -1,0 +1,258 @@
+"""One capture per resolution: a trace at a *probe* batch, specialised to every batch size asked for.
+
+A T-GATE generation runs the CFG batch before its gate and half of it after;
+users ask for one picture or four. Exporting each batch size costs a whole
+``torch.export`` (tens of seconds for SD-XL). Here the denoiser is exported
+once per *batch-free* signature (shapes with the batch left out), at a probe
+batch P: the smallest prime from 11 up that divides no dimension of the
+call's tensors and none of the denoiser's parameters. Its inputs are fake
+tensors, so nothing of that size is allocated.
+
+In the static graph of that trace the sizes that follow the batch are
+multiples of P (``P``, ``P * heads``, ``P * frames``) and, P dividing no
+other dimension, no other size is. The graph for batch N is the probe graph,
+as plain data (:func:`~tgate_fx.core.capture_store.encode`), with every
+integer ``k * P`` in the node arguments and in the recorded shapes and
+strides replaced by ``k * N``: a fraction of a second instead of an export.
+The disk store (:mod:`~tgate_fx.core.capture_store`) keeps the probe
+capture, so a second process serves every batch size of that resolution
+from one entry.
+
+That reasoning is not taken on trust. A parameter or constant whose shape
+holds a multiple of P stops the specialisation, and every specialised graph
+is checked once, on the real call that asked for it, against the denoiser
+itself run eagerly: every node must compute the shape and dtype it records
+(the passes that build the variants read those records), and the outputs
+must agree within ``TOLERANCE`` of their largest magnitude (on the meta
+device, where there are no values, the records are the reference). A trace
+that depends on the batch in another way (a loop over the batch, a batch
+split inside the model) fails to specialise or fails the check; that batch
+size is then exported on its own, with a :class:`RebatchWarning`, and the
+failed graph is never run for a step.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .capture import Capture, InputSignature, as_traced, capture_denoiser, signature_of, state_paths
+from .capture_store import decode, encode
+from .generation import batched_sizes
+
+__all__ = ["BatchCaptures", "RebatchError", "RebatchWarning", "TOLERANCE", "check_capture", "probe_batch", "specialize"]
+
+# Candidates for the probe batch, in order of preference (small: a trace that loops over the batch stays small).
+_PRIMES = (11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107,
+           109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167, 173, 179, 181, 191, 193, 197, 199)
+# A specialised graph's outputs may differ from the eager denoiser's by this much of their largest magnitude.
+TOLERANCE = 1e-4
+
+
+class RebatchError(Exception):
+    """The probe capture cannot serve a batch size (the batch size is then exported on its own)."""
+
+
+class RebatchWarning(UserWarning):
+    """A batch size was exported on its own: correct, but the first call paid another export."""
+
+
+def probe_batch(dims: set[int]) -> int | None:
+    """The smallest candidate prime dividing none of ``dims`` (``None`` if every candidate divides one)."""
+    for p in _PRIMES:
+        if all(d % p for d in dims if d):
+            return p
+    return None
+
+
+def _tensor_dims(tensors) -> set[int]:
+    return {d for t in tensors for d in t.shape}
+
+
+def _multiple(value: Any, probe: int) -> bool:
+    return type(value) is int and value != 0 and value % probe == 0
+
+
+def _substitute(spec: Any, probe: int, batch: int) -> Any:
+    """An encoded argument or value with every integer ``k * probe`` replaced by ``k * batch``."""
+    kind = spec[0]
+    if kind == "v":
+        value = spec[1]
+        return ("v", value // probe * batch) if _multiple(value, probe) else spec
+    if kind in ("l", "t", "slice"):
+        return (kind, [_substitute(x, probe, batch) for x in spec[1]])
+    if kind == "d":
+        return (kind, [(k, _substitute(x, probe, batch)) for k, x in spec[1]])
+    if kind == "T":
+        _, shape, stride, dtype, device = spec
+        scale = lambda d: d // probe * batch if _multiple(d, probe) else d  # noqa: E731
+        return ("T", [scale(d) for d in shape], [scale(s) for s in stride], dtype, device)
+    return spec
+
+
+def specialize(data: dict, probe: int, batch: int, module: torch.nn.Module) -> Capture:
+    """The capture for ``batch`` from the encoded capture ``data`` traced at batch ``probe``, bound to ``module``.
+
+    Raises :class:`RebatchError` if a parameter or constant of the graph has a size that is a multiple
+    of ``probe`` (it could not be told from a batch size).
+    """
+    nodes = []
+    for entry in data["nodes"]:
+        if entry["op"] == "get_attr" and entry.get("val", ("v", None))[0] == "T" \
+                and any(_multiple(d, probe) for d in entry["val"][1]):
+            raise RebatchError(f"attribute {entry.get('path')} has shape {entry['val'][1]}, a multiple of the "
+                               f"probe batch {probe}")
+        entry = dict(entry, args=_substitute(entry["args"], probe, batch),
+                     kwargs=_substitute(entry["kwargs"], probe, batch))
+        if "val" in entry:
+            entry["val"] = _substitute(entry["val"], probe, batch)
+        nodes.append(entry)
+    for path, (_, shape, _) in data["constants"].items():
+        if any(_multiple(d, probe) for d in shape):
+            raise RebatchError(f"constant {path} has shape {shape}, a multiple of the probe batch {probe}")
+    return decode({**data, "nodes": nodes}, module)
+
+
+def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any]) -> None:
+    """Run ``capture`` and ``module`` eagerly on ``call``; :class:`RebatchError` unless they agree.
+
+    Agree: every node of the graph computes the shape and dtype it records (what the passes read);
+    the same number of outputs as the denoiser, of the same shapes and dtypes, and values within
+    ``TOLERANCE`` of the largest magnitude of the eager output. On the meta device, where there are
+    no values, the graph's records are the reference.
+    """
+    inputs = capture.flat_inputs(call)
+    with as_traced(module):
+        if any(t.device.type == "meta" for t in inputs.values()):
+            # nothing to compare on the meta device: the graph must run, with the outputs it records
+            expected = capture.graph_module.graph.output_node().meta.get("val") or [
+                n.meta["val"] for n in capture.graph_module.graph.output_node().args[0]]
+        else:
+            expected = [t for t in pytree.tree_leaves(module(**call, return_dict=False))
+                        if isinstance(t, torch.Tensor)]
+        try:
+            got = list(_ShapeChecked(capture.graph_module).run(*(inputs[name] for name in capture.input_names)))
+        except RebatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a graph that does not run is a graph that does not fit
+            raise RebatchError(f"the graph does not run: {type(e).__name__}: {e}") from None
+    if len(got) != len(expected):
+        raise RebatchError(f"{len(got)} outputs, the denoiser returns {len(expected)}")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            raise RebatchError(f"output {i} is {tuple(g.shape)} {g.dtype}, the denoiser's {tuple(e.shape)} {e.dtype}")
+        if e.device.type == "meta" or not e.numel():
+            continue
+        e, g = e.double(), g.double()
+        error, scale = (g - e).abs().max().item(), e.abs().max().item()
+        if not error <= TOLERANCE * max(scale, 1.0):  # NaN fails too
+            raise RebatchError(f"output {i} differs from the denoiser's by {error:.3g} (largest |value| {scale:.3g})")
+
+
+class _ShapeChecked(fx.Interpreter):
+    """Runs a graph and checks every value against the shape and dtype its node records (the passes
+    that build the variants read those)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        val = n.meta.get("val")
+        pairs = zip(result, val) if isinstance(result, (list, tuple)) and isinstance(val, (list, tuple)) \
+            else [(result, val)]
+        for got, recorded in pairs:
+            if isinstance(got, torch.Tensor) and isinstance(recorded, torch.Tensor) and (
+                    got.shape != recorded.shape or got.dtype != recorded.dtype):
+                raise RebatchError(f"node {n.name} computes {tuple(got.shape)} {got.dtype}, its record says "
+                                   f"{tuple(recorded.shape)} {recorded.dtype}")
+        return result
+
+
+class BatchCaptures:
+    """The captures of one denoiser, at any batch size, from one export per batch-free signature.
+
+    Calling it with a normalized call returns that call's :class:`Capture`
+    (specialised from the probe capture, checked against the denoiser on the
+    call itself). The caller keeps the captures; this keeps the probe
+    captures.
+
+    Args:
+        module: The denoiser.
+        sample_arg: The name of its latents argument (whose first dimension is the batch).
+        store: The capture store for the probe captures (see :func:`capture_denoiser`).
+
+    Attributes:
+        fallbacks: ``(batch, reason)`` of each batch size exported on its own.
+    """
+
+    def __init__(self, module: torch.nn.Module, sample_arg: str, store: Any = "default"):
+        self.module = module
+        self.sample_arg = sample_arg
+        self.store = store
+        self.fallbacks: list[tuple[int, str]] = []
+        self._probes: dict[InputSignature, tuple[Capture, dict] | None] = {}
+        self._module_dims: set[int] | None = None
+
+    def clear(self) -> None:
+        """Forget the probe captures (the denoiser's state changed)."""
+        self._probes.clear()
+        self._module_dims = None
+
+    def __call__(self, call: dict[str, Any]) -> Capture:
+        start = time.perf_counter()
+        sample = call[self.sample_arg]
+        batch, sizes = sample.shape[0], batched_sizes(sample, type(self.module).__name__)
+        if self._module_dims is None:
+            self._module_dims = _tensor_dims([*self.module.parameters(), *self.module.buffers()])
+        tensors = [x for x in pytree.tree_leaves(call) if isinstance(x, torch.Tensor)]
+        probe = probe_batch(_tensor_dims(tensors) | self._module_dims)
+        if probe is None:
+            return self._alone(call, batch, "every candidate probe batch divides a dimension of the call or model")
+        probe_call = _probe_call(call, sizes, batch, probe)
+        key = signature_of(probe_call)
+        if key not in self._probes:
+            try:
+                traced = capture_denoiser(self.module, probe_call, self.store)
+                self._probes[key] = (traced, encode(traced))
+            except Exception as e:  # noqa: BLE001 - the plain export below decides whether the call can be captured
+                self._probes[key] = None
+                return self._alone(call, batch, f"the export at probe batch {probe} failed: {type(e).__name__}: {e}")
+        if self._probes[key] is None:
+            return self._alone(call, batch, f"the export at probe batch {probe} failed before")
+        traced, data = self._probes[key]
+        try:
+            capture = specialize(data, probe, batch, self.module)
+            check_capture(capture, self.module, call)
+        except Exception as e:  # noqa: BLE001 - any failure: this batch size is exported on its own
+            return self._alone(call, batch, f"{type(e).__name__}: {e}")
+        capture.signature = signature_of(call)
+        capture.state_paths = state_paths(self.module, capture.graph_module)
+        capture.from_store = traced.from_store
+        capture.seconds = time.perf_counter() - start
+        return capture
+
+    def _alone(self, call: dict[str, Any], batch: int, reason: str) -> Capture:
+        self.fallbacks.append((batch, reason))
+        warnings.warn(f"tgate_fx: batch {batch} is exported on its own, not served by the capture of its "
+                      f"resolution ({reason[:500]})", RebatchWarning, stacklevel=3)
+        return capture_denoiser(self.module, call, self.store)
+
+
+def _probe_call(call: dict[str, Any], sizes: set[int], batch: int, probe: int) -> dict[str, Any]:
+    """``call`` as fake tensors, every batched tensor at batch ``probe`` (nothing is allocated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.ndim and x.shape[0] in sizes:
+            with mode:
+                return torch.empty((x.shape[0] // batch * probe, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return mode.from_tensor(x)
+
+    return pytree.tree_map(fake, call)
