@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 __all__ = [
@@ -149,7 +150,8 @@ def flat_graph_module(owner: torch.nn.Module, graph: fx.Graph,
     An attribute path that ``owner`` lacks is looked up in ``constants``
     (tensors the trace lifted out of the code; see :mod:`.capture_store`).
     """
-    gm = fx.GraphModule(_flat_attributes(owner, graph, constants or {}), graph, class_name="CapturedDenoiser")
+    # Its Python code is generated at its first call: the runtime runs the variants built from it, not it.
+    gm = _LazyGraphModule(_flat_attributes(owner, graph, constants or {}), graph, class_name="CapturedDenoiser")
     gm.graph.lint()
     return gm
 

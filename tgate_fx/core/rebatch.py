@@ -10,10 +10,10 @@ tensors, so nothing of that size is allocated.
 
 In the static graph of that trace the sizes that follow the batch are
 multiples of P (``P``, ``P * heads``, ``P * frames``) and, P dividing no
-other dimension, no other size is. The graph for batch N is the probe graph,
-as plain data (:func:`~tgate_fx.core.capture_store.encode`), with every
-integer ``k * P`` in the node arguments and in the recorded shapes and
-strides replaced by ``k * N``: a fraction of a second instead of an export.
+other dimension, no other size is. The graph for batch N is a copy of the
+probe graph with every integer ``k * P`` in the node arguments and in the
+recorded shapes and strides replaced by ``k * N``: a fraction of a second
+instead of an export.
 The disk store (:mod:`~tgate_fx.core.capture_store`) keeps the probe
 capture, so a second process serves every batch size of that resolution
 from one entry.
@@ -23,8 +23,8 @@ holds a multiple of P stops the specialisation, and every specialised graph
 is checked once, on the real call that asked for it, against the denoiser
 itself run eagerly: every node must compute the shape and dtype it records
 (the passes that build the variants read those records), and the outputs
-must agree within ``TOLERANCE`` of their largest magnitude (on the meta
-device, where there are no values, the records are the reference). A trace
+must agree within ``TOLERANCE`` of their largest magnitude (calls on the
+meta device, which are only counted and inspected, are not checked). A trace
 that depends on the batch in another way (a loop over the batch, a batch
 split inside the model) fails to specialise or fails the check; that batch
 size is then exported on its own, with a :class:`RebatchWarning`, and the
@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from .capture import Capture, InputSignature, as_traced, capture_denoiser, signature_of, state_paths
-from .capture_store import decode, encode
+from .capture import ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, signature_of, state_paths
 from .generation import batched_sizes
 
 __all__ = ["BatchCaptures", "RebatchError", "RebatchWarning", "TOLERANCE", "check_capture", "probe_batch", "specialize"]
@@ -78,44 +79,60 @@ def _multiple(value: Any, probe: int) -> bool:
     return type(value) is int and value != 0 and value % probe == 0
 
 
-def _substitute(spec: Any, probe: int, batch: int) -> Any:
-    """An encoded argument or value with every integer ``k * probe`` replaced by ``k * batch``."""
-    kind = spec[0]
-    if kind == "v":
-        value = spec[1]
-        return ("v", value // probe * batch) if _multiple(value, probe) else spec
-    if kind in ("l", "t", "slice"):
-        return (kind, [_substitute(x, probe, batch) for x in spec[1]])
-    if kind == "d":
-        return (kind, [(k, _substitute(x, probe, batch)) for k, x in spec[1]])
-    if kind == "T":
-        _, shape, stride, dtype, device = spec
-        scale = lambda d: d // probe * batch if _multiple(d, probe) else d  # noqa: E731
-        return ("T", [scale(d) for d in shape], [scale(s) for s in stride], dtype, device)
-    return spec
+class _Rebatch:
+    """Replaces every integer ``k * probe`` by ``k * batch``: in node arguments, and in recorded values."""
+
+    def __init__(self, probe: int, batch: int):
+        self.probe, self.batch = probe, batch
+
+    def size(self, value: Any) -> Any:
+        return value // self.probe * self.batch if _multiple(value, self.probe) else value
+
+    def arg(self, a: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
+        return self.size(a)
+
+    def val(self, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.val(x) for x in v)
+        if isinstance(v, FakeTensor):
+            shape, stride = [self.size(d) for d in v.shape], [self.size(d) for d in v.stride()]
+            if shape == list(v.shape) and stride == list(v.stride()):
+                return v
+            # straight from a meta tensor, in the recorded value's fake mode: no dispatch
+            return FakeTensor(v.fake_mode, torch.empty_strided(shape, stride, dtype=v.dtype, device="meta"), v.device)
+        return self.size(v)
 
 
-def specialize(data: dict, probe: int, batch: int, module: torch.nn.Module) -> Capture:
-    """The capture for ``batch`` from the encoded capture ``data`` traced at batch ``probe``, bound to ``module``.
+def specialize(probe_capture: Capture, probe: int, batch: int) -> Capture:
+    """The capture for ``batch`` from ``probe_capture``, traced at batch ``probe``; it is not modified.
 
-    Raises :class:`RebatchError` if a parameter or constant of the graph has a size that is a multiple
-    of ``probe`` (it could not be told from a batch size).
+    The new graph module shares the probe capture's parameters; its Python code is generated at its
+    first call (the runtime runs only the variants built from it). Raises :class:`RebatchError` if a
+    parameter or constant the graph reads has a size that is a multiple of ``probe`` (it could not
+    be told from a batch size).
     """
-    nodes = []
-    for entry in data["nodes"]:
-        if entry["op"] == "get_attr" and entry.get("val", ("v", None))[0] == "T" \
-                and any(_multiple(d, probe) for d in entry["val"][1]):
-            raise RebatchError(f"attribute {entry.get('path')} has shape {entry['val'][1]}, a multiple of the "
-                               f"probe batch {probe}")
-        entry = dict(entry, args=_substitute(entry["args"], probe, batch),
-                     kwargs=_substitute(entry["kwargs"], probe, batch))
-        if "val" in entry:
-            entry["val"] = _substitute(entry["val"], probe, batch)
-        nodes.append(entry)
-    for path, (_, shape, _) in data["constants"].items():
-        if any(_multiple(d, probe) for d in shape):
-            raise RebatchError(f"constant {path} has shape {shape}, a multiple of the probe batch {probe}")
-    return decode({**data, "nodes": nodes}, module)
+    source = probe_capture.graph_module
+    for node in source.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "get_attr" and isinstance(val, torch.Tensor) and any(_multiple(d, probe) for d in val.shape):
+            raise RebatchError(f"{node.meta.get(ATTR_PATH, node.target)} has shape {tuple(val.shape)}, a multiple of "
+                               f"the probe batch {probe}")
+    rebatch = _Rebatch(probe, batch)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(source.graph, {}))
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            node.args, node.kwargs = rebatch.arg(node.args), rebatch.arg(node.kwargs)
+        if "val" in node.meta:
+            node.meta["val"] = rebatch.val(node.meta["val"])
+    gm = _LazyGraphModule(source, graph, class_name=type(source).__name__)
+    return Capture(None, gm, list(probe_capture.input_names), 0.0)
 
 
 def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any]) -> None:
@@ -123,18 +140,15 @@ def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any
 
     Agree: every node of the graph computes the shape and dtype it records (what the passes read);
     the same number of outputs as the denoiser, of the same shapes and dtypes, and values within
-    ``TOLERANCE`` of the largest magnitude of the eager output. On the meta device, where there are
-    no values, the graph's records are the reference.
+    ``TOLERANCE`` of the largest magnitude of the eager output. A call on the meta device is not
+    checked: it has no values, and its graphs are only counted and inspected, never run for a
+    picture (``tgate-fx inspect --arch``, :mod:`tgate_fx.accounting`).
     """
     inputs = capture.flat_inputs(call)
+    if any(t.device.type == "meta" for t in inputs.values()):
+        return
     with as_traced(module):
-        if any(t.device.type == "meta" for t in inputs.values()):
-            # nothing to compare on the meta device: the graph must run, with the outputs it records
-            expected = capture.graph_module.graph.output_node().meta.get("val") or [
-                n.meta["val"] for n in capture.graph_module.graph.output_node().args[0]]
-        else:
-            expected = [t for t in pytree.tree_leaves(module(**call, return_dict=False))
-                        if isinstance(t, torch.Tensor)]
+        expected = [t for t in pytree.tree_leaves(module(**call, return_dict=False)) if isinstance(t, torch.Tensor)]
         try:
             got = list(_ShapeChecked(capture.graph_module).run(*(inputs[name] for name in capture.input_names)))
         except RebatchError:
@@ -146,7 +160,7 @@ def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any
     for i, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or g.dtype != e.dtype:
             raise RebatchError(f"output {i} is {tuple(g.shape)} {g.dtype}, the denoiser's {tuple(e.shape)} {e.dtype}")
-        if e.device.type == "meta" or not e.numel():
+        if not e.numel():
             continue
         e, g = e.double(), g.double()
         error, scale = (g - e).abs().max().item(), e.abs().max().item()
@@ -193,7 +207,7 @@ class BatchCaptures:
         self.sample_arg = sample_arg
         self.store = store
         self.fallbacks: list[tuple[int, str]] = []
-        self._probes: dict[InputSignature, tuple[Capture, dict] | None] = {}
+        self._probes: dict[InputSignature, Capture | None] = {}
         self._module_dims: set[int] | None = None
 
     def clear(self) -> None:
@@ -215,16 +229,15 @@ class BatchCaptures:
         key = signature_of(probe_call)
         if key not in self._probes:
             try:
-                traced = capture_denoiser(self.module, probe_call, self.store)
-                self._probes[key] = (traced, encode(traced))
+                self._probes[key] = capture_denoiser(self.module, probe_call, self.store)
             except Exception as e:  # noqa: BLE001 - the plain export below decides whether the call can be captured
                 self._probes[key] = None
                 return self._alone(call, batch, f"the export at probe batch {probe} failed: {type(e).__name__}: {e}")
         if self._probes[key] is None:
             return self._alone(call, batch, f"the export at probe batch {probe} failed before")
-        traced, data = self._probes[key]
+        traced = self._probes[key]
         try:
-            capture = specialize(data, probe, batch, self.module)
+            capture = specialize(traced, probe, batch)
             check_capture(capture, self.module, call)
         except Exception as e:  # noqa: BLE001 - any failure: this batch size is exported on its own
             return self._alone(call, batch, f"{type(e).__name__}: {e}")
