@@ -131,3 +131,28 @@ def test_the_probe_batch_divides_no_dimension():
     assert probe_batch({1, 104, 768}) == 11
     assert probe_batch({11 * 13, 17 * 2}) == 19
     assert probe_batch({0, 1}) == 11
+
+
+def test_a_check_passed_in_one_process_is_not_repeated_by_the_next(tmp_path, monkeypatch):
+    monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "1")
+    monkeypatch.setenv("TGATE_FX_CACHE_DIR", str(tmp_path))
+    expected = latents(tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS), num_inference_steps=3)
+    facts = sorted(p.name.split(".", 2)[-1] for p in tmp_path.rglob("*.checked"))
+    assert facts == ["batch1.checked", "batch2.checked"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    with monkeypatch.context() as m:
+        m.setattr(rebatch, "check_capture", refuse)
+        pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)  # a fresh model, as in a new process
+        assert torch.equal(latents(pipe, num_inference_steps=3), expected)
+    # an entry written again (here: by hand, as another version would) invalidates what was recorded about it
+    entry = next(tmp_path.rglob("*.capture"))
+    entry.write_bytes(entry.read_bytes())
+    from tgate_fx.core.capture_store import CaptureStore
+
+    store, key = CaptureStore(str(tmp_path)), entry.name.removesuffix(".capture")
+    assert store.has_fact(key, "batch2.checked")  # same bytes, same digest
+    entry.write_bytes(entry.read_bytes() + b" ")
+    assert not store.has_fact(key, "batch2.checked")

@@ -139,6 +139,37 @@ class CaptureStore:
         self.hits += 1
         return capture
 
+    # --- facts about an entry --------------------------------------------------------
+    def _fact_path(self, key: str, fact: str) -> str:
+        return f"{self.path(key)}.{fact}"
+
+    def _digest(self, key: str) -> str | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return None
+
+    def record_fact(self, key: str, fact: str) -> None:
+        """Remember that ``fact`` (e.g. ``"batch2.checked"``) holds for the entry of ``key`` as it is now."""
+        digest = self._digest(key)
+        if digest is None:
+            return
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path(key)), prefix=".tmp_")
+        with os.fdopen(fd, "w") as f:
+            f.write(digest)
+        os.replace(tmp, self._fact_path(key, fact))
+
+    def has_fact(self, key: str, fact: str) -> bool:
+        """Whether ``fact`` was recorded for the entry of ``key`` exactly as it is now (a rewritten entry
+        has none)."""
+        try:
+            with open(self._fact_path(key, fact)) as f:
+                recorded = f.read()
+        except OSError:
+            return False
+        return recorded == self._digest(key)
+
     def save(self, key: str, capture: Capture) -> bool:
         """Store ``capture`` under ``key``; ``False`` if its graph holds what the format cannot describe."""
         try:

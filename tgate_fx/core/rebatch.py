@@ -28,7 +28,9 @@ meta device, which are only counted and inspected, are not checked). A trace
 that depends on the batch in another way (a loop over the batch, a batch
 split inside the model) fails to specialise or fails the check; that batch
 size is then exported on its own, with a :class:`RebatchWarning`, and the
-failed graph is never run for a step.
+failed graph is never run for a step. With a capture store, a passed check
+is recorded next to the stored probe graph (bound to its digest), so a later
+process that loads the same entry does not check that batch size again.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ class BatchCaptures:
         self.sample_arg = sample_arg
         self.store = store
         self.fallbacks: list[tuple[int, str]] = []
-        self._probes: dict[InputSignature, Capture | None] = {}
+        self._probes: dict[InputSignature, tuple[Capture, str | None] | None] = {}  # capture, its store key
         self._module_dims: set[int] | None = None
 
     def clear(self) -> None:
@@ -227,18 +229,26 @@ class BatchCaptures:
             return self._alone(call, batch, "every candidate probe batch divides a dimension of the call or model")
         probe_call = _probe_call(call, sizes, batch, probe)
         key = signature_of(probe_call)
+        store = self._store()
         if key not in self._probes:
             try:
-                self._probes[key] = capture_denoiser(self.module, probe_call, self.store)
+                self._probes[key] = (capture_denoiser(self.module, probe_call, store),
+                                     store.key(self.module, key) if store is not None else None)
             except Exception as e:  # noqa: BLE001 - the plain export below decides whether the call can be captured
                 self._probes[key] = None
                 return self._alone(call, batch, f"the export at probe batch {probe} failed: {type(e).__name__}: {e}")
         if self._probes[key] is None:
             return self._alone(call, batch, f"the export at probe batch {probe} failed before")
-        traced = self._probes[key]
+        traced, stored_as = self._probes[key]
+        # A specialisation depends on nothing but the stored probe graph and the batch: once checked, it is
+        # known good in every process that loads that same entry (the store key covers the model and its state).
+        fact = f"batch{batch}.checked"
         try:
             capture = specialize(traced, probe, batch)
-            check_capture(capture, self.module, call)
+            if stored_as is None or not store.has_fact(stored_as, fact):
+                check_capture(capture, self.module, call)
+                if stored_as is not None:
+                    store.record_fact(stored_as, fact)
         except Exception as e:  # noqa: BLE001 - any failure: this batch size is exported on its own
             return self._alone(call, batch, f"{type(e).__name__}: {e}")
         capture.signature = signature_of(call)
@@ -247,11 +257,18 @@ class BatchCaptures:
         capture.seconds = time.perf_counter() - start
         return capture
 
+    def _store(self):
+        if self.store != "default":
+            return self.store
+        from .capture_store import default_store
+
+        return default_store()
+
     def _alone(self, call: dict[str, Any], batch: int, reason: str) -> Capture:
         self.fallbacks.append((batch, reason))
         warnings.warn(f"tgate_fx: batch {batch} is exported on its own, not served by the capture of its "
                       f"resolution ({reason[:500]})", RebatchWarning, stacklevel=3)
-        return capture_denoiser(self.module, call, self.store)
+        return capture_denoiser(self.module, call, self._store())
 
 
 def _probe_call(call: dict[str, Any], sizes: set[int], batch: int, probe: int) -> dict[str, Any]:
