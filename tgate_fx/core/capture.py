@@ -39,6 +39,7 @@ __all__ = [
     "capture_denoiser",
     "normalize_call",
     "parameter_paths",
+    "resolve_store",
     "signature_of",
     "state_paths",
     "tensor_inputs",
@@ -233,6 +234,15 @@ class Capture:
 _DEFAULT = "default"
 
 
+def resolve_store(store: Any = _DEFAULT):
+    """``store`` itself, or for the default, the store the environment configures (``None``: off)."""
+    if store == _DEFAULT:
+        from .capture_store import default_store
+
+        return default_store()
+    return store
+
+
 def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any = _DEFAULT) -> Capture:
     """Export ``module`` for the normalized call ``call`` (see :func:`normalize_call`).
 
@@ -246,10 +256,7 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
     (the runtime calls the hook around each graph call instead).
     """
     signature = signature_of(call)
-    if store == _DEFAULT:
-        from .capture_store import default_store
-
-        store = default_store()
+    store = resolve_store(store)
     key = store.key(module, signature) if store is not None else None
     if store is not None:
         stored = store.load(key, module, call)

@@ -50,7 +50,7 @@ import torch.fx as fx
 from .capture import ATTR_PATH, Capture, InputSignature, flat_graph_module, tensor_inputs
 from .state import fingerprint
 
-__all__ = ["CaptureStore", "decode", "default_store", "encode"]
+__all__ = ["CaptureStore", "default_store"]
 
 FORMAT = 1
 _MAGIC = b"tgate_fx.capture\n"
@@ -126,7 +126,7 @@ class CaptureStore:
         start = time.perf_counter()
         try:
             data = _read(blob, key)
-            capture = decode(data, module)
+            capture = _decode(data, module)
             if sorted(capture.input_names) != sorted(tensor_inputs(call)):
                 raise ValueError(f"inputs {capture.input_names} differ from the call's")
         except Exception:  # noqa: BLE001 - any failure means the entry cannot be trusted
@@ -173,7 +173,7 @@ class CaptureStore:
     def save(self, key: str, capture: Capture) -> bool:
         """Store ``capture`` under ``key``; ``False`` if its graph holds what the format cannot describe."""
         try:
-            payload = zlib.compress(pickle.dumps(encode(capture), protocol=pickle.HIGHEST_PROTOCOL), 3)
+            payload = zlib.compress(pickle.dumps(_encode(capture), protocol=pickle.HIGHEST_PROTOCOL), 3)
         except _Unstorable:
             return False
         header = json.dumps({"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()})
@@ -319,8 +319,7 @@ def _module_stack(stack: dict) -> list:
     return out
 
 
-def encode(capture: Capture) -> dict:
-    """A capture as plain data (its parameters as paths): what an entry stores; see :func:`decode`."""
+def _encode(capture: Capture) -> dict:
     gm = capture.graph_module
     ids: dict[fx.Node, int] = {}
     nodes, constants = [], {}
@@ -351,8 +350,7 @@ def encode(capture: Capture) -> dict:
     return {"nodes": nodes, "inputs": list(capture.input_names), "constants": constants}
 
 
-def decode(data: dict, module: torch.nn.Module) -> Capture:
-    """The capture :func:`encode` described, bound to ``module``'s own parameters (checked: shapes, dtypes)."""
+def _decode(data: dict, module: torch.nn.Module) -> Capture:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graph = fx.Graph()

@@ -45,7 +45,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from .capture import ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, signature_of, state_paths
+from .capture import (_DEFAULT, ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, resolve_store, signature_of,
+                      state_paths)
 from .generation import batched_sizes
 
 __all__ = ["BatchCaptures", "RebatchError", "RebatchWarning", "TOLERANCE", "check_capture", "probe_batch", "specialize"]
@@ -204,7 +205,7 @@ class BatchCaptures:
         fallbacks: ``(batch, reason)`` of each batch size exported on its own.
     """
 
-    def __init__(self, module: torch.nn.Module, sample_arg: str, store: Any = "default"):
+    def __init__(self, module: torch.nn.Module, sample_arg: str, store: Any = _DEFAULT):
         self.module = module
         self.sample_arg = sample_arg
         self.store = store
@@ -229,7 +230,7 @@ class BatchCaptures:
             return self._alone(call, batch, "every candidate probe batch divides a dimension of the call or model")
         probe_call = _probe_call(call, sizes, batch, probe)
         key = signature_of(probe_call)
-        store = self._store()
+        store = resolve_store(self.store)
         if key not in self._probes:
             try:
                 self._probes[key] = (capture_denoiser(self.module, probe_call, store),
@@ -257,18 +258,11 @@ class BatchCaptures:
         capture.seconds = time.perf_counter() - start
         return capture
 
-    def _store(self):
-        if self.store != "default":
-            return self.store
-        from .capture_store import default_store
-
-        return default_store()
-
     def _alone(self, call: dict[str, Any], batch: int, reason: str) -> Capture:
         self.fallbacks.append((batch, reason))
         warnings.warn(f"tgate_fx: batch {batch} is exported on its own, not served by the capture of its "
                       f"resolution ({reason[:500]})", RebatchWarning, stacklevel=3)
-        return capture_denoiser(self.module, call, self._store())
+        return capture_denoiser(self.module, call, resolve_store(self.store))
 
 
 def _probe_call(call: dict[str, Any], sizes: set[int], batch: int, probe: int) -> dict[str, Any]:
