@@ -22,7 +22,7 @@ import torch
 from .tiny import _clip_text_encoder, _sd_scheduler, _vae, make_tokenizer, tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
-           "tiny_wan"]
+           "tiny_t2i_adapter", "tiny_wan"]
 
 
 def _seeded(seed: int):
@@ -214,3 +214,23 @@ def tiny_kandinsky22(seed: int = 0):
     g = torch.Generator().manual_seed(seed + 5)
     return pipe, dict(image_embeds=torch.randn(1, 32, generator=g), negative_image_embeds=torch.randn(1, 32, generator=g),
                       height=32, width=32, guidance_scale=4.0)
+
+
+def tiny_t2i_adapter(seed: int = 0):
+    """SD 1.5 with a T2I-Adapter (``StableDiffusionAdapterPipeline``), 32x32, CFG on.
+
+    The adapter's features reach the UNet as a list, ``down_intrablock_additional_residuals``,
+    which the UNet consumes (``pop(0)``) on its way down.
+    """
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    sd = tiny_pipeline("sd15", seed=seed)
+    _seeded(seed + 7)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=2,
+                         adapter_type="full_adapter").eval()
+    pipe = StableDiffusionAdapterPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                          adapter=adapter, scheduler=sd.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 8)
+    return pipe, dict(image=torch.rand(1, 3, 32, 32, generator=g), height=32, width=32, guidance_scale=7.5)

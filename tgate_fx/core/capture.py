@@ -37,6 +37,7 @@ __all__ = [
     "as_traced",
     "InputSignature",
     "capture_denoiser",
+    "fresh_containers",
     "normalize_call",
     "parameter_paths",
     "resolve_store",
@@ -111,6 +112,18 @@ def normalize_call(denoiser: torch.nn.Module | inspect.Signature, args: tuple,
             dtype = torch.float32 if isinstance(t, float) else torch.int32
         call["timestep"] = torch.tensor([t], dtype=dtype, device=ref.device)
     return call, return_dict
+
+
+def fresh_containers(call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` with every list, tuple and dict rebuilt (the tensors themselves are shared).
+
+    Denoisers consume some of their inputs: the UNet pops T2I-Adapter's
+    ``down_intrablock_additional_residuals`` off their list as it goes down. Anything that runs
+    the denoiser's Python on a call besides the call itself (an export, the
+    first-call check) takes a copy, so that the real call gets its arguments as
+    the pipeline built them.
+    """
+    return pytree.tree_map(lambda x: x, call)
 
 
 # Export records `.to()` metadata checks as side-effecting assertion nodes.
@@ -266,7 +279,7 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
             return stored
     start = time.perf_counter()
     with as_traced(module):
-        exported = torch.export.export(module, (), {**call, "return_dict": False}, strict=False)
+        exported = torch.export.export(module, (), {**fresh_containers(call), "return_dict": False}, strict=False)
     gm, input_names = _flatten_exported(exported)
     if sorted(input_names) != sorted(tensor_inputs(call)):
         raise RuntimeError(f"export named the inputs {input_names}, expected {sorted(tensor_inputs(call))}")

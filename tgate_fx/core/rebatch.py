@@ -45,8 +45,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from .capture import (_DEFAULT, ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, resolve_store, signature_of,
-                      state_paths)
+from .capture import (_DEFAULT, ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, fresh_containers, resolve_store,
+                      signature_of, state_paths)
 from .generation import batched_sizes
 
 __all__ = ["BatchCaptures", "RebatchError", "RebatchWarning", "TOLERANCE", "check_capture", "probe_batch", "specialize"]
@@ -151,7 +151,7 @@ def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any
     if any(t.device.type == "meta" for t in inputs.values()):
         return
     with as_traced(module):
-        expected = [t for t in pytree.tree_leaves(module(**call, return_dict=False)) if isinstance(t, torch.Tensor)]
+        expected = [t for t in pytree.tree_leaves(module(**fresh_containers(call), return_dict=False)) if isinstance(t, torch.Tensor)]
         try:
             got = list(_ShapeChecked(capture.graph_module).run(*(inputs[name] for name in capture.input_names)))
         except RebatchError:
