@@ -67,3 +67,100 @@ def test_the_first_call_check_and_the_export_never_mutate_the_call_arguments():
     expected = module(torch.clone(call["sample"]), list(residuals), dict(extra))[0]
     got = direct.graph_module(*(direct.flat_inputs(call)[n] for n in direct.input_names))[0]
     assert torch.equal(got, expected)
+
+
+def _family(name):
+    from tgate_fx import tiny_extra
+    from tgate_fx.tiny import FAMILIES, tiny_pipeline
+
+    if name in FAMILIES:
+        return tiny_pipeline(name), dict(FAMILIES[name].call_kwargs)
+    return getattr(tiny_extra, f"tiny_{name}")()
+
+
+def test_hunyuandit_with_todo_is_refused_naming_its_rotary_keys():
+    # It used to crash with a broadcast error in DownsampleKeyValues (keys downsampled before to_k, rotary after)
+    pipe, _ = _family("hunyuandit")
+    with pytest.raises(TypeError, match="ToDo cannot apply to HunyuanDiT2DModel: .*rotary position embeddings"):
+        tgate_fx.optimize(pipe, todo=ToDoConfig(factor=2, factor_depth2=2))
+    assert type(pipe.transformer).__name__ == "HunyuanDiT2DModel"  # nothing installed
+
+
+def test_a_method_that_rewrites_nothing_says_so_at_optimize_and_in_the_report():
+    from tgate_fx.core.method import InertMethodWarning
+
+    pipe, kw = _family("pixart_alpha")  # every block at depth 2; the default ToDo downsamples depth 1 only
+    with pytest.warns(InertMethodWarning, match="ToDo rewrites nothing here: every self-attention of "
+                                                "PixArtTransformer2DModel sits at depth 2"):
+        tgate_fx.optimize(pipe, todo=ToDoConfig())
+    assert "ToDo: factor=2" in tgate_fx.report(pipe) and "(rewrites nothing: every self-attention" in tgate_fx.report(pipe)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InertMethodWarning)
+        tgate_fx.optimize(pipe, todo=ToDoConfig(factor_depth2=2))  # rewrites PixArt's depth-2 sites: no warning
+    assert "rewrites nothing" not in tgate_fx.report(pipe)
+
+
+# The joint-attention and video transformers, built from diffusers' model-test configs: each method refuses
+# them at optimize, for the reason that holds (they were refused as "not a text-conditioned denoiser with
+# diffusers Attention modules", or accepted and crashed at the first call).
+REFUSALS = {
+    ("flux", "tgate"): "T-GATE cannot apply to FluxTransformer2DModel: its conditioning enters attention as added keys",
+    ("flux", "todo"): "ToDo cannot apply to FluxTransformer2DModel: its attention adds the conditioning's keys",
+    ("chroma", "tgate"): "T-GATE cannot apply to ChromaTransformer2DModel: its conditioning enters attention as added",
+    ("hidream", "tgate"): "T-GATE cannot apply to HiDreamImageTransformer2DModel: it caches cross-attention .* none "
+                          "of its attention modules is one .HiDreamAttention",
+    ("hidream", "todo"): "ToDo cannot apply to HiDreamImageTransformer2DModel: none of its attention modules is a cross",
+    ("cogvideox", "tgate"): "T-GATE cannot apply to CogVideoXTransformer3DModel: it caches cross-attention .*"
+                            "CogVideoXAttnProcessor2_0.*joint attention",
+    ("lumina2", "tgate"): "T-GATE cannot apply to Lumina2Transformer2DModel: it caches cross-attention .*joint",
+    ("lumina2", "todo"): "ToDo cannot apply to Lumina2Transformer2DModel: none of its attention modules is a cross",
+    ("dit", "tgate"): "T-GATE cannot apply to DiTTransformer2DModel: .*not text-conditioned.*ToCa",
+}
+
+
+def _transformer(name):
+    from diffusers import (ChromaTransformer2DModel, CogVideoXTransformer3DModel, FluxTransformer2DModel,
+                           HiDreamImageTransformer2DModel, Lumina2Transformer2DModel)
+
+    torch.manual_seed(0)
+    if name == "dit":
+        return _family("dit")[0].transformer
+    flux = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8])
+    return {
+        "flux": lambda: FluxTransformer2DModel(**flux, pooled_projection_dim=32),
+        "chroma": lambda: ChromaTransformer2DModel(**flux, approximator_hidden_dim=32, approximator_layers=1,
+                                                   approximator_num_channels=16),
+        "hidream": lambda: HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+            num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1)),
+        "cogvideox": lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+            text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16),
+        "lumina2": lambda: Lumina2Transformer2DModel(
+            sample_size=4, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+            num_attention_heads=3, num_kv_heads=1, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
+            axes_lens=(128, 128, 128), cap_feat_dim=8),
+    }[name]()
+
+
+
+@pytest.mark.parametrize("family,method", sorted(REFUSALS))
+def test_joint_attention_and_video_transformers_are_refused_at_optimize_for_the_reason_that_holds(family, method):
+    from diffusers import DiffusionPipeline
+
+    from tgate_fx.methods import ToCaConfig
+
+    class _Pipeline(DiffusionPipeline):  # only the denoiser matters to optimize
+        def __init__(self, transformer):
+            super().__init__()
+            self.register_modules(transformer=transformer)
+
+    pipe = _Pipeline(_transformer(family))
+    config = {"tgate": TGateConfig(), "todo": ToDoConfig(), "toca": ToCaConfig()}[method]
+    with pytest.raises(TypeError, match=REFUSALS[family, method]):
+        tgate_fx.optimize(pipe, methods=[config])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from typing import Any
 
 import torch
 
-from .core.analysis import is_attention_module
+from .core.analysis import attention_modules, conditioning_inputs
+from .core.method import InertMethodWarning
 from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
 from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
 
@@ -16,9 +17,9 @@ __all__ = ["get_runtime", "optimize", "restore"]
 _TGATE_ARGS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "lcm")
 
 
-def _denoiser_attribute(pipe: Any, class_conditioned: bool = False) -> str:
+def _denoiser_attribute(pipe: Any) -> str:
+    """Where ``pipe`` keeps its denoiser. What a method needs of it, each method checks and names."""
     from diffusers import DiffusionPipeline
-    from diffusers.models.attention_processor import Attention
 
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"optimize() takes a diffusers DiffusionPipeline, got {type(pipe).__name__}")
@@ -31,16 +32,11 @@ def _denoiser_attribute(pipe: Any, class_conditioned: bool = False) -> str:
     name, module = found
     if isinstance(module, OptimizedDenoiser):
         module = module.denoiser
-    params = inspect.signature(module.forward).parameters
-    text_conditioned = "encoder_hidden_states" in params or (class_conditioned and "class_labels" in params)
-    if not text_conditioned or not any(isinstance(m, Attention) or is_attention_module(m) for m in module.modules()):
-        raise TypeError(
-            f"{type(pipe).__name__}.{name} ({type(module).__name__}) is not a text-conditioned "
-            "denoiser with diffusers Attention modules; supported denoisers "
-            "are UNet2DConditionModel and "
-            "transformers built from diffusers Attention blocks (e.g. PixArtTransformer2DModel; with ToCa also "
-            "the class-conditioned DiTTransformer2DModel)"
-        )
+    if not conditioning_inputs(module) or not attention_modules(module):
+        missing = "no attention modules" if conditioning_inputs(module) else \
+            "no conditioning input (encoder_hidden_states or class_labels)"
+        raise TypeError(f"{type(pipe).__name__}.{name} ({type(module).__name__}) has {missing}; every method of "
+                        "tgate_fx accelerates the attention of a text- or class-conditioned denoiser")
     return name
 
 
@@ -132,11 +128,16 @@ def optimize(
                              config, tgate, deepcache, methods, todo, toca)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
-    name = _denoiser_attribute(pipe, class_conditioned=any(m.name == "toca" for m in chosen))
+    name = _denoiser_attribute(pipe)
     installed = getattr(pipe, name)
     current = unwrap_compiled(installed)
+    denoiser = current.denoiser if isinstance(current, OptimizedDenoiser) else current
     for method in chosen:
-        method.check_denoiser(current.denoiser if isinstance(current, OptimizedDenoiser) else current)
+        method.check_denoiser(denoiser)
+    for method in chosen:
+        reason = method.inert_reason(denoiser)
+        if reason:
+            warnings.warn(f"tgate_fx: {method.title} rewrites nothing here: {reason}", InertMethodWarning, stacklevel=2)
     if isinstance(current, OptimizedDenoiser):
         runtime = current
         runtime.configure(chosen, pipe)

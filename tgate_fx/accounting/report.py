@@ -47,6 +47,17 @@ def _variant_rows(graphs: CapturedGraphs) -> list[tuple[str, ...]]:
     return rows
 
 
+def _inert(method, runtime) -> str:
+    """`` (rewrites nothing: why)`` for a method that rewrites nothing of the runtime's denoiser."""
+    from ..core.method import tag_key
+
+    reason = method.inert_reason(runtime.denoiser)
+    if reason is None and runtime.captures and not any(
+            tag_key(method.name) in n.meta for g in runtime.captures for n in g.capture.graph_module.graph.nodes):
+        reason = "no node of its captured graphs is tagged for it"
+    return f" (rewrites nothing: {reason})" if reason else ""
+
+
 def _applicable(denoiser) -> str:
     """``T-GATE yes, DeepCache no (why)`` for every registered method."""
     from ..methods import METHODS
@@ -74,7 +85,7 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
 
     runtime = get_runtime(pipe)
     lines = [f"tgate_fx: {type(runtime.denoiser).__name__} in {type(pipe).__name__}"]
-    lines += [f"{m.title}: {m.describe()}" for m in runtime.methods]
+    lines += [f"{m.title}: {m.describe()}" + _inert(m, runtime) for m in runtime.methods]
     lines += [f"methods that apply to {type(runtime.denoiser).__name__}: {_applicable(runtime.denoiser)}", ""]
     if num_inference_steps is not None:
         plan = runtime.plan(num_inference_steps, True if cfg is None else cfg)

@@ -32,8 +32,9 @@ import torch.fx as fx
 
 from ..accounting.cost import node_macs
 
-__all__ = ["ATTENTION_TYPES", "TAG", "AttentionSite", "Regions", "analyze", "find_attention_sites",
-           "is_attention_module", "site_tag"]
+__all__ = ["ATTENTION_TYPES", "TAG", "AttentionSite", "Regions", "analyze", "attention_modules", "conditioning_inputs",
+           "cross_attention_modules", "describe_attention", "find_attention_sites", "is_attention_module",
+           "is_text_conditioned", "joint_attention_modules", "site_tag"]
 
 TAG = "tgate_fx"
 TEXT_INPUT = "encoder_hidden_states"
@@ -52,6 +53,66 @@ ATTENTION_TYPES = frozenset({
 def is_attention_module(module: torch.nn.Module, types: frozenset[str] = ATTENTION_TYPES) -> bool:
     """Whether ``module`` is an instance of one of the attention classes analysis finds sites of."""
     return _type_name(type(module)) in types
+
+
+def attention_modules(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every attention module of ``denoiser``, of any diffusers attention class: ``Attention`` and
+    every ``AttentionModuleMixin`` (``FluxAttention``, ``WanAttention``, ...), not only those analysis
+    finds sites of. For deciding, before anything is captured, what a method can apply to."""
+    from diffusers.models.attention_processor import Attention
+
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # diffusers before 0.35
+        AttentionModuleMixin = Attention
+    return [(name, m) for name, m in denoiser.named_modules()
+            if isinstance(m, (Attention, AttentionModuleMixin)) or is_attention_module(m)]
+
+
+def joint_attention_modules(denoiser: torch.nn.Module) -> list[str]:
+    """Paths of the attention modules that add the conditioning's own keys and values to the image's
+    (``added_kv_proj_dim``: the double-stream joint attention of SD3, Flux, Qwen-Image, HunyuanVideo,
+    AuraFlow, and Kandinsky's added K/V)."""
+    return [name for name, m in attention_modules(denoiser) if getattr(m, "added_kv_proj_dim", None) is not None]
+
+
+def cross_attention_modules(denoiser: torch.nn.Module) -> list[str]:
+    """Paths of the attention modules that may be cross-attention (keys and values from a separate input)
+    without added keys/values: built as one (``is_cross_attention``), or of a class analysis reads that
+    does not say (``LTXAttention``; the capture's analysis then decides each site's role from the graph)."""
+    out = []
+    for name, m in attention_modules(denoiser):
+        if getattr(m, "added_kv_proj_dim", None) is not None:
+            continue
+        cross = getattr(m, "is_cross_attention", None)
+        if cross or (cross is None and is_attention_module(m)):
+            out.append(name)
+    return out
+
+
+def conditioning_inputs(denoiser: torch.nn.Module) -> list[str]:
+    """The conditioning arguments of the denoiser's ``forward``: text (``encoder_hidden_states`` and the
+    per-encoder ``encoder_hidden_states_*`` of HunyuanDiT or HiDream) and classes (``class_labels``)."""
+    import inspect
+
+    return [name for name in inspect.signature(denoiser.forward).parameters
+            if name.startswith(TEXT_INPUT) or name == "class_labels"]
+
+
+def is_text_conditioned(denoiser: torch.nn.Module) -> bool:
+    """Whether the denoiser takes text embeddings (see :func:`conditioning_inputs`)."""
+    return any(name.startswith(TEXT_INPUT) for name in conditioning_inputs(denoiser))
+
+
+def describe_attention(denoiser: torch.nn.Module) -> str:
+    """The attention classes of ``denoiser`` with their processors, e.g. ``FluxAttention (FluxAttnProcessor)``."""
+    kinds = []
+    for _, m in attention_modules(denoiser):
+        processor = getattr(m, "processor", None)
+        kind = type(m).__name__ + (f" ({type(processor).__name__})" if processor is not None else "")
+        if kind not in kinds:
+            kinds.append(kind)
+    return ", ".join(kinds) or "none"
 
 
 @dataclass(frozen=True)

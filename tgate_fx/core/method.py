@@ -34,12 +34,17 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch.fx as fx
 
-__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "Method", "MethodStep", "Rewrite", "tag_key", "tagged_nodes"]
+__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite", "tag_key",
+           "tagged_nodes"]
 
 RECORD = "record"
 REUSE = "reuse"
 TRANSFORM = "transform"
 CFG_MEAN = "cfg_mean"
+
+
+class InertMethodWarning(UserWarning):
+    """A method was applied with settings under which it rewrites nothing of this denoiser."""
 
 
 class CacheKey(NamedTuple):
@@ -188,6 +193,11 @@ class Method(ABC):
 
         Called by :func:`tgate_fx.optimize` before anything is installed.
         """
+
+    def inert_reason(self, denoiser: Any) -> str | None:
+        """Why these settings would rewrite nothing of ``denoiser`` (``None``: they rewrite something, or it
+        cannot be told before a capture). :func:`tgate_fx.optimize` warns with it, and ``report`` shows it."""
+        return None
 
     def transform_pass(self, nodes: list, option: Any):
         """The pass a ``"transform"`` rewrite runs: ``nodes`` are the tagged nodes of the group in the

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...core.analysis import Regions, is_attention_module
+from ...core.analysis import (Regions, attention_modules, cross_attention_modules, describe_attention,
+                              is_text_conditioned, joint_attention_modules)
 from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, tag_key
 from .config import TGateConfig
 
@@ -55,19 +56,25 @@ class TGate(Method):
 
 
     def check_denoiser(self, denoiser) -> None:
-        from diffusers.models.attention_processor import Attention
-
-        attention = [(name, m) for name, m in denoiser.named_modules()
-                     if is_attention_module(m) or isinstance(m, Attention)]
-        joint = [name for name, m in attention if getattr(m, "added_kv_proj_dim", None) is not None]
+        name = type(denoiser).__name__
+        attention = attention_modules(denoiser)
+        joint = joint_attention_modules(denoiser)
         if joint:
             raise TypeError(
-                f"T-GATE cannot apply to {type(denoiser).__name__}: its conditioning enters attention as added "
+                f"T-GATE cannot apply to {name}: its conditioning enters attention as added "
                 f"keys/values ({joint[0]}{' and others' if len(joint) > 1 else ''}: joint attention as in SD3 and "
                 "Flux, or Kandinsky's added K/V), so there is no separate cross-attention to cache and dropping the "
                 "unconditional branch after the gate would lose the conditioning. "
                 + ("DeepCache applies to this UNet: optimize(pipe, deepcache=DeepCacheConfig())."
                    if hasattr(denoiser, "up_blocks") else "No method of tgate_fx applies to it yet."))
+        if not cross_attention_modules(denoiser):
+            raise TypeError(
+                f"T-GATE cannot apply to {name}: it caches cross-attention (keys and values from the text), and none "
+                f"of its attention modules is one ({describe_attention(denoiser)}). "
+                + ("Its text tokens enter attention together with the image tokens (joint attention, as in "
+                   "CogVideoX, Lumina2, HiDream and Flux's single-stream blocks), so there is no cross-attention "
+                   "output to cache." if is_text_conditioned(denoiser) else "It is not text-conditioned (class labels or no conditioning); for DiT use "
+                   "ToCa: optimize(pipe, toca=ToCaConfig())."))
         separate = [type(m).__name__ for _, m in attention if type(m).__name__ in _SEPARATE_CFG_CALLS]
         if separate and self.config.lcm is not True:
             raise TypeError(

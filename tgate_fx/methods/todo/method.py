@@ -28,12 +28,14 @@ Schedule: every step transforms every depth whose configured factor is not
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.fx as fx
 
-from ...core.analysis import Regions, _type_name, _within
+from ...core.analysis import (Regions, _type_name, _within, cross_attention_modules, describe_attention,
+                              is_text_conditioned, joint_attention_modules)
 from ...core.method import TRANSFORM, Method, MethodStep, Rewrite, tag_key
 from ...passes import DownsampleKeyValues
 from ...passes.downsample_key_values import KeyValueSite
@@ -118,6 +120,25 @@ def _kv_consumers(nodes: list[fx.Node], path: str) -> tuple[fx.Node, fx.Node]:
     return found[0], found[1]
 
 
+def _self_attention_depths(denoiser) -> list[int]:
+    """The depths of ``denoiser``'s self-attention read off its modules (empty: not known before a capture).
+
+    A UNet's level i is at depth 2**i (its mid block at the last level's); a patch-embedding transformer
+    puts every block at depth ``patch_size``.
+    """
+    downs = getattr(denoiser, "down_blocks", None)
+    if downs is not None:
+        depths = {2 ** i for i, block in enumerate(downs) if len(getattr(block, "attentions", None) or ())}
+        mid = getattr(denoiser, "mid_block", None)
+        if mid is not None and len(getattr(mid, "attentions", None) or ()):
+            depths.add(2 ** (len(downs) - 1))
+        return sorted(depths)
+    patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    return [patch] if isinstance(patch, int) and patch >= 1 else []
+
+
 class ToDo(Method):
     """ToDo, token downsampling of self-attention keys/values (arXiv 2402.13573); settings in :class:`ToDoConfig`."""
 
@@ -128,21 +149,42 @@ class ToDo(Method):
 
     def check_denoiser(self, denoiser) -> None:
         from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
-        from diffusers.models.attention_processor import Attention
-
         name = type(denoiser).__name__
         if isinstance(denoiser, (UNetMotionModel, UNetSpatioTemporalConditionModel)) or "3D" in name:
             raise TypeError(
                 f"ToDo cannot apply to {name}: it downsamples the 2-D token grid of an image's self-attention, and "
                 f"{name} is a video denoiser (frames, packed or temporal tokens), for which no downsampling rule is "
                 "defined. T-GATE applies to it: optimize(pipe, gate_step=...).")
-        added = [n for n, m in denoiser.named_modules()
-                 if isinstance(m, Attention) and getattr(m, "added_kv_proj_dim", None) is not None]
+        added = joint_attention_modules(denoiser)
         if added:
             raise TypeError(
                 f"ToDo cannot apply to {name}: its attention adds the conditioning's keys/values to the image's "
                 f"({added[0]}: joint attention as in SD3 and Flux, or Kandinsky's added K/V), so downsampling the "
                 "image keys/values would change what the conditioning attends with; no rule is defined for it.")
+        if not is_text_conditioned(denoiser):
+            raise TypeError(f"ToDo cannot apply to {name}: it is defined for text-conditioned denoisers, and "
+                            f"{name} takes no text embeddings (encoder_hidden_states)")
+        if not cross_attention_modules(denoiser):
+            raise TypeError(
+                f"ToDo cannot apply to {name}: none of its attention modules is a cross-attention "
+                f"({describe_attention(denoiser)}), so its text joins the image tokens in one sequence (as in "
+                "Lumina2 and Flux's single-stream blocks); downsampling that sequence would drop text tokens, and "
+                "no rule is defined for it.")
+        if "image_rotary_emb" in inspect.signature(denoiser.forward).parameters:
+            raise TypeError(
+                f"ToDo cannot apply to {name}: its self-attention applies rotary position embeddings "
+                "(image_rotary_emb, one per image token) to the keys after to_k, so keys downsampled before to_k "
+                "would no longer match their positions; no rule is defined for it.")
+
+    def inert_reason(self, denoiser) -> str | None:
+        depths = _self_attention_depths(denoiser)
+        if not depths or any(self.config.setting(d) != 1 for d in depths):
+            return None
+        c = self.config
+        return (f"every self-attention of {type(denoiser).__name__} sits at depth {'/'.join(map(str, depths))} (its token "
+                f"grid's reduction from the latent), where ToDoConfig(factor={c.factor!r}, "
+                f"factor_depth2={c.factor_depth2}, factor_deeper={c.factor_deeper}) downsamples by 1; set the factor "
+                "of that depth, e.g. ToDoConfig(factor_depth2=2)")
 
     def factor_at(self, depth: int, latent_hw: tuple[int, int]) -> int:
         """The factor of a site at ``depth`` for a latent of ``latent_hw``."""
