@@ -58,6 +58,12 @@ def _inert(method, runtime) -> str:
     return f" (rewrites nothing: {reason})" if reason else ""
 
 
+def _why(message: str) -> str:
+    """The reason of a refusal (``"X cannot apply to Y: <reason>. <advice>"``), without its advice."""
+    reason = message.split(": ", 1)[-1]
+    return reason.split(". ")[0].split("; ")[0].rstrip(".")
+
+
 def _applicable(denoiser) -> str:
     """``T-GATE yes, DeepCache no (why)`` for every registered method."""
     from ..methods import METHODS
@@ -68,7 +74,7 @@ def _applicable(denoiser) -> str:
             method_cls(method_cls.config_class()).check_denoiser(denoiser)
             parts.append(f"{method_cls.title} yes")
         except (TypeError, ValueError) as e:
-            parts.append(f"{method_cls.title} no ({str(e).split(';')[0].split(':')[0]})")
+            parts.append(f"{method_cls.title} no ({_why(str(e))})")
     return ", ".join(parts)
 
 
