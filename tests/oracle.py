@@ -164,3 +164,97 @@ def run_oracle(pipe, denoiser_attr: str, *, cfg: bool, gate_step: int, sp_interv
     finally:
         oracle.close()
         object.__setattr__(pipe, denoiser_attr, installed)
+
+
+class _SplitCfgProcessor:
+    """The module's own processor plus the reference's cache/reuse rules, one cache per CFG call."""
+
+    def __init__(self, state: _State, inner):
+        self.state = state
+        self.inner = inner
+        self.signature = inspect.signature(inner.__call__)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.pending = None
+
+    def __call__(self, attn, *args, **kw):
+        encoder_hidden_states = self.signature.bind(attn, *args, **kw).arguments.get("encoder_hidden_states")
+        flags = self.state.ca if encoder_hidden_states is not None else self.state.sa
+        role = self.state.role
+        if flags["reuse"] and role in self.cache:
+            return self.cache[role]
+        out = self.inner(attn, *args, **kw)
+        if flags["cache"]:
+            if self.state.keep_shape:
+                self.cache[role] = out
+            elif role == "cond":  # the gate step: the mean of the two calls, (uncond + cond) / 2
+                self.pending = out
+            else:
+                mean = (out + self.pending) / 2
+                self.cache = {"cond": mean, "uncond": mean}
+        return out
+
+
+def _split_processor(state: _State, inner) -> _SplitCfgProcessor:
+    cls = type(inner)
+
+    def call(self, attn, *args, **kw):
+        return _SplitCfgProcessor.__call__(self, attn, *args, **kw)
+
+    call.__wrapped__ = cls.__call__
+    return type(f"SplitCfg{cls.__name__}", (_SplitCfgProcessor,), {"__call__": call})(state, inner)
+
+
+class SplitCfgOracleDenoiser(torch.nn.Module):
+    """The reference semantics on a pipeline that runs CFG as two calls a step, conditional first (Wan).
+
+    Before the gate both calls run, each with its own self-attention cache; at the gate step each
+    attention's cache is the mean of the two calls' outputs; after it the conditional call runs with the
+    caches and the unconditional call returns the same prediction (the pipeline's guidance is then an
+    identity), as the reference drops guidance on a CFG batch.
+    """
+
+    def __init__(self, denoiser, *, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.settings = (gate_step, sp_interval, fi_interval, warm_up)
+        self.state = _State()
+        self.calls = 0
+        self.last = None
+        self.original_processors = denoiser.attn_processors
+        denoiser.set_attn_processor({name: _split_processor(self.state, processor)
+                                     for name, processor in self.original_processors.items()})
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["denoiser"], name)
+
+    def close(self):
+        self.denoiser.set_attn_processor(self.original_processors)
+
+    def forward(self, *args, **kwargs):
+        step, first = divmod(self.calls, 2)[0], self.calls % 2 == 0
+        self.calls += 1
+        self.state.ca, self.state.sa, self.state.keep_shape = reference_schedule(step, *self.settings)
+        self.state.role = "cond" if first else "uncond"
+        post_gate = step >= self.settings[0]
+        if post_gate and not first:
+            return self.last
+        out = self.denoiser(*args, **kwargs)
+        self.last = out
+        return out
+
+
+def run_split_cfg_oracle(pipe, denoiser_attr: str, denoiser, *, gate_step: int, sp_interval: int, fi_interval: int,
+                         warm_up: int, **call_kwargs):
+    """Run ``pipe(**call_kwargs)`` once with :class:`SplitCfgOracleDenoiser` around the eager ``denoiser``."""
+    installed = getattr(pipe, denoiser_attr)
+    oracle = SplitCfgOracleDenoiser(denoiser, gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval,
+                                    warm_up=warm_up)
+    object.__setattr__(pipe, denoiser_attr, oracle)
+    try:
+        return pipe(**call_kwargs)
+    finally:
+        oracle.close()
+        object.__setattr__(pipe, denoiser_attr, installed)

@@ -116,16 +116,6 @@ def test_wan_without_guidance_matches_the_oracle(settings):
     _check_against_oracle(pipe, kw, settings, cfg=False)
 
 
-def test_wan_with_guidance_is_refused_by_optimize():
-    # Wan's pipelines run CFG as two denoiser calls per step: nothing for T-GATE to halve
-    pipe, _ = tiny_wan()
-    with pytest.raises(TypeError):
-        tgate_fx.optimize(pipe)
-    with pytest.raises(TypeError, match="two denoiser calls per step.*lcm=True"):
-        TGate(TGateConfig()).check_denoiser(pipe.transformer)
-    TGate(TGateConfig(lcm=True)).check_denoiser(pipe.transformer)
-
-
 def test_kandinsky22_is_refused_by_optimize():
     # its image embeddings enter attention as added keys/values: no cross-attention, and dropping the
     # unconditional half after the gate would lose the conditioning

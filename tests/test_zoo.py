@@ -164,3 +164,83 @@ def test_joint_attention_and_video_transformers_are_refused_at_optimize_for_the_
     config = {"tgate": TGateConfig(), "todo": ToDoConfig(), "toca": ToCaConfig()}[method]
     with pytest.raises(TypeError, match=REFUSALS[family, method]):
         tgate_fx.optimize(pipe, methods=[config])
+
+
+SPLIT_SETTINGS = {
+    "nothing-cached": dict(gate_step=4, sp_interval=1, fi_interval=1, warm_up=4),
+    "gate": dict(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0),
+    "gate+self": dict(gate_step=3, sp_interval=2, fi_interval=2, warm_up=1),
+}
+
+
+def _frames(pipe, kw, steps=4):
+    return pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=steps, **kw).frames
+
+
+@pytest.mark.parametrize("settings", sorted(SPLIT_SETTINGS))
+def test_wan_with_guidance_runs_t_gate_on_its_two_calls_a_step(settings):
+    # WanPipeline runs CFG as a conditional and an unconditional call per step. At the gate the caches are
+    # the mean of the two calls; after it the unconditional call is not computed and returns the step's
+    # prediction, so the pipeline's guidance is an identity (as T-GATE drops guidance on a CFG batch).
+    from oracle import run_split_cfg_oracle
+    from tgate_fx.tiny_extra import tiny_wan
+
+    pipe, kw = tiny_wan()
+    denoiser = pipe.transformer
+    baseline = _frames(pipe, kw)
+    config = SPLIT_SETTINGS[settings]
+    expected = run_split_cfg_oracle(pipe, "transformer", denoiser, generator=torch.Generator().manual_seed(0),
+                                    output_type="latent", num_inference_steps=4, **config, **kw).frames
+    tgate_fx.optimize(pipe, **config)
+    with tgate_fx.get_runtime(pipe).tracing() as computed:
+        got = _frames(pipe, kw)
+    assert torch.equal(got, expected)
+    gate = config["gate_step"]
+    assert [s.step for s, _, _ in computed] == [i // 2 for i in range(2 * gate)] + list(range(gate, 4))
+    assert torch.equal(got, baseline) == (settings == "nothing-cached")
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert plan.cfg and [s.drops_uncond for s in plan.steps] == [i >= config["gate_step"] for i in range(4)]
+    assert torch.equal(_frames(pipe, kw), got)  # a second generation, from the captured graphs
+
+
+class _CopiesText(torch.nn.Module):
+    """Between a pipeline and its denoiser: passes a copy of the text embeddings (so the two CFG calls of a
+    step can no longer be told apart by which of the pipeline's tensors they carry)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["inner"], name)
+
+    def forward(self, *args, **kwargs):
+        kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].clone()
+        return self.inner(*args, **kwargs)
+
+
+def test_a_pipeline_running_cfg_as_two_calls_it_cannot_tell_apart_is_refused_at_its_first_call():
+    from tgate_fx.tiny_extra import tiny_wan
+
+    pipe, kw = tiny_wan()
+    tgate_fx.optimize(pipe, gate_step=2)
+    object.__setattr__(pipe, "transformer", _CopiesText(pipe.transformer))
+    with pytest.raises(ValueError, match="two denoiser calls per step, and tgate_fx cannot tell which call is the "
+                                         "conditional one"):
+        _frames(pipe, kw)
+
+
+def test_wan_2_2_with_two_transformers_is_refused_at_optimize():
+    import copy
+
+    from tgate_fx.tiny_extra import tiny_wan
+
+    pipe, _ = tiny_wan()
+    pipe.register_modules(transformer_2=copy.deepcopy(pipe.transformer))
+    pipe.register_to_config(boundary_ratio=0.5)
+    with pytest.raises(TypeError, match="between pipe.transformer and pipe.transformer_2"):
+        tgate_fx.optimize(pipe, gate_step=2)
+    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"

@@ -30,6 +30,11 @@ def _denoiser_attribute(pipe: Any) -> str:
             f"pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}"
         )
     name, module = found
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise TypeError(
+            f"{type(pipe).__name__} switches its denoiser by timestep between pipe.transformer and pipe.transformer_2 "
+            "(Wan 2.2's two experts); tgate_fx serves one denoiser per pipeline and would leave the steps of the "
+            "other unaccelerated while its plan counted them. Serving both is not supported yet")
     if isinstance(module, OptimizedDenoiser):
         module = module.denoiser
     if not conditioning_inputs(module) or not attention_modules(module):

@@ -23,6 +23,25 @@ decides whether the generation runs classifier-free guidance, reads the
 timesteps of its steps if asked to (``with_timesteps``), asks for the
 generation's plan (a :class:`~tgate_fx.core.plan.Plan`, or the stored steps of
 an exported bundle) and clears the caches.
+
+**Split CFG.** Some pipelines (Wan and its variants) run classifier-free
+guidance as two denoiser calls per step, one with ``prompt_embeds`` and one
+with ``negative_prompt_embeds``, each of the latents' batch, instead of one
+CFG batch. The tracker tells the two apart by which of the calling
+pipeline's tensors the call's ``encoder_hidden_states`` is (never by
+position). Such a generation follows the plan of a CFG generation, call
+pair by call pair:
+
+* each call runs the step's graph on its own batch. A record the plan
+  reduces to the mean of the CFG halves is recorded by both calls of the
+  step and stored as ``(uncond + cond) / 2``, the same operations in the same
+  order as in a CFG batch's graph; other caches are kept per call;
+* at a step that drops the unconditional half, the step's first call runs the
+  graph and the other call is not computed: it returns the same prediction,
+  so that the pipeline's guidance ``u + g * (c - u)`` leaves it unchanged.
+
+A pipeline that declares guidance but whose calls cannot be told apart this
+way is refused with that reason.
 """
 
 from __future__ import annotations
@@ -41,7 +60,9 @@ from collections.abc import Callable
 
 from .plan import Plan, StepPlan
 
-__all__ = ["GenerationTracker", "Step", "batched_sizes", "output_class", "take_half"]
+__all__ = ["COND", "UNCOND", "GenerationTracker", "Step", "batched_sizes", "output_class", "split_spec", "take_half"]
+
+COND, UNCOND = "cond", "uncond"
 
 
 @functools.cache
@@ -107,27 +128,90 @@ class _Generation:
     step: int = 0
     caches: dict[Any, Any] = field(default_factory=dict)
     switched_at: int | None = None  # step at which guidance was switched on or off, if it was
+    split: bool = False  # CFG as two denoiser calls per step (see the module docstring)
+    calls: list = field(default_factory=list)  # split CFG: the roles of the current step's calls so far
+    role_caches: dict[str, dict] = field(default_factory=lambda: {COND: {}, UNCOND: {}})
+    pending: dict[str, dict] = field(default_factory=dict)  # split CFG: this step's records to average, by role
+    prediction: Any = None  # split CFG: the step's prediction, for a call that is not computed
+
+
+def split_spec(spec):
+    """``spec`` with its records unreduced: a split-CFG call records its own value; the tracker averages."""
+    from dataclasses import replace
+
+    if not any(getattr(r, "reduce", None) for r in spec.rewrites):
+        return spec
+    return replace(spec, name=spec.name + "~split",
+                   rewrites=frozenset(replace(r, reduce=None) if r.reduce else r for r in spec.rewrites))
 
 
 @dataclass
 class Step:
-    """One denoiser call: its plan entry and the generation's caches (cache key -> tensor)."""
+    """One denoiser call: its plan entry and the generation's caches (cache key -> tensor).
+
+    Attributes:
+        role: Split CFG only: ``"cond"`` or ``"uncond"``, which of the step's two calls this is.
+    """
 
     plan: StepPlan
     caches: dict[Any, Any]
+    role: str | None = None
+    _generation: Any = None
 
     @property
     def drops_uncond(self) -> bool:
         return self.plan.drops_uncond
+
+    @property
+    def halves(self) -> bool:
+        """Whether the call must be cut to one half of its CFG batch (never for a split-CFG call)."""
+        return self.plan.drops_uncond and self.role is None
+
+    @property
+    def spec(self):
+        """The variant spec this call runs."""
+        return split_spec(self.plan.variant) if self.role is not None else self.plan.variant
+
+    @property
+    def computed(self) -> bool:
+        """``False`` for the second call of a split-CFG step that drops the unconditional half."""
+        gen = self._generation
+        return not (self.role is not None and self.plan.drops_uncond and gen.prediction is not None)
+
+    def record(self, keys, values, means=frozenset()) -> None:
+        """Store the caches the call's graph wrote; ``means``: the keys the plan records as the mean of the
+        CFG halves (a split-CFG call recorded its own value of them)."""
+        if self.role is None:
+            self.caches.update(zip(keys, values))
+            return
+        gen = self._generation
+        for key, value in zip(keys, values):
+            if key in means:
+                gen.pending.setdefault(self.role, {})[key] = value
+            else:
+                self.caches[key] = value
+        if len(gen.pending) == 2:  # both calls of the step recorded: (u + c) / 2, as a CFG batch's graph does
+            u, c = gen.pending[UNCOND], gen.pending[COND]
+            for key in u:
+                mean = (u[key] + c[key]) / 2
+                for role in (COND, UNCOND):
+                    gen.role_caches[role][key] = mean
+            gen.pending.clear()
 
     def finish(self, prediction: torch.Tensor, return_dict: bool, output_cls: type | None = None):
         """The denoiser's return value for ``prediction``: a tuple, or ``output_cls(sample=...)``.
 
         After the gate the pipeline still sends a CFG batch and combines
         ``u + g * (c - u)``; returning the prediction for both halves makes
-        that combine return it unchanged.
+        that combine return it unchanged. A split-CFG step returns the
+        prediction of its first call for both calls.
         """
-        if self.drops_uncond:
+        if self.role is not None:
+            if self.plan.drops_uncond:
+                gen = self._generation
+                prediction = gen.prediction if gen.prediction is not None else prediction
+                gen.prediction = prediction
+        elif self.drops_uncond:
             prediction = torch.cat([prediction, prediction])
         if not return_dict:
             return (prediction,)
@@ -144,11 +228,15 @@ class GenerationTracker:
         sample_arg: Name of the denoiser's latent input (``sample`` or ``hidden_states``).
         with_timesteps: Call ``plan_for(num_steps, cfg, timesteps)`` instead, with
             :meth:`timesteps_in_generation` (for methods whose schedule reads timesteps).
+        split_cfg: Serve pipelines that run CFG as two denoiser calls per step (see the module
+            docstring); otherwise such a generation is refused.
     """
 
-    def __init__(self, plan_for: Callable[..., Plan], pipeline, sample_arg: str, *, with_timesteps: bool = False):
+    def __init__(self, plan_for: Callable[..., Plan], pipeline, sample_arg: str, *, with_timesteps: bool = False,
+                 split_cfg: bool = False):
         self.plan_for = plan_for
         self.with_timesteps = with_timesteps
+        self.split_cfg = split_cfg
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.sample_arg = sample_arg
         self._local = threading.local()
@@ -252,7 +340,35 @@ class GenerationTracker:
         value = (local or {}).get("do_classifier_free_guidance")
         return value if isinstance(value, bool) else None
 
-    def _current(self, call: dict[str, Any]) -> _Generation:
+    def _split_role(self, call: dict[str, Any], local: dict) -> str | None:
+        """``"cond"``/``"uncond"`` if the call is one of the two calls of a split-CFG step, else ``None``.
+
+        Split: the call's latents have the batch of the pipeline's ``latents`` (a CFG batch has twice
+        that), and its ``encoder_hidden_states`` is the pipeline's ``prompt_embeds`` or its
+        ``negative_prompt_embeds`` (the very tensor).
+        """
+        text, latents = call.get("encoder_hidden_states"), local.get("latents")
+        if not (isinstance(text, torch.Tensor) and isinstance(latents, torch.Tensor) and latents.ndim):
+            return None
+        if call[self.sample_arg].shape[0] != latents.shape[0]:
+            return None
+        if text is local.get("prompt_embeds"):
+            return COND
+        if text is local.get("negative_prompt_embeds"):
+            return UNCOND
+        return None
+
+    def _split_refusal(self, call: dict[str, Any], local: dict, pipe) -> None:
+        """Raise if guidance is on and the call has the latents' own batch, but is neither of the two calls."""
+        latents = local.get("latents")
+        if isinstance(latents, torch.Tensor) and latents.ndim and call[self.sample_arg].shape[0] == latents.shape[0]:
+            raise ValueError(
+                f"{type(pipe).__name__} runs classifier-free guidance as two denoiser calls per step, and tgate_fx "
+                "cannot tell which call is the conditional one: it recognises them by their encoder_hidden_states "
+                "being the pipeline's prompt_embeds or negative_prompt_embeds, which this pipeline does not pass. "
+                "Call it without guidance, or tgate_fx.restore(pipe)")
+
+    def _current(self, call: dict[str, Any]) -> tuple[_Generation, str | None]:
         pipe, local = self._caller()
         timesteps = self._scheduler_timesteps(pipe)
         gen = self._generation
@@ -260,17 +376,40 @@ class GenerationTracker:
             cfg = self._declared_cfg(pipe, local)
             if cfg is not None and cfg != gen.plan.cfg:
                 self._switch_cfg(gen, cfg, call[self.sample_arg].shape[0])
-            return gen
+            return gen, self._role(gen, call, local)
         self._generation = None
         num_steps, cfg = self.steps_in_generation(pipe), self.detect_cfg(call, pipe, local)
+        split = cfg and self.split_cfg and self._split_role(call, local) is not None
+        if cfg and not split:
+            if self._split_role(call, local) is not None:
+                raise ValueError(f"{type(pipe).__name__} runs classifier-free guidance as two denoiser calls per "
+                                 "step; this runtime serves it only as one CFG batch (an ONNX bundle replays the "
+                                 "calls of the generation it traced). Use the torch runtime, or call it without "
+                                 "guidance")
+            if call[self.sample_arg].shape[0] % 2:
+                self._split_refusal(call, local, pipe)
         if self.with_timesteps:
             plan = self.plan_for(num_steps, cfg, self.timesteps_in_generation(num_steps, pipe, local))
         else:
             plan = self.plan_for(num_steps, cfg)
-        self._check_batch(plan, call[self.sample_arg].shape[0])
-        self._generation = _Generation(plan, timesteps)
+        if not split:
+            self._check_batch(plan, call[self.sample_arg].shape[0])
+        self._generation = _Generation(plan, timesteps, split=split)
         self.last_plan = plan
-        return self._generation
+        return self._generation, self._role(self._generation, call, local)
+
+    def _role(self, gen: _Generation, call: dict[str, Any], local: dict) -> str | None:
+        if not gen.split:
+            return None
+        role = self._split_role(call, local)
+        if role is None:
+            raise RuntimeError(f"step {gen.step} of a split-CFG generation: a denoiser call is neither the conditional "
+                               "nor the unconditional one (its encoder_hidden_states is neither prompt_embeds nor "
+                               "negative_prompt_embeds of the calling pipeline); nothing was run")
+        if role in gen.calls:
+            raise RuntimeError(f"step {gen.step} of a split-CFG generation: a second {role} call, where the "
+                               "conditional and the unconditional call alternate; nothing was run")
+        return role
 
     def _switch_cfg(self, gen: _Generation, cfg: bool, batch: int) -> None:
         """Guidance switched on or off within a generation (diffusers' "dynamic CFG" callback).
@@ -280,6 +419,10 @@ class GenerationTracker:
         batch), so each method computes a value again until it next records
         it: nothing recorded under the old mode is ever read.
         """
+        if gen.split:
+            raise RuntimeError(f"guidance was switched {'on' if cfg else 'off'} at step {gen.step} of a generation "
+                               "that runs it as two denoiser calls per step; tgate_fx cannot follow that switch. "
+                               "Keep guidance on or off for the whole generation, or tgate_fx.restore(pipe)")
         extra = (gen.plan.timesteps,) if self.with_timesteps else ()
         gen.plan = self.plan_for(gen.plan.num_steps, cfg, *extra)
         self._check_batch(gen.plan, batch)
@@ -295,7 +438,15 @@ class GenerationTracker:
 
     def next_step(self, call: dict[str, Any]) -> Step:
         """Account for one denoiser call (a normalized call dict) and return its step."""
-        gen = self._current(call)
+        gen, role = self._current(call)
         entry = gen.plan.steps[gen.step]
-        gen.step += 1
-        return Step(entry, gen.caches)
+        if role is None:
+            gen.step += 1
+            return Step(entry, gen.caches)
+        if not gen.calls:
+            gen.prediction = None
+        gen.calls.append(role)
+        if len(gen.calls) == 2:
+            gen.step += 1
+            gen.calls = []
+        return Step(entry, gen.role_caches[role], role, gen)

@@ -39,7 +39,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from .blockwise import RegionalCompiler
 from .capture import InputSignature, normalize_call, signature_of
-from .generation import GenerationTracker, output_class, take_half
+from .generation import GenerationTracker, output_class, split_spec, take_half
 from .method import Method
 from .plan import Plan
 from .rebatch import BatchCaptures
@@ -124,7 +124,7 @@ class OptimizedDenoiser(_model_base()):
             raise
         self.methods = list(methods)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
-        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True)
+        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True, split_cfg=True)
 
     def plan(self, num_steps: int, cfg: bool, timesteps=None) -> Plan:
         """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known) under this
@@ -304,22 +304,24 @@ class OptimizedDenoiser(_model_base()):
         with self._lock:
             if step.plan.step == 0:
                 self._check_state()
-                self._prepare(call, self.generations.current_plan)
-        if step.drops_uncond:
+                self._prepare(call, self.generations.current_plan, split=step.role is not None)
+        if not step.computed:  # split CFG after the gate: this call returns the step's prediction
+            return step.finish(None, return_dict, self._output_class)
+        if step.halves:
             call = take_half(call, self._sample_arg, type(self.denoiser).__name__)
         with self._lock:
             graphs = self.graphs_for(call)
-            variant = graphs.variant(step.plan.variant, step.caches)
+            variant = graphs.variant(step.spec, step.caches)
         inputs = graphs.capture.flat_inputs(call)
         for key, name in variant.cache_inputs.items():
             inputs[name] = _checked_cache(step.caches[key], variant, name)
         outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
-        step.caches.update(zip(variant.records, outputs[1:]))
+        step.record(variant.records, outputs[1:], graphs.mean_keys(step.plan.variant) if step.role else frozenset())
         if self._trace is not None:
             self._trace.append((step.plan, graphs, variant))
         return step.finish(outputs[0], return_dict, self._output_class)
 
-    def _prepare(self, call: dict[str, Any], plan: Plan) -> None:
+    def _prepare(self, call: dict[str, Any], plan: Plan, split: bool = False) -> None:
         """At a generation's first call: capture every batch its plan runs and build every variant.
 
         The capture of the post-gate batch (half the CFG batch) and the
@@ -327,6 +329,9 @@ class OptimizedDenoiser(_model_base()):
         at the step that first needs them; the first call pays them instead,
         and each later step only runs its graph.
         """
+        if split:  # every call has the latents' batch; records are averaged across the calls, not in the graph
+            walk_plan(plan, lambda s: self.graphs_for(call), spec_of=split_spec)
+            return
         half = None
         if any(s.drops_uncond for s in plan.steps):
             half = take_half(call, self._sample_arg, type(self.denoiser).__name__)

@@ -358,17 +358,23 @@ class CapturedGraphs:
             self.variants[resolved] = variant
         return self.variants[resolved]
 
+    def mean_keys(self, spec: VariantSpec) -> frozenset[CacheKey]:
+        """The cache keys ``spec`` records as the mean of the CFG halves."""
+        return frozenset(k for r in spec.rewrites if r.reduce == CFG_MEAN for k in self.keys(r.method, r.group))
+
     def keys(self, method: str, group: str) -> list[CacheKey]:
         return [k for _, k in tagged_nodes(self.capture.graph_module.graph, method, group)]
 
 
-def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs]) -> list[tuple[CapturedGraphs, Variant]]:
-    """Each step's capture and variant, as the runtime runs them (caches written step by step)."""
+def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs],
+              spec_of: Callable[[VariantSpec], VariantSpec] = lambda spec: spec) -> list[tuple[CapturedGraphs, Variant]]:
+    """Each step's capture and variant, as the runtime runs them (caches written step by step; ``spec_of``
+    gives the spec a step's calls run, e.g. a split-CFG call's)."""
     written: set[CacheKey] = set()
     out = []
     for step in plan.steps:
         graphs = graphs_for(step)
-        variant = graphs.variant(step.variant, written)
+        variant = graphs.variant(spec_of(step.variant), written)
         written.update(variant.records)
         out.append((graphs, variant))
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...core.analysis import (Regions, attention_modules, cross_attention_modules, describe_attention,
+from ...core.analysis import (Regions, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
 from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, tag_key
 from .config import TGateConfig
@@ -32,11 +32,6 @@ __all__ = ["CROSS", "SELF", "TGate"]
 SELF = "self"
 CROSS = "cross"
 NAME = "tgate"
-# Attention classes whose pipelines run CFG as two denoiser calls per step (conditional, then
-# unconditional: WanPipeline and its image/VACE variants) instead of one [uncond, cond] batch.
-_SEPARATE_CFG_CALLS = frozenset({"WanAttention"})
-
-
 def _rewrites(reuse=(), record=(), cfg_mean=False) -> frozenset[Rewrite]:
     return frozenset([Rewrite(NAME, g, REUSE) for g in reuse]
                      + [Rewrite(NAME, g, RECORD, CFG_MEAN if cfg_mean else None) for g in record])
@@ -57,7 +52,6 @@ class TGate(Method):
 
     def check_denoiser(self, denoiser) -> None:
         name = type(denoiser).__name__
-        attention = attention_modules(denoiser)
         joint = joint_attention_modules(denoiser)
         if joint:
             raise TypeError(
@@ -75,15 +69,6 @@ class TGate(Method):
                    "CogVideoX, Lumina2, HiDream and Flux's single-stream blocks), so there is no cross-attention "
                    "output to cache." if is_text_conditioned(denoiser) else "It is not text-conditioned (class labels or no conditioning); for DiT use "
                    "ToCa: optimize(pipe, toca=ToCaConfig())."))
-        separate = [type(m).__name__ for _, m in attention if type(m).__name__ in _SEPARATE_CFG_CALLS]
-        if separate and self.config.lcm is not True:
-            raise TypeError(
-                f"T-GATE cannot gate {type(denoiser).__name__} under classifier-free guidance: the pipelines of "
-                f"its attention class ({separate[0]}: WanPipeline and its variants) run the conditional and the "
-                "unconditional prediction as two denoiser calls per step, not as one CFG batch, so there is no "
-                "batch whose halves T-GATE can average at the gate and drop after it. Without guidance "
-                "(guidance_scale <= 1, e.g. step-distilled Wan models) T-GATE applies: pass lcm=True, "
-                "optimize(pipe, tgate=TGateConfig(gate_step, sp_interval, fi_interval, warm_up, lcm=True)).")
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
