@@ -6,7 +6,8 @@ from diffusers.models.attention_processor import Attention
 
 from conftest import record_calls
 from tgate_fx.core.analysis import TAG, find_attention_sites
-from tgate_fx.core.capture import capture_denoiser, normalize_call
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
 

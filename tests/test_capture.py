@@ -5,7 +5,8 @@ import torch
 
 import tgate_fx
 from conftest import latents, record_calls
-from tgate_fx.core.capture import capture_denoiser, normalize_call, parameter_paths, signature_of
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call, parameter_paths, signature_of
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
 

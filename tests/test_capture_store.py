@@ -124,7 +124,7 @@ def test_keys_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from tgate_fx.archs import get_arch; from tgate_fx.core.capture import signature_of; "
+    code = ("from tgate_fx.archs import get_arch; from tgate_fx.core.captured import signature_of; "
             "from tgate_fx.core.capture_store import CaptureStore; a = get_arch('sd15'); "
             "print(CaptureStore.key(a.build_denoiser(), signature_of(a.make_call(2))))")
     keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

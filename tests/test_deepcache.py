@@ -13,7 +13,7 @@ import tgate_fx
 from conftest import latents, shared_optimized
 from tgate_fx import DeepCacheConfig, TGateConfig
 from tgate_fx.core.analysis import TAG
-from tgate_fx.core.capture import parameter_paths
+from tgate_fx.core.captured import parameter_paths
 
 pytest.importorskip("DeepCache")
 pytest.importorskip("tgate")

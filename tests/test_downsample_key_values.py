@@ -13,7 +13,8 @@ from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.method import tag_key
 from tgate_fx.core.variants import copy_graph_module
 from tgate_fx.methods.todo import ToDo
-from tgate_fx.passes import DownsampleKeyValues, EliminateDeadCode
+from tgate_fx.core.graph_passes import EliminateDeadCode
+from tgate_fx.passes import DownsampleKeyValues
 from tgate_fx.passes.downsample_key_values import KeyValueSite
 
 aten = torch.ops.aten

@@ -19,7 +19,8 @@ from tgate_fx import archs
 from tgate_fx.cli import macs as macs_cli
 from tgate_fx.core.analysis import find_attention_sites
 from tgate_fx.archs import ARCHS, ArchGraphs, arch_from_pipeline, get_arch
-from tgate_fx.core.capture import capture_denoiser, normalize_call, signature_of
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call, signature_of
 from tgate_fx.methods import DeepCacheConfig, TGateConfig
 from tgate_fx.accounting.macs import count_macs, plan_macs
 from tgate_fx.core.plan import Plan

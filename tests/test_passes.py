@@ -9,9 +9,10 @@ import torch.fx as fx
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from tgate_fx.core.analysis import TAG, find_attention_sites
-from tgate_fx.core.capture import capture_denoiser, parameter_paths
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import parameter_paths
 from tgate_fx.core.variants import copy_graph_module
-from tgate_fx.passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
+from tgate_fx.core.graph_passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

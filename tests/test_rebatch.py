@@ -8,7 +8,8 @@ import torch
 import tgate_fx
 from conftest import latents, record_calls
 from tgate_fx.core import rebatch
-from tgate_fx.core.capture import capture_denoiser, normalize_call
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call
 from tgate_fx.core.generation import take_half
 from tgate_fx.core.rebatch import BatchCaptures, RebatchWarning, probe_batch
 from tgate_fx.tiny import FAMILIES, tiny_pipeline

@@ -9,7 +9,8 @@ from torch._guards import detect_fake_mode
 from tgate_fx.core.analysis import find_attention_sites
 from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.variants import copy_graph_module
-from tgate_fx.passes import ComputeAttentionMap, EliminateDeadCode, ExposeValues, RestrictToTokens, TokenRegion
+from tgate_fx.core.graph_passes import EliminateDeadCode, ExposeValues
+from tgate_fx.passes import ComputeAttentionMap, RestrictToTokens, TokenRegion
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

@@ -338,7 +338,7 @@ def test_cli_flags_for_todo():
 def test_macs_count_what_todo_removes():
     """Per step, ToDo (factor 2 everywhere on tiny SD-1.5) removes 3/4 of every self-attention core and of
     the to_k/to_v projections, and nothing else; the attention core is counted apart."""
-    from tgate_fx.accounting.cost import node_macs
+    from tgate_fx.core.cost import node_macs
     from tgate_fx.accounting.macs import plan_macs
     from tgate_fx.core.method import tag_key
     from tgate_fx.methods import as_methods

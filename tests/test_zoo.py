@@ -9,7 +9,8 @@ import torch
 
 import tgate_fx
 from tgate_fx.core.rebatch import BatchCaptures
-from tgate_fx.core.capture import capture_denoiser, normalize_call
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call
 from tgate_fx.methods import DeepCacheConfig, TGateConfig, ToDoConfig
 from tgate_fx.tiny_extra import tiny_t2i_adapter
 

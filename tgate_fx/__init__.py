@@ -19,4 +19,4 @@ from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
 
 __all__ = ["DeepCacheConfig", "Plan", "TGateConfig", "ToCaConfig", "ToDoConfig", "count_macs", "get_runtime", "optimize", "plan_macs",
            "report", "restore"]
-__version__ = "0.3.0"
+from ._version import __version__

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 
 from .core.analysis import attention_modules, conditioning_inputs
 from .core.method import InertMethodWarning

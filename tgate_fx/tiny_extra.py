@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _clip_text_encoder, _sd_scheduler, _vae, make_tokenizer, tiny_pipeline
+from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
            "tiny_t2i_adapter", "tiny_wan"]

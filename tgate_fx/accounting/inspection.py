@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 
 import torch.fx as fx
 
-from ..core.analysis import TAG, AttentionSite
-from ..core.capture import ATTR_PATH
+from ..core.analysis import AttentionSite
+from ..core.meta import ATTR_PATH, TAG
 from ..core.method import CacheKey
 from ..core.plan import Plan
 from ..core.variants import Variant

@@ -30,10 +30,10 @@ from typing import Any, Callable, Union
 
 import torch.fx as fx
 
-from ..core.analysis import TAG
+from ..core.meta import TAG
 from ..core.plan import Plan
 from ..core.variants import CapturedGraphs, walk_plan
-from .cost import node_macs
+from ..core.cost import node_macs
 
 __all__ = ["MacCount", "PhaseMacs", "PlanMacs", "StepMacs", "count_macs", "format_macs", "plan_macs"]
 

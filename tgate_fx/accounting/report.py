@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.plan import Plan
 from ..core.variants import CapturedGraphs
 from ._format import roles_summary, sites_table, table
 from .inspection import computed_sites
@@ -49,7 +48,7 @@ def _variant_rows(graphs: CapturedGraphs) -> list[tuple[str, ...]]:
 
 def _inert(method, runtime) -> str:
     """`` (rewrites nothing: why)`` for a method that rewrites nothing of the runtime's denoiser."""
-    from ..core.method import tag_key
+    from ..core.meta import tag_key
 
     reason = method.inert_reason(runtime.denoiser)
     if reason is None and runtime.captures and not any(

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..accounting.cost import node_macs
+from .cost import node_macs
+from .meta import TAG
 
 __all__ = ["ATTENTION_TYPES", "TAG", "AttentionSite", "Regions", "analyze", "attention_modules", "conditioning_inputs",
            "cross_attention_modules", "describe_attention", "find_attention_sites", "is_attention_module",
            "is_text_conditioned", "joint_attention_modules", "site_tag"]
 
-TAG = "tgate_fx"
 TEXT_INPUT = "encoder_hidden_states"
 
 # Attention module classes, by qualified name as recorded in nn_module_stack. Each has the

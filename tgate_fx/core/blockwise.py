@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .capture import _attribute as _attr
+from .captured import attribute_of
 
 __all__ = ["RegionalCompiler", "region_of", "split_regions"]
 
@@ -108,8 +108,8 @@ def _unsupported(gm: fx.GraphModule) -> str | None:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_method"):
             return f"node {node.name} is a {node.op}, not a plain function call"
-        if node.op == "get_attr" and not isinstance(_attr(gm, node.target), torch.Tensor):
-            return f"attribute {node.target} is a {type(_attr(gm, node.target)).__name__}, not a tensor"
+        if node.op == "get_attr" and not isinstance(attribute_of(gm, node.target), torch.Tensor):
+            return f"attribute {node.target} is a {type(attribute_of(gm, node.target)).__name__}, not a tensor"
     return None
 
 
@@ -144,7 +144,7 @@ def split_regions(graph: fx.Graph) -> list[Region]:
 
 
 def _example(node: fx.Node, gm: fx.GraphModule) -> Any:
-    return _attr(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
+    return attribute_of(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
 
 
 def _describe(value: Any) -> Any:
@@ -251,7 +251,7 @@ class RegionalCompiler:
             else:
                 env[node] = graph.node_copy(node, lambda a: env[a])
                 if node.op == "get_attr":
-                    owners[node.target] = _attr(gm, node.target)  # the same tensor: no weight is copied
+                    owners[node.target] = attribute_of(gm, node.target)  # the same tensor: no weight is copied
         return fx.GraphModule(owners, graph, class_name="RegionalVariant")
 
     def _function(self, region: Region, gm: fx.GraphModule) -> tuple[Callable, str]:

@@ -47,14 +47,24 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .capture import ATTR_PATH, Capture, InputSignature, flat_graph_module, tensor_inputs
+from .captured import Capture, InputSignature, flat_graph_module, tensor_inputs
+from .meta import ATTR_PATH
 from .state import fingerprint
 
-__all__ = ["CaptureStore", "default_store"]
+__all__ = ["DEFAULT", "CaptureStore", "default_store", "resolve_store"]
 
 FORMAT = 1
 _MAGIC = b"tgate_fx.capture\n"
 _OFF = ("0", "off", "false", "no")
+
+
+#: ``store=`` value meaning "the store the environment configures" (see :func:`default_store`).
+DEFAULT = "default"
+
+
+def resolve_store(store: Any = DEFAULT) -> CaptureStore | None:
+    """``store`` itself, or for :data:`DEFAULT`, the store the environment configures (``None``: off)."""
+    return default_store() if store == DEFAULT else store
 
 
 def default_store() -> CaptureStore | None:
@@ -93,7 +103,7 @@ class CaptureStore:
         """SHA-256 of everything that changes the graph ``module`` gives for calls of ``signature``."""
         import diffusers
 
-        from .. import __version__
+        from .._version import __version__
 
         cls = type(module)
         config = getattr(module, "config", None)

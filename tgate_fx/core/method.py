@@ -29,13 +29,16 @@ never share one.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch.fx as fx
 
-__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite", "tag_key",
-           "tagged_nodes"]
+from .meta import tag_key
+
+__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite", "as_methods",
+           "register_method", "registered_methods", "tag_key", "tagged_nodes"]
 
 RECORD = "record"
 REUSE = "reuse"
@@ -128,11 +131,6 @@ class MethodStep:
     columns: tuple[tuple[str, str], ...] = field(default=())
 
 
-def tag_key(method: str) -> str:
-    """The ``node.meta`` key under which ``method`` tags nodes."""
-    return f"tgate_fx.{method}"
-
-
 def tagged_nodes(graph: fx.Graph, method: str, group: str) -> list[tuple[fx.Node, CacheKey]]:
     """The nodes ``method`` tagged with ``group``, in graph order, with their cache keys."""
     key = tag_key(method)
@@ -205,6 +203,55 @@ class Method(ABC):
         implement it."""
         raise NotImplementedError(f"method {self.name!r} schedules transforms but has no transform_pass")
 
+    def compose(self, others: list[Method]) -> None:
+        """Adapt to the other methods of the same plan (called by :func:`as_methods`); the default does nothing."""
+
     def describe(self) -> str:
         """One line: the method and its settings."""
         return f"{self.name}: {self.config}"
+
+
+# Method name -> method class, in the order methods are composed and printed (the order they registered in).
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(method_cls: type[Method]) -> type[Method]:
+    """Make ``method_cls`` known to :func:`as_methods` (its config then selects it); returns it."""
+    known = _REGISTRY.get(method_cls.name)
+    if known is not None and known is not method_cls:
+        raise ValueError(f"two methods are named {method_cls.name!r}: {known.__name__} and {method_cls.__name__}")
+    _REGISTRY[method_cls.name] = method_cls
+    return method_cls
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """Name -> class of every registered method, in composition order."""
+    return dict(_REGISTRY)
+
+
+def as_methods(methods: Any) -> list[Method]:
+    """Methods from a config, a :class:`Method`, or a sequence of them; sorted in registration order.
+
+    Raises:
+        TypeError: for anything else.
+        ValueError: if a method appears twice.
+    """
+    by_config = {m.config_class: m for m in _REGISTRY.values()}
+    items = list(methods) if isinstance(methods, Sequence) and not isinstance(methods, str) else [methods]
+    out: list[Method] = []
+    for item in items:
+        if isinstance(item, Method):
+            out.append(item)
+        elif type(item) in by_config:
+            out.append(by_config[type(item)](item))
+        else:
+            raise TypeError(f"expected a method config ({', '.join(m.config_class.__name__ for m in _REGISTRY.values())}) "
+                            f"or a Method, got {type(item).__name__}")
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each method may appear once, got {names}")
+    order = list(_REGISTRY)
+    out = sorted(out, key=lambda m: order.index(m.name) if m.name in order else len(order))
+    for method in out:  # a method may adapt to the others (ToCa: steps where another drops the CFG half)
+        method.compose([m for m in out if m is not method])
+    return out

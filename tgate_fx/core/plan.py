@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .method import RECORD, REUSE, Method, MethodStep, Rewrite
+from .method import RECORD, REUSE, Method, MethodStep, Rewrite, as_methods
 
 __all__ = ["Plan", "StepPlan", "VariantSpec"]
 
@@ -85,12 +85,6 @@ def _timesteps(timesteps: Any, num_steps: int) -> tuple[float, ...] | None:
     return values
 
 
-def _as_methods(methods: Any) -> list[Method]:
-    from ..methods import as_methods  # the registry of method configs
-
-    return as_methods(methods)
-
-
 class Plan:
     """Maps each step of a generation to a graph variant, CFG on/off, cache reads and writes.
 
@@ -115,7 +109,7 @@ class Plan:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
         self.num_steps = num_steps
-        self.methods: list[Method] = _as_methods(methods)
+        self.methods: list[Method] = as_methods(methods)
         self.cfg = bool(cfg)
         self.timesteps = _timesteps(timesteps, num_steps)
         for method in self.methods:

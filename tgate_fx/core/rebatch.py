@@ -45,8 +45,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from .capture import (_DEFAULT, ATTR_PATH, Capture, InputSignature, as_traced, capture_denoiser, fresh_containers, resolve_store,
-                      signature_of, state_paths)
+from .capture import as_traced, capture_denoiser, state_paths
+from .capture_store import DEFAULT, resolve_store
+from .captured import Capture, InputSignature, fresh_containers, signature_of
+from .meta import ATTR_PATH
 from .generation import batched_sizes
 
 __all__ = ["BatchCaptures", "RebatchError", "RebatchWarning", "TOLERANCE", "check_capture", "probe_batch", "specialize"]
@@ -205,7 +207,7 @@ class BatchCaptures:
         fallbacks: ``(batch, reason)`` of each batch size exported on its own.
     """
 
-    def __init__(self, module: torch.nn.Module, sample_arg: str, store: Any = _DEFAULT):
+    def __init__(self, module: torch.nn.Module, sample_arg: str, store: Any = DEFAULT):
         self.module = module
         self.sample_arg = sample_arg
         self.store = store

@@ -38,7 +38,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from .blockwise import RegionalCompiler
-from .capture import InputSignature, normalize_call, signature_of
+from .captured import InputSignature, normalize_call, signature_of
 from .generation import GenerationTracker, output_class, split_spec, take_half
 from .method import Method
 from .plan import Plan

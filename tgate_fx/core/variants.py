@@ -26,10 +26,10 @@ make sure a cache its transforms read exists when the step runs (the
 runtime does not fall back to computing it).
 
 :func:`build_variant` then runs the passes on a copy of the graph (sharing
-its parameters): :class:`~tgate_fx.passes.ExposeValues` for the records,
-:class:`~tgate_fx.passes.ReplaceValuesWithCache` for the reads,
-:class:`~tgate_fx.passes.EliminateDeadCode` and
-:class:`~tgate_fx.passes.RemoveUnusedInputs`. A variant's calling convention:
+its parameters): :class:`~tgate_fx.core.graph_passes.ExposeValues` for the records,
+:class:`~tgate_fx.core.graph_passes.ReplaceValuesWithCache` for the reads,
+:class:`~tgate_fx.core.graph_passes.EliminateDeadCode` and
+:class:`~tgate_fx.core.graph_passes.RemoveUnusedInputs`. A variant's calling convention:
 inputs by placeholder name (the call's tensors, then cache reads
 ``cache_<method>_<site>_<slot>``); outputs ``(prediction, *writes)`` in
 :attr:`Variant.records` order.
@@ -46,9 +46,9 @@ import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from ..passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
+from .graph_passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 from .analysis import Regions, analyze
-from .capture import Capture
+from .captured import Capture
 from .method import CFG_MEAN, RECORD, REUSE, TRANSFORM, CacheKey, Method, Rewrite, tagged_nodes
 from .plan import Plan, StepPlan, VariantSpec
 

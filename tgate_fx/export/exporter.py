@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .. import __version__
+from .._version import __version__
 from ..api import _chosen_methods, optimize
-from ..core.capture import capture_denoiser, normalize_call, signature_of
+from ..core.capture import capture_denoiser
+from ..core.captured import normalize_call, signature_of
 from ..core.generation import output_class
 from ..core.method import Method
 from ..core.plan import Plan, VariantSpec

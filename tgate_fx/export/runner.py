@@ -5,7 +5,7 @@ is for torch graphs, with ONNX Runtime sessions instead: it stands in for
 ``pipe.unet`` / ``pipe.transformer`` in an unmodified pipeline. On each call it
 
 1. binds the arguments to the denoiser's ``forward`` parameters, as recorded
-   in ``plan.json`` (:func:`tgate_fx.core.capture.normalize_call`);
+   in ``plan.json`` (:func:`tgate_fx.core.captured.normalize_call`);
 2. asks a :class:`~tgate_fx.core.generation.GenerationTracker` for the step
    (the same accounting as the torch runtime: new generations, CFG
    detection), which it reads from the steps stored in ``plan.json``: it
@@ -34,7 +34,7 @@ import torch
 
 from dataclasses import dataclass, field
 
-from ..core.capture import normalize_call, signature_of, tensor_inputs
+from ..core.captured import normalize_call, signature_of, tensor_inputs
 from ..core.generation import GenerationTracker, take_half
 from .bundle import read_plan
 

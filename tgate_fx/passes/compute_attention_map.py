@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ._infra import GraphPass, PassResult
+from ..core.graph_passes import GraphPass, PassResult
 from .restrict_to_tokens import call_with_meta
 
 __all__ = ["ComputeAttentionMap"]

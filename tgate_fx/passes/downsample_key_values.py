@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..core.analysis import TAG
-from ._infra import GraphPass, PassResult, new_node
+from ..core.meta import TAG
+from ..core.graph_passes import GraphPass, PassResult, new_node
 
 __all__ = ["DownsampleKeyValues", "KeyValueSite", "MODES"]
 

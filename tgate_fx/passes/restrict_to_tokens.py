@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..core.analysis import TAG
-from ._infra import GraphPass, PassResult
+from ..core.meta import TAG
+from ..core.graph_passes import GraphPass, PassResult
 
 __all__ = ["RestrictToTokens", "TokenRegion", "call_with_meta"]
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ...core.analysis import Regions
-from ...core.method import RECORD, REUSE, Method, MethodStep, Rewrite, tag_key
+from ...core.method import RECORD, REUSE, Method, MethodStep, Rewrite
+from ...core.meta import tag_key
 from .config import DeepCacheConfig
 
 __all__ = ["DeepCache", "entry_site"]

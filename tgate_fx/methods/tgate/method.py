@@ -24,7 +24,8 @@ import torch.fx as fx
 
 from ...core.analysis import (Regions, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
-from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, tag_key
+from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite
+from ...core.meta import tag_key
 from .config import TGateConfig
 
 __all__ = ["CROSS", "SELF", "TGate"]

@@ -41,10 +41,12 @@ import operator
 import torch
 import torch.fx as fx
 
-from ...core.analysis import TAG, Regions, _within
-from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite, tag_key
+from ...core.analysis import Regions, _within
+from ...core.meta import TAG
+from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite
+from ...core.meta import tag_key
 from ...passes import ComputeAttentionMap, RestrictToTokens, TokenRegion
-from ...passes._infra import GraphPass, PassResult
+from ...core.graph_passes import GraphPass, PassResult
 from ...passes.restrict_to_tokens import call_with_meta
 from .config import ToCaConfig, fresh_count, fresh_ratio, official_step, step_kinds
 

@@ -36,7 +36,8 @@ import torch.fx as fx
 
 from ...core.analysis import (Regions, _type_name, _within, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
-from ...core.method import TRANSFORM, Method, MethodStep, Rewrite, tag_key
+from ...core.method import TRANSFORM, Method, MethodStep, Rewrite
+from ...core.meta import tag_key
 from ...passes import DownsampleKeyValues
 from ...passes.downsample_key_values import KeyValueSite
 from .config import ToDoConfig, auto_factor

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ._infra import GraphPass, PassResult
+from .base import GraphPass, PassResult
 
 
 class RemoveUnusedInputs(GraphPass):

@@ -19,8 +19,8 @@ from collections.abc import Collection, Sequence
 import torch
 import torch.fx as fx
 
-from ..core.analysis import TAG
-from ._infra import GraphPass, PassResult, new_node
+from ..meta import TAG
+from .base import GraphPass, PassResult, new_node
 
 aten = torch.ops.aten
 

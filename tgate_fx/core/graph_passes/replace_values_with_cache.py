@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from ..core.analysis import TAG
-from ._infra import GraphPass, PassResult
+from ..meta import TAG
+from .base import GraphPass, PassResult
 
 
 class ReplaceValuesWithCache(GraphPass):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ._infra import GraphPass, PassResult
+from .base import GraphPass, PassResult
 
 
 def _keep(node: fx.Node) -> bool:
