@@ -28,17 +28,19 @@ _SHARED: dict = {}
 
 @contextlib.contextmanager
 def eager_denoiser(pipe):
-    """Temporarily run an optimized pipeline with its original eager denoiser."""
+    """Within the block (in this thread), an optimized pipeline's denoiser runs its own eager forward; the
+    pipeline's denoiser attribute is put back as it was after the block (tests swap in oracles there)."""
     import tgate_fx
-    from tgate_fx.api import DENOISER_ATTRIBUTES
+    from tgate_fx.core.hook import bypassed
+    from tgate_fx.core.runtime import find_denoiser
 
-    runtime = tgate_fx.get_runtime(pipe)
-    name = next(n for n in DENOISER_ATTRIBUTES if getattr(pipe, n, None) is runtime)
-    object.__setattr__(pipe, name, runtime.denoiser)
+    name, _ = find_denoiser(pipe)
+    installed = getattr(pipe, name)
     try:
-        yield pipe
+        with bypassed(tgate_fx.get_runtime(pipe).denoiser):
+            yield pipe
     finally:
-        object.__setattr__(pipe, name, runtime)
+        object.__setattr__(pipe, name, installed)
 
 
 def shared_optimized(family: str):
@@ -63,7 +65,6 @@ def families():
 def record_calls(pipe, attr: str, **kwargs):
     """The (args, kwargs) of every denoiser call of one generation (eager)."""
     module = getattr(pipe, attr)
-    module = getattr(module, "denoiser", module)
     calls = []
     handle = module.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     try:

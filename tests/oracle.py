@@ -23,6 +23,7 @@ import inspect
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from tgate_fx.core.hook import bypassed
 
 
 def reference_schedule(cur: int, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
@@ -124,7 +125,8 @@ class OracleDenoiser(torch.nn.Module):
         post_gate = self.cfg and self.step >= self.settings[0]
         self.step += 1
         if not post_gate:
-            return self.denoiser(*args, **kwargs)
+            with bypassed(self.denoiser):  # the module's own forward, never an installed tgate_fx runtime
+                return self.denoiser(*args, **kwargs)
         batch = sample.shape[0]
         # AnimateDiff: text embeddings repeated per frame, unconditional frames first.
         # Stable Video Diffusion: the reference runs the conditional image latents and embeddings.
@@ -141,7 +143,8 @@ class OracleDenoiser(torch.nn.Module):
                 return type(x)(half(v) for v in x)
             return x
 
-        out = self.denoiser(*half(args), **half(kwargs))
+        with bypassed(self.denoiser):
+            out = self.denoiser(*half(args), **half(kwargs))
         pred = out[0] if isinstance(out, tuple) else out.sample
         pred = torch.cat([pred, pred])
         return (pred,) if isinstance(out, tuple) else type(out)(sample=pred)
@@ -155,12 +158,12 @@ def run_oracle(pipe, denoiser_attr: str, *, cfg: bool, gate_step: int, sp_interv
     denoiser and the optimized one is put back afterwards.
     """
     installed = getattr(pipe, denoiser_attr)
-    original = getattr(installed, "denoiser", installed)  # the eager module behind a tgate_fx runtime
-    oracle = OracleDenoiser(original, cfg=cfg, gate_step=gate_step, sp_interval=sp_interval,
+    oracle = OracleDenoiser(installed, cfg=cfg, gate_step=gate_step, sp_interval=sp_interval,
                             fi_interval=fi_interval, warm_up=warm_up)
     object.__setattr__(pipe, denoiser_attr, oracle)
     try:
-        return pipe(**call_kwargs)
+        with bypassed(installed):  # the module's own eager forward, not an installed tgate_fx runtime
+            return pipe(**call_kwargs)
     finally:
         oracle.close()
         object.__setattr__(pipe, denoiser_attr, installed)
@@ -241,7 +244,8 @@ class SplitCfgOracleDenoiser(torch.nn.Module):
         post_gate = step >= self.settings[0]
         if post_gate and not first:
             return self.last
-        out = self.denoiser(*args, **kwargs)
+        with bypassed(self.denoiser):
+            out = self.denoiser(*args, **kwargs)
         self.last = out
         return out
 
@@ -254,7 +258,8 @@ def run_split_cfg_oracle(pipe, denoiser_attr: str, denoiser, *, gate_step: int, 
                                     warm_up=warm_up)
     object.__setattr__(pipe, denoiser_attr, oracle)
     try:
-        return pipe(**call_kwargs)
+        with bypassed(denoiser):
+            return pipe(**call_kwargs)
     finally:
         oracle.close()
         object.__setattr__(pipe, denoiser_attr, installed)

@@ -6,7 +6,7 @@ import torch
 import tgate_fx
 from conftest import latents
 from tgate_fx import TGateConfig
-from tgate_fx.core.runtime import OptimizedDenoiser
+from tgate_fx.core.hook import installed_runtime
 from tgate_fx.tiny import tiny_pipeline
 
 
@@ -22,7 +22,7 @@ def test_bad_settings_are_rejected(kwargs, error, match):
     pipe = tiny_pipeline("sd15")
     with pytest.raises(error, match=match):
         tgate_fx.optimize(pipe, **kwargs)
-    assert not isinstance(pipe.unet, OptimizedDenoiser)
+    assert installed_runtime(pipe.unet) is None
 
 
 def test_unsupported_pipelines_are_rejected():
@@ -51,7 +51,7 @@ def test_optimize_returns_the_pipeline_and_restore_is_exact():
     unet = pipe.unet
     before = latents(pipe, num_inference_steps=12)
     assert tgate_fx.optimize(pipe, gate_step=4) is pipe
-    assert isinstance(pipe.unet, OptimizedDenoiser) and pipe.unet.denoiser is unet
+    assert pipe.unet is unet and tgate_fx.get_runtime(pipe).denoiser is unet  # the user's module, hooked
     assert not torch.equal(latents(pipe, num_inference_steps=12), before)
     assert tgate_fx.restore(pipe) is pipe
     assert pipe.unet is unet
@@ -62,11 +62,12 @@ def test_optimize_returns_the_pipeline_and_restore_is_exact():
 def test_optimizing_twice_rewraps_nothing_and_keeps_captures():
     pipe = tiny_pipeline("sd15")
     tgate_fx.optimize(pipe, gate_step=4)
-    runtime = pipe.unet
+    unet, runtime = pipe.unet, tgate_fx.get_runtime(pipe)
     latents(pipe, num_inference_steps=8)
     captures = runtime.captures
     tgate_fx.optimize(pipe, config=TGateConfig(gate_step=6, sp_interval=2))
-    assert pipe.unet is runtime and runtime.denoiser.__class__.__name__ == "UNet2DConditionModel"
+    assert pipe.unet is unet and tgate_fx.get_runtime(pipe) is runtime and runtime.denoiser is unet
+    assert unet.forward.__wrapped__.__func__ is type(unet).forward  # one hook, not a hook around a hook
     assert runtime.method_config("tgate").gate_step == 6
     latents(pipe, num_inference_steps=8)
     assert [c.capture for c in runtime.captures] == [c.capture for c in captures]

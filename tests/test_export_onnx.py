@@ -174,7 +174,7 @@ def test_bundle_stores_the_weights_once(tmp_path_factory):
     """All variants together take at most 1.1x one model's weights. (On the 4 MB sd15 toy the five
     graphs' structure alone, ~150 KB each, is 17% of the weights; this model has 4x the weights.)"""
     directory = bundle("sd15_wide", "default", tmp_path_factory)
-    unet = shared_optimized("sd15_wide").unet.denoiser
+    unet = shared_optimized("sd15_wide").unet
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     assert len([f for f in os.listdir(directory) if f.endswith(".onnx")]) == 5
@@ -198,7 +198,7 @@ def test_bundle_layout(tmp_path_factory):
     for file in files:
         onnx.checker.check_model(os.path.join(directory, file))  # by path: external data checked too
 
-    unet = shared_optimized("sd15").unet.denoiser
+    unet = shared_optimized("sd15").unet
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     assert plan["denoiser"]["weight_bytes"] == weight_bytes
     assert os.path.getsize(os.path.join(directory, WEIGHTS_FILE)) <= 1.02 * weight_bytes
@@ -233,7 +233,7 @@ def test_bundle_layout(tmp_path_factory):
 def test_sdxl_bundle_records_what_the_pipeline_reads(tmp_path_factory):
     directory = bundle("sdxl", "reuse", tmp_path_factory)
     denoiser = OnnxDenoiser.from_dir(directory)
-    unet = shared_optimized("sdxl").unet.denoiser
+    unet = shared_optimized("sdxl").unet
     assert denoiser.add_embedding.linear_1.in_features == unet.add_embedding.linear_1.in_features
     assert denoiser.config.addition_time_embed_dim == unet.config.addition_time_embed_dim
     assert denoiser.dtype == unet.dtype and denoiser.device == torch.device("cpu")

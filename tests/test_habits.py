@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import tgate_fx
-import tgate_fx.core.runtime
+import tgate_fx.core.hook
 from conftest import eager_denoiser, latents
 from tgate_fx.tiny import tiny_pipeline
 
@@ -59,7 +59,7 @@ def test_attention_processor_changed_after_first_call():
 def test_parameter_replaced_after_first_call():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
     latents(pipe, num_inference_steps=STEPS)
-    conv = pipe.unet.denoiser.conv_in
+    conv = pipe.unet.conv_in
     conv.weight = torch.nn.Parameter(conv.weight.detach() * 1.5)  # a new object the old graphs do not hold
     got, expected = _both(pipe)
     assert torch.equal(got, expected)
@@ -69,7 +69,7 @@ def test_weights_changed_in_place_are_used_without_capturing_again():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
     latents(pipe, num_inference_steps=STEPS)
     with torch.no_grad():
-        pipe.unet.denoiser.conv_in.weight.mul_(1.5)  # e.g. fuse_lora, load_state_dict: same objects
+        pipe.unet.conv_in.weight.mul_(1.5)  # e.g. fuse_lora, load_state_dict: same objects
     got, expected = _both(pipe)
     assert torch.equal(got, expected) and tgate_fx.get_runtime(pipe).recaptures == 0
 
@@ -110,7 +110,7 @@ def test_joint_attention_models_are_refused_by_optimize():
     pipe = _sd3_pipeline()
     with pytest.raises(TypeError, match="no separate cross-attention to cache.*No method of tgate_fx applies"):
         tgate_fx.optimize(pipe)
-    assert not isinstance(pipe.transformer, tgate_fx.core.runtime.OptimizedDenoiser)  # nothing installed
+    assert tgate_fx.core.hook.installed_runtime(pipe.transformer) is None  # nothing installed
 
 
 def test_a_denoiser_without_cross_attention_is_refused_at_its_first_call():
@@ -157,8 +157,8 @@ def test_dtype_change_after_optimize_captures_again():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **NOTHING_CACHED)
     latents(pipe, num_inference_steps=STEPS)
     pipe.to(torch.bfloat16)
-    assert tgate_fx.get_runtime(pipe).captures == []
     got, expected = _both(pipe)
+    assert tgate_fx.get_runtime(pipe).recaptures == 1
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
@@ -211,10 +211,9 @@ def test_from_pipe_copy_counts_with_its_own_guidance():
 
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
     latents(pipe, num_inference_steps=4)  # guidance 7.5: CFG
-    # from_pipe keeps only components of the declared class; the optimized denoiser is passed on explicitly
-    with pytest.raises(ValueError, match="unet"):
-        StableDiffusionPipeline.from_pipe(pipe)
-    other = StableDiffusionPipeline.from_pipe(pipe, unet=pipe.unet)
+    # plain from_pipe: the copy shares the very UNet (diffusers checks its class), and so its hook
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    assert other.unet is pipe.unet
     assert tgate_fx.get_runtime(other) is tgate_fx.get_runtime(pipe)  # one runtime, its captures shared
     other.set_progress_bar_config(disable=True)
     other.tiny_call_kwargs = {**pipe.tiny_call_kwargs, "guidance_scale": 1.0}
@@ -251,8 +250,7 @@ def test_concurrent_requests_from_two_threads():
 
     def request(item):
         seed, prompt = item
-        per_request = StableDiffusionPipeline.from_pipe(
-            pipe, unet=pipe.unet, scheduler=pipe.scheduler.from_config(pipe.scheduler.config))
+        per_request = StableDiffusionPipeline.from_pipe(pipe, scheduler=pipe.scheduler.from_config(pipe.scheduler.config))
         per_request.set_progress_bar_config(disable=True)
         per_request.tiny_call_kwargs = pipe.tiny_call_kwargs
         return latents(per_request, prompt=prompt, seed=seed, num_inference_steps=6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tgate_fx
+import tgate_fx.core.runtime
 from conftest import eager_denoiser, latents
 from tgate_fx.core.rebatch import RebatchWarning
 from tgate_fx.tiny import tiny_pipeline
@@ -92,19 +93,19 @@ def test_perturbed_attention_guidance_with_deepcache_alone_is_exact():
         assert torch.equal(got, latents(pipe, num_inference_steps=3))
 
 
-def test_torch_compile_fullgraph_after_optimize_says_what_to_do():
-    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2)
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
-    with pytest.raises(Exception, match=r"pipe.unet.compile\(fullgraph=True"):
-        latents(pipe, num_inference_steps=3)
-
-
-def test_torch_compile_fullgraph_before_optimize_compiles_every_variant():
+@pytest.mark.parametrize("when", ["before optimize", "after optimize", "module.compile after optimize"])
+def test_torch_compile_fullgraph_compiles_every_variant(when):
     from torch._dynamo.utils import counters
 
     pipe = tiny_pipeline("sd15")
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    if when == "before optimize":
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
     tgate_fx.optimize(pipe, gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    if when == "after optimize":
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    elif when == "module.compile after optimize":
+        pipe.unet.compile(fullgraph=True, backend="eager")
+    assert type(tgate_fx.core.runtime.unwrap_compiled(pipe.unet)).__name__ == "UNet2DConditionModel"
     torch._dynamo.reset()
     counters.clear()
     got = latents(pipe, num_inference_steps=4)

@@ -6,7 +6,8 @@ import torch
 import tgate_fx
 from conftest import PROMPT, latents, shared_optimized
 from oracle import run_oracle
-from tgate_fx.core.runtime import OptimizedDenoiser
+from tgate_fx.core.hook import bypassed
+from tgate_fx.core.runtime import DenoiserRuntime
 from tgate_fx.tiny import tiny_pipeline
 
 SETTINGS = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
@@ -26,18 +27,18 @@ def sd():
 def test_repeated_calls_and_changing_step_counts(sd):
     for steps in (8, 8, 12, 6, 8):
         assert torch.equal(latents(sd, num_inference_steps=steps), _oracle(sd, steps)), steps
-        assert sd.unet.last_plan.num_steps == steps
+        assert tgate_fx.get_runtime(sd).last_plan.num_steps == steps
 
 
 def test_caches_are_cleared_at_the_end_of_each_call(sd):
     latents(sd, num_inference_steps=8)
-    assert sd.unet.generations._generation is None  # diffusers' end-of-call reset reached the runtime
+    assert tgate_fx.get_runtime(sd).generations._generation is None  # diffusers' end-of-call reset reached the runtime
 
 
 def test_img2img_counts_only_the_steps_it_runs():
     pipe = tgate_fx.optimize(shared_optimized("sd15_img2img"), **SETTINGS)
     got = latents(pipe, num_inference_steps=20, strength=0.5)
-    assert pipe.unet.last_plan.num_steps == 10
+    assert tgate_fx.get_runtime(pipe).last_plan.num_steps == 10
     assert torch.equal(got, _oracle(pipe, 20, strength=0.5))
 
 
@@ -59,7 +60,7 @@ def test_exception_mid_generation_does_not_leak_into_the_next(sd):
 
     with pytest.raises(RuntimeError, match="boom"):
         latents(sd, num_inference_steps=10, callback_on_step_end=explode)
-    assert sd.unet.generations._generation is not None  # the pipeline never reached its reset
+    assert tgate_fx.get_runtime(sd).generations._generation is not None  # the pipeline never reached its reset
     assert torch.equal(latents(sd, num_inference_steps=10), _oracle(sd, 10))
 
 
@@ -69,7 +70,7 @@ def test_no_cfg_batch_is_never_averaged():
     same = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5)).repeat(2, 1, 1, 1)
     got = latents(pipe, num_inference_steps=8, guidance_scale=1.0, latents=same,
                   prompt=["a red circle", "a blue square"])
-    assert not pipe.unet.last_plan.cfg
+    assert not tgate_fx.get_runtime(pipe).last_plan.cfg
     expected = run_oracle(pipe, "unet", cfg=False, **SETTINGS, prompt=["a red circle", "a blue square"],
                           output_type="latent", num_inference_steps=8, guidance_scale=1.0, latents=same,
                           height=32, width=32).images
@@ -80,9 +81,9 @@ def test_no_cfg_batch_is_never_averaged():
 def test_cfg_is_recognised_without_a_pipeline_property():
     pipe = tgate_fx.optimize(shared_optimized("pixart_alpha"), **SETTINGS)
     latents(pipe, num_inference_steps=8)
-    assert pipe.transformer.last_plan.cfg
+    assert tgate_fx.get_runtime(pipe).last_plan.cfg
     latents(pipe, num_inference_steps=8, guidance_scale=1.0, num_images_per_prompt=2)
-    assert not pipe.transformer.last_plan.cfg
+    assert not tgate_fx.get_runtime(pipe).last_plan.cfg
 
 
 def test_lcm_flag_is_checked_against_the_call():
@@ -95,35 +96,41 @@ def test_lcm_flag_is_checked_against_the_call():
     tgate_fx.optimize(pipe, **SETTINGS)
 
 
-def test_attributes_pipelines_read_are_forwarded():
-    pipe = tgate_fx.optimize(shared_optimized("sdxl"), **SETTINGS)
-    runtime, unet = pipe.unet, pipe.unet.denoiser
-    assert isinstance(runtime, OptimizedDenoiser)
-    assert runtime.config is unet.config and runtime.config.in_channels == 4
-    assert runtime.dtype == torch.float32 and runtime.device == torch.device("cpu")
-    assert runtime.add_embedding is unet.add_embedding
-    assert runtime.add_embedding.linear_1.in_features == 80
-    with pytest.raises(AttributeError):
-        runtime.no_such_attribute
+def test_the_denoiser_stays_the_users_module():
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline("sdxl")
+    unet, signature = pipe.unet, inspect.signature(pipe.unet.forward)
+    tgate_fx.optimize(pipe, **SETTINGS)
+    assert pipe.unet is unet and type(unet) is UNet2DConditionModel
+    assert isinstance(tgate_fx.get_runtime(pipe), DenoiserRuntime) and not isinstance(
+        tgate_fx.get_runtime(pipe), torch.nn.Module)
+    assert inspect.signature(pipe.unet.forward) == signature  # pipelines inspect it for the arguments it takes
+    assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")
 
 
 def test_return_dict_and_positional_calls():
     pipe = tgate_fx.optimize(shared_optimized("sd15"), gate_step=8, sp_interval=1, fi_interval=1, warm_up=0)
-    runtime = pipe.unet
+    unet = pipe.unet
     sample = torch.randn(2, 4, 16, 16)
     text = torch.randn(2, 16, 32)
     pipe.scheduler.set_timesteps(8)
-    out = runtime(sample, pipe.scheduler.timesteps[0], text)
-    with torch.no_grad():
-        expected = runtime.denoiser(sample, pipe.scheduler.timesteps[0], text)
+    out = unet(sample, pipe.scheduler.timesteps[0], text)
+    with torch.no_grad(), bypassed(unet):
+        expected = unet(sample, pipe.scheduler.timesteps[0], text)
     assert type(out) is type(expected) and torch.equal(out.sample, expected.sample)
-    runtime.reset()
+    tgate_fx.get_runtime(pipe).reset()
 
 
 def test_moving_the_model_retires_its_graphs():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    runtime = tgate_fx.get_runtime(pipe)
     latents(pipe, num_inference_steps=8)
-    assert len(pipe.unet.captures) == 2
+    assert len(runtime.captures) == 2
     pipe.to(torch.float64)
-    assert pipe.unet.captures == [] and pipe.unet.dtype == torch.float64
     assert latents(pipe, num_inference_steps=8).dtype == torch.float64
+    assert runtime.recaptures == 1 and len(runtime.captures) == 2
+    assert all(c.capture.graph_module.graph.find_nodes(op="placeholder")[0].meta["val"].dtype == torch.float64
+               for c in runtime.captures)

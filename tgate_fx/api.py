@@ -5,10 +5,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
+
 
 from .core.analysis import attention_modules, conditioning_inputs
 from .core.method import InertMethodWarning
-from .core.runtime import DENOISER_ATTRIBUTES, OptimizedDenoiser, find_denoiser, unwrap_compiled
+from .core.hook import install, installed_runtime, uninstall
+from .core.runtime import DENOISER_ATTRIBUTES, DenoiserRuntime, find_denoiser
 from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
 
 __all__ = ["get_runtime", "optimize", "restore"]
@@ -16,8 +19,8 @@ __all__ = ["get_runtime", "optimize", "restore"]
 _TGATE_ARGS = ("gate_step", "sp_interval", "fi_interval", "warm_up", "lcm")
 
 
-def _denoiser_attribute(pipe: Any) -> str:
-    """Where ``pipe`` keeps its denoiser. What a method needs of it, each method checks and names."""
+def _denoiser_of(pipe: Any) -> torch.nn.Module:
+    """``pipe``'s denoiser, if tgate_fx can serve it. What a method needs of it, each method checks and names."""
     from diffusers import DiffusionPipeline
 
     if not isinstance(pipe, DiffusionPipeline):
@@ -34,25 +37,24 @@ def _denoiser_attribute(pipe: Any) -> str:
             f"{type(pipe).__name__} switches its denoiser by timestep between pipe.transformer and pipe.transformer_2 "
             "(Wan 2.2's two experts); tgate_fx serves one denoiser per pipeline and would leave the steps of the "
             "other unaccelerated while its plan counted them. Serving both is not supported yet")
-    if isinstance(module, OptimizedDenoiser):
-        module = module.denoiser
     if not conditioning_inputs(module) or not attention_modules(module):
         missing = "no attention modules" if conditioning_inputs(module) else \
             "no conditioning input (encoder_hidden_states or class_labels)"
         raise TypeError(f"{type(pipe).__name__}.{name} ({type(module).__name__}) has {missing}; every method of "
                         "tgate_fx accelerates the attention of a text- or class-conditioned denoiser")
-    return name
+    return module
 
 
-def get_runtime(pipe: Any) -> OptimizedDenoiser:
-    """The :class:`~tgate_fx.core.runtime.OptimizedDenoiser` installed in ``pipe`` by :func:`optimize`.
+def get_runtime(pipe: Any) -> DenoiserRuntime:
+    """The :class:`~tgate_fx.core.runtime.DenoiserRuntime` :func:`optimize` installed on ``pipe``'s denoiser.
 
     Raises:
         ValueError: if ``pipe`` is not optimized.
     """
     found = find_denoiser(pipe)
-    if found is not None and isinstance(found[1], OptimizedDenoiser):
-        return found[1]
+    runtime = installed_runtime(found[1]) if found is not None else None
+    if runtime is not None:
+        return runtime
     raise ValueError(f"{type(pipe).__name__} is not optimized; call tgate_fx.optimize(pipe) first")
 
 
@@ -91,12 +93,15 @@ def optimize(
       (PixArt, DiT); with ``tgate=TGateConfig(gate_step, 1, 1, 0)`` T-GATE owns cross-attention after its gate;
     * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
 
-    The denoiser (``pipe.unet`` or ``pipe.transformer``) is replaced by an
-    :class:`~tgate_fx.core.runtime.OptimizedDenoiser`. Nothing is captured
-    yet: the first call of each input signature captures the denoiser with
-    ``torch.export`` and builds the graph variants the step plan needs. The
-    pipeline is called as before. Applying it again replaces the methods and
-    keeps the captured graphs; :func:`restore` puts the original denoiser back.
+    The denoiser (``pipe.unet`` or ``pipe.transformer``) stays the user's own
+    module: a hook on it (see :mod:`tgate_fx.core.hook`) hands its calls to a
+    :class:`~tgate_fx.core.runtime.DenoiserRuntime` (:func:`get_runtime`).
+    Nothing is captured yet: the first call of each input signature captures
+    the denoiser with ``torch.export`` and builds the graph variants the step
+    plan needs. The pipeline is called as before; ``from_pipe`` copies share
+    the denoiser and so its runtime, each counting its own generations.
+    Applying it again replaces the methods and keeps the captured graphs;
+    :func:`restore` removes the hook.
 
     Args:
         pipe: A diffusers pipeline (SD 1.x/2.x, SD-XL, PixArt-alpha/sigma, LCM
@@ -113,9 +118,10 @@ def optimize(
             options, e.g. ``{"backend": "inductor", "mode": "max-autotune"}``;
             ``{"regional": True, ...}`` compiles each distinct block of the
             variants once instead of each variant whole (a much shorter first
-            compile; see :meth:`OptimizedDenoiser.compile`).
-            ``pipe.unet.compile(...)`` and ``pipe.unet = torch.compile(pipe.unet)``
-            after ``optimize`` do the same.
+            compile; see :meth:`DenoiserRuntime.compile`).
+            ``pipe.unet.compile(...)`` and ``pipe.unet = torch.compile(pipe.unet, ...)``,
+            before or after ``optimize``, compile the variants the same way,
+            with the options given there (``fullgraph=True`` included).
 
     Raises:
         TypeError, ValueError: for bad settings (naming them), a pipeline
@@ -132,30 +138,21 @@ def optimize(
                              config, tgate, deepcache, methods, todo, toca)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
-    name = _denoiser_attribute(pipe)
-    installed = getattr(pipe, name)
-    current = unwrap_compiled(installed)
-    denoiser = current.denoiser if isinstance(current, OptimizedDenoiser) else current
+    denoiser = _denoiser_of(pipe)
     for method in chosen:
         method.check_denoiser(denoiser)
     for method in chosen:
         reason = method.inert_reason(denoiser)
         if reason:
             warnings.warn(f"tgate_fx: {method.title} rewrites nothing here: {reason}", InertMethodWarning, stacklevel=2)
-    if isinstance(current, OptimizedDenoiser):
-        runtime = current
+    runtime = installed_runtime(denoiser)
+    if runtime is not None:
         runtime.configure(chosen, pipe)
     else:
-        runtime = OptimizedDenoiser(current, chosen, pipe)
-        # Bypass DiffusionPipeline.__setattr__: it would record the runtime's class
-        # in the pipeline config, and save_pretrained would then write it there.
-        object.__setattr__(pipe, name, runtime)
+        runtime = DenoiserRuntime(denoiser, chosen, pipe)
+        install(denoiser, runtime)
     if compile:
         runtime.compile(**({} if compile is True else compile))
-    elif installed is not current and installed is not runtime:
-        # `pipe.unet = torch.compile(pipe.unet, ...)` before optimize: the variants are compiled
-        # with the same backend and options (fullgraph included), never silently left eager.
-        runtime.compile_with(installed.dynamo_ctx)
     return pipe
 
 
@@ -190,13 +187,9 @@ def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=No
 
 
 def restore(pipe: Any):
-    """Put back the original denoiser (the very same module object); returns the pipeline.
-
-    A pipeline that is not optimized is returned unchanged.
-    """
+    """Remove tgate_fx's hook from the pipeline's denoiser (its calls run the module itself again, and its
+    graphs are dropped); returns the pipeline. A pipeline that is not optimized is returned unchanged."""
     found = find_denoiser(pipe)
-    if found is not None and isinstance(found[1], OptimizedDenoiser):
-        # A plain assignment also puts the original class back in the
-        # pipeline config, in case `pipe.unet = torch.compile(...)` changed it.
-        setattr(pipe, found[0], found[1].denoiser)
+    if found is not None:
+        uninstall(found[1])
     return pipe

@@ -418,12 +418,10 @@ def arch_from_pipeline(pipe: Any, *, height: int | None = None, width: int | Non
         TypeError: if the denoiser is neither a ``UNet2DConditionModel`` nor a
             ``PixArtTransformer2DModel``.
     """
-    from .core.runtime import OptimizedDenoiser, find_denoiser
+    from .core.runtime import find_denoiser
 
     found = find_denoiser(pipe)
     denoiser = found[1] if found else None
-    if isinstance(denoiser, OptimizedDenoiser):
-        denoiser = denoiser.denoiser
     model_class = type(denoiser).__name__
     if model_class not in ("UNet2DConditionModel", "PixArtTransformer2DModel"):
         raise TypeError(f"{type(pipe).__name__} has denoiser {model_class}; supported: UNet2DConditionModel, "

@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .capture_store import DEFAULT, resolve_store
 from .captured import Capture, flat_graph_module, fresh_containers, parameter_paths, signature_of, tensor_inputs
+from .hook import bypassed
 
 __all__ = ["as_traced", "capture_denoiser", "state_paths"]
 
@@ -102,15 +103,16 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
 
 @contextlib.contextmanager
 def as_traced(module: torch.nn.Module):
-    """Within the block, ``module`` runs as a capture traces it: in eval mode, without autograd, and
-    without the accelerate hook on its ``forward`` (which moves weights; see :func:`capture_denoiser`)."""
+    """Within the block, ``module`` runs as a capture traces it: in eval mode, without autograd, its own
+    ``forward`` (tgate_fx's hook bypassed, in this thread) and without the accelerate hook on it (which
+    moves weights; see :func:`capture_denoiser`)."""
     was_training = module.training
     hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
     if hooked:
         wrapped, module.forward = module.forward, module._old_forward
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bypassed(module):
             yield module
     finally:
         module.train(was_training)

@@ -133,6 +133,7 @@ class _Generation:
     role_caches: dict[str, dict] = field(default_factory=lambda: {COND: {}, UNCOND: {}})
     pending: dict[str, dict] = field(default_factory=dict)  # split CFG: this step's records to average, by role
     prediction: Any = None  # split CFG: the step's prediction, for a call that is not computed
+    pipeline: Any = None  # weak reference to the calling pipeline
 
 
 def split_spec(spec):
@@ -394,7 +395,8 @@ class GenerationTracker:
             plan = self.plan_for(num_steps, cfg)
         if not split:
             self._check_batch(plan, call[self.sample_arg].shape[0])
-        self._generation = _Generation(plan, timesteps, split=split)
+        self._generation = _Generation(plan, timesteps, split=split,
+                                       pipeline=weakref.ref(pipe) if pipe is not None else None)
         self.last_plan = plan
         return self._generation, self._role(self._generation, call, local)
 
@@ -429,6 +431,13 @@ class GenerationTracker:
         gen.caches.clear()
         gen.switched_at = gen.step
         self.last_plan = gen.plan
+
+    @property
+    def current_pipeline(self):
+        """The pipeline calling this thread's current generation (else the one given at construction)."""
+        gen = self._generation
+        pipe = gen.pipeline() if gen is not None and gen.pipeline is not None else None
+        return pipe if pipe is not None else self._pipeline()
 
     @property
     def current_plan(self) -> Plan | None:

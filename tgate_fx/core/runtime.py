@@ -1,10 +1,13 @@
-"""Runtime: the module that stands in for the denoiser inside an unmodified diffusers pipeline.
+"""Runtime: runs a denoiser's calls as graph variants, step by step, inside an unmodified diffusers pipeline.
 
-:class:`OptimizedDenoiser` is installed as ``pipe.unet`` / ``pipe.transformer`` by
-:func:`tgate_fx.optimize`. On each call it
+A :class:`DenoiserRuntime` is plain Python, not a module: it holds the
+captures, the methods, the compiled variants and, through its
+:class:`~tgate_fx.core.generation.GenerationTracker`, each thread's
+generation (step count and caches). :func:`tgate_fx.optimize` installs it as
+a hook on the pipeline's own ``unet`` / ``transformer`` (see
+:mod:`~tgate_fx.core.hook`), which stays the user's module. On each call it
 
-1. normalizes the arguments and asks its
-   :class:`~tgate_fx.core.generation.GenerationTracker` for the step: the
+1. normalizes the arguments and asks the tracker for the step: the
    :class:`~tgate_fx.core.plan.Plan` entry (composed from every method),
    whether the unconditional half is dropped, the caches;
 2. where a method drops it, keeps only the unconditional half of a CFG
@@ -17,16 +20,11 @@
    and returns the prediction; where the unconditional half was dropped it
    returns the prediction twice, ``cat([eps, eps])``, so that the pipeline's
    guidance ``u + g * (c - u)`` leaves it unchanged.
-
-Everything a pipeline reads from its denoiser (``config``, ``dtype``,
-``device``, submodules such as ``add_embedding``) is forwarded to the
-original module, which stays registered as ``self.denoiser``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import threading
@@ -35,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext
 
 from .blockwise import RegionalCompiler
 from .captured import InputSignature, normalize_call, signature_of
@@ -46,7 +44,7 @@ from .rebatch import BatchCaptures
 from .state import fingerprint
 from .variants import CapturedGraphs, Variant, walk_plan
 
-__all__ = ["DENOISER_ATTRIBUTES", "OptimizedDenoiser", "find_denoiser", "unwrap_compiled"]
+__all__ = ["DENOISER_ATTRIBUTES", "DenoiserRuntime", "find_denoiser", "unwrap_compiled"]
 
 # Where diffusers pipelines keep their denoiser, in order of preference.
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -59,7 +57,7 @@ def unwrap_compiled(module: Any) -> Any:
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module] | None:
     """``(attribute, module)`` of a pipeline's denoiser (``unet`` or ``transformer``), compile wrappers
-    removed; ``None`` if it has none. An optimized pipeline answers with its :class:`OptimizedDenoiser`."""
+    removed; ``None`` if it has none."""
     for name in DENOISER_ATTRIBUTES:
         module = unwrap_compiled(getattr(pipe, name, None))
         if isinstance(module, torch.nn.Module):
@@ -67,40 +65,26 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module] | None:
     return None
 
 
-_FULLGRAPH_REASON = (
-    "tgate_fx's runtime switches graph variants between denoising steps, so torch.compile(pipe.unet, "
-    "fullgraph=True) cannot trace it as one graph. Compile the variants instead, each as a full graph: "
-    "pipe.unet.compile(fullgraph=True, ...) (likewise pipe.transformer), or tgate_fx.optimize(pipe, ..., "
-    "compile={...}); or drop fullgraph=True (one graph break, at the runtime's own frame)")
-
-
-def _model_base() -> type:
-    # A diffusers ModelMixin, so that `pipe.save_pretrained` finds a save method (it looks one up
-    # by base class, and silently writes a pipeline without the component otherwise).
-    from diffusers import ModelMixin
-
-    return ModelMixin
-
-
-class OptimizedDenoiser(_model_base()):
+class DenoiserRuntime:
     """Runs a denoiser as graph variants, step by step, for one or more methods.
 
     Args:
         denoiser: The pipeline's ``unet`` or ``transformer``.
-        methods: The methods (see :func:`tgate_fx.methods.as_methods`).
-        pipeline: The pipeline it serves; used to read the scheduler's steps
-            and, where the pipeline exposes it, ``do_classifier_free_guidance``.
+        methods: The methods (see :func:`tgate_fx.core.method.as_methods`).
+        pipeline: The pipeline it serves by default (held weakly): calls from
+            another pipeline's ``__call__`` (a ``from_pipe`` copy sharing the
+            denoiser) count with that pipeline's scheduler and guidance.
     """
 
     def __init__(self, denoiser: torch.nn.Module, methods: list[Method], pipeline=None):
-        torch.nn.Module.__init__(self)
         self.denoiser = denoiser
-        self._sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
+        # From the class: the instance may be a deep copy still being filled in (see `copy_for`).
+        self._sample_arg = list(inspect.signature(type(denoiser).forward).parameters)[1]
         self._output_class = output_class(denoiser)
         self._captures: dict[InputSignature, CapturedGraphs] = {}
         self._batches = BatchCaptures(denoiser, self._sample_arg)  # one export per resolution, any batch
         self._compiler: Callable | None = None
-        self._compiled: dict[Variant, Callable] = {}
+        self._compiled: dict[tuple, Callable] = {}
         self._trace: list | None = None
         # Captures and variant builds are serialised: requests from several threads share them
         # (each thread has its own generation and caches, see GenerationTracker).
@@ -142,12 +126,10 @@ class OptimizedDenoiser(_model_base()):
     def compile(self, *args, regional: bool = False, **kwargs) -> None:
         """Compile each graph variant with ``torch.compile(*args, **kwargs)``, once, at its first use.
 
-        Replaces ``nn.Module.compile``: compiling this module's own ``forward``
-        would make dynamo trace the step accounting and recompile at every
-        step. ``fullgraph`` defaults to ``True``: a variant is one aten graph,
-        and a graph break inside it would be a bug worth an error.
-        ``torch.compile(runtime)`` assigned back to the pipeline is recognised
-        too (see :meth:`_active_compiler`).
+        ``fullgraph`` defaults to ``True``: a variant is one aten graph, and a
+        graph break inside it would be a bug worth an error.
+        ``torch.compile(pipe.unet)`` and ``pipe.unet.compile(...)`` are
+        recognised too (see :meth:`_active_compiler`).
 
         ``regional=True`` compiles block by block instead (see
         :mod:`tgate_fx.core.blockwise`): each distinct block (a resnet, an
@@ -165,16 +147,19 @@ class OptimizedDenoiser(_model_base()):
         self._compiled.clear()
 
     def _active_compiler(self) -> Callable | None:
+        """What compiles the variants: :meth:`compile`'s settings, else the dynamo context the user compiled
+        the denoiser with, ``pipe.unet.compile(...)`` or ``pipe.unet = torch.compile(pipe.unet, ...)``
+        (same backend and options, ``fullgraph`` included). The denoiser's own frame compiles nothing:
+        the hook that calls this runtime is disabled for dynamo (see :mod:`~tgate_fx.core.hook`)."""
         if self._compiler is not None:
             return self._compiler
-        # `pipe.unet = torch.compile(pipe.unet)`: the pipeline holds an
-        # OptimizedModule around this runtime; compile the variants with its
-        # dynamo context (same backend and options). Its own frame around this
-        # module compiles no graph: `__call__` below is disabled for dynamo.
-        pipe = self._pipeline()
+        compiled_call = self.denoiser.__dict__.get("_compiled_call_impl")
+        if compiled_call is not None:  # nn.Module.compile: torch.compile(module._call_impl, ...)
+            return _dynamo_context(compiled_call)
+        pipe = self.generations.current_pipeline
         for name in DENOISER_ATTRIBUTES:
             wrapper = getattr(pipe, name, None)
-            if isinstance(wrapper, OptimizedModule) and wrapper._orig_mod is self:
+            if isinstance(wrapper, OptimizedModule) and wrapper._orig_mod is self.denoiser:
                 return wrapper.dynamo_ctx
         return None
 
@@ -182,46 +167,18 @@ class OptimizedDenoiser(_model_base()):
         compiler = self._active_compiler()
         if compiler is None:
             return variant.graph_module
-        if variant not in self._compiled:
+        key = (variant, id(compiler))
+        if key not in self._compiled:
             gm = variant.graph_module
-            self._compiled[variant] = compiler(gm) if isinstance(compiler, RegionalCompiler) else compiler(gm.forward)
-        return self._compiled[variant]
+            self._compiled[key] = compiler(gm) if isinstance(compiler, RegionalCompiler) else compiler(gm.forward)
+        return self._compiled[key]
 
-    def __deepcopy__(self, memo):
-        """A runtime over a deep copy of the denoiser, serving the copied pipeline (``copy.deepcopy(pipe)``).
-
-        Graphs are not copied (they hold the original's parameters): the copy captures its own.
-        """
+    def copy_for(self, denoiser: torch.nn.Module, memo: dict) -> DenoiserRuntime:
+        """A runtime with these methods for ``denoiser`` (a deep copy of this one's), serving the copy of the
+        pipeline in ``memo`` if there is one. Graphs are not copied (they hold the original's parameters):
+        the copy captures its own."""
         pipe = self._pipeline()
-        new = OptimizedDenoiser(copy.deepcopy(self.denoiser, memo), self.methods, memo.get(id(pipe), pipe))
-        memo[id(self)] = new
-        return new
-
-    def save_pretrained(self, *args, **kwargs):
-        """Save the original denoiser (what ``pipe.save_pretrained`` writes): graphs are never saved."""
-        return self.denoiser.save_pretrained(*args, **kwargs)
-
-    # --- what the pipeline reads from its denoiser -------------------------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            denoiser = self.__dict__["_modules"].get("denoiser")
-            if denoiser is None or name in _OWN_ATTRIBUTES:
-                raise
-            return getattr(denoiser, name)
-
-    def _apply(self, fn, recurse=True):
-        # `.to(device)` keeps the Parameter objects the graphs hold (it moves their data), and a
-        # capture is keyed by its inputs' devices: moving the weights, as model CPU offload does
-        # around every call, retires nothing and must not end the generation. A new dtype does
-        # retire the graphs (dtypes of parameters are baked into the traced casts); the caches
-        # of a generation in progress are then refused by their dtype check.
-        dtypes = _dtypes(self.denoiser)
-        out = super()._apply(fn, recurse)
-        if _dtypes(self.denoiser) != dtypes:
-            self._drop_graphs()
-        return out
+        return DenoiserRuntime(denoiser, self.methods, memo.get(id(pipe), pipe))
 
     def _drop_graphs(self) -> None:
         self._captures.clear()
@@ -232,10 +189,6 @@ class OptimizedDenoiser(_model_base()):
     def reset(self) -> None:
         """End the current generation and drop its caches."""
         self.generations.reset()
-
-    def _reset_stateful_cache(self, recurse: bool = True) -> None:
-        # diffusers calls this on every component at the end of a pipeline call.
-        self.reset()
 
     @property
     def last_plan(self) -> Plan | None:
@@ -267,15 +220,6 @@ class OptimizedDenoiser(_model_base()):
         return list(self._captures.values())
 
     # --- the call --------------------------------------------------------------
-    # Never traced by dynamo: a call is Python bookkeeping around one graph
-    # call, and the graphs themselves are what gets compiled (see `compile`).
-    # `torch.compile(runtime)` records one graph break here (its wrapper frame
-    # holds no graph); with `fullgraph=True` dynamo raises, and the reason below
-    # is its message.
-    @functools.partial(torch.compiler.disable, reason=_FULLGRAPH_REASON)
-    def __call__(self, *args, **kwargs):
-        return super().__call__(*args, **kwargs)
-
     def _check_state(self) -> None:
         """At each generation's start: if module state baked into the graphs changed, drop them.
 
@@ -290,15 +234,7 @@ class OptimizedDenoiser(_model_base()):
         self._state = state
 
     def forward(self, *args, **kwargs):
-        # Model CPU offload (accelerate): its hook on the denoiser moves the weights to the execution
-        # device before a call; the graphs replace that call, so the runtime calls the hook itself.
-        hook = getattr(self.denoiser, "_hf_hook", None)
-        if hook is not None:
-            args, kwargs = hook.pre_forward(self.denoiser, *args, **kwargs)
-            return hook.post_forward(self.denoiser, self._forward(*args, **kwargs))
-        return self._forward(*args, **kwargs)
-
-    def _forward(self, *args, **kwargs):
+        """Run one denoiser call (what the hook on the denoiser calls)."""
         call, return_dict = normalize_call(self.denoiser, args, kwargs)
         step = self.generations.next_step(call)
         with self._lock:
@@ -337,17 +273,19 @@ class OptimizedDenoiser(_model_base()):
             half = take_half(call, self._sample_arg, type(self.denoiser).__name__)
         walk_plan(plan, lambda s: self.graphs_for(half if s.drops_uncond else call))
 
-    def extra_repr(self) -> str:
-        return ", ".join(m.describe() for m in self.methods)
+    def __repr__(self) -> str:
+        return f"DenoiserRuntime({type(self.denoiser).__name__}; {', '.join(m.describe() for m in self.methods)})"
 
 
-# Attributes that describe a module itself, never forwarded to the denoiser: accelerate's hooks
-# (a pipeline removing them from its components would otherwise reach through the runtime).
-_OWN_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward"})
-
-
-def _dtypes(module: torch.nn.Module) -> list:
-    return [t.dtype for t in [*module.parameters(), *module.buffers()]]
+def _dynamo_context(compiled: Callable) -> _TorchDynamoContext:
+    """The dynamo context of a function ``torch.compile`` returned (its backend and options)."""
+    for cell in getattr(compiled, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, _TorchDynamoContext):
+            return cell.cell_contents
+    raise RuntimeError(
+        "the denoiser was compiled with module.compile(...), and tgate_fx cannot read the torch.compile options "
+        f"from this torch version ({torch.__version__}) to compile its graph variants with them. Pass the options "
+        "to tgate_fx.optimize(pipe, ..., compile={...}) instead")
 
 
 def _checked_cache(cache: torch.Tensor, variant: Variant, name: str) -> torch.Tensor:

@@ -46,7 +46,8 @@ from ..core.captured import normalize_call, signature_of
 from ..core.generation import output_class
 from ..core.method import Method
 from ..core.plan import Plan, VariantSpec
-from ..core.runtime import OptimizedDenoiser, find_denoiser
+from ..core.hook import bypassed, installed_runtime, uninstall
+from ..core.runtime import find_denoiser
 from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant, copy_graph_module
 from ..methods import DeepCacheConfig, TGateConfig
 from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, file_digest
@@ -88,8 +89,7 @@ def _denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
     found = find_denoiser(pipe)
     if found is None:
         raise TypeError(f"{type(pipe).__name__} has no denoiser module at pipe.unet or pipe.transformer")
-    name, module = found
-    return name, module.denoiser if isinstance(module, OptimizedDenoiser) else module
+    return found
 
 
 def _dtype_name(dtype) -> str:
@@ -181,20 +181,21 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
     An optimized pipeline keeps its runtime, whose captures and variants are
     reused (they do not depend on the settings); its methods are put back after.
     """
-    saved = getattr(pipe, attribute)
-    previous = saved.methods if isinstance(saved, OptimizedDenoiser) else None
+    module = find_denoiser(pipe)[1]
+    installed = installed_runtime(module)
+    previous = installed.methods if installed is not None else None
     try:
         optimize(pipe, methods=methods)
-        runtime = getattr(pipe, attribute)
+        runtime = installed_runtime(module)
         runtime.reset()
         with runtime.tracing() as trace:
             pipe(**call)
         plan = runtime.last_plan
     finally:
-        if previous is not None and getattr(pipe, attribute) is saved:
+        if previous is not None:
             optimize(pipe, methods=previous)
         else:
-            object.__setattr__(pipe, attribute, saved)
+            uninstall(module)
     if plan is None or len(trace) != plan.num_steps:
         raise RuntimeError(f"the traced generation made {len(trace)} denoiser calls for a plan of "
                            f"{plan.num_steps if plan else '?'} steps; nothing consistent to export")
@@ -203,15 +204,13 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
 
 def _run_plain(pipe, attribute: str, denoiser: torch.nn.Module, call: dict):
     """One plain generation; returns per-step (CapturedGraphs, Variant), one capture per call signature."""
-    saved = getattr(pipe, attribute)
     recorder = _CallRecorder()
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
-        object.__setattr__(pipe, attribute, denoiser)
-        pipe(**call)
+        with bypassed(denoiser):  # the module itself, not an installed runtime
+            pipe(**call)
     finally:
         handle.remove()
-        object.__setattr__(pipe, attribute, saved)
     if not recorder.order:
         raise RuntimeError(f"the pipeline never called its denoiser (pipe.{attribute}); nothing to export")
     graphs = {}

@@ -1,8 +1,9 @@
 """Run an exported bundle with onnxruntime, in place of a diffusers pipeline's denoiser.
 
-:class:`OnnxDenoiser` is what :class:`~tgate_fx.core.runtime.OptimizedDenoiser`
+:class:`OnnxDenoiser` is what :class:`~tgate_fx.core.runtime.DenoiserRuntime`
 is for torch graphs, with ONNX Runtime sessions instead: it stands in for
-``pipe.unet`` / ``pipe.transformer`` in an unmodified pipeline. On each call it
+``pipe.unet`` / ``pipe.transformer`` in an unmodified pipeline (there is no
+torch module left to hook). On each call it
 
 1. binds the arguments to the denoiser's ``forward`` parameters, as recorded
    in ``plan.json`` (:func:`tgate_fx.core.captured.normalize_call`);
