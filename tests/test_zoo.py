@@ -122,46 +122,17 @@ REFUSALS = {
 
 
 def _transformer(name):
-    from diffusers import (ChromaTransformer2DModel, CogVideoXTransformer3DModel, FluxTransformer2DModel,
-                           HiDreamImageTransformer2DModel, Lumina2Transformer2DModel)
+    from families import transformer
 
-    torch.manual_seed(0)
-    if name == "dit":
-        return _family("dit")[0].transformer
-    flux = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8])
-    return {
-        "flux": lambda: FluxTransformer2DModel(**flux, pooled_projection_dim=32),
-        "chroma": lambda: ChromaTransformer2DModel(**flux, approximator_hidden_dim=32, approximator_layers=1,
-                                                   approximator_num_channels=16),
-        "hidream": lambda: HiDreamImageTransformer2DModel(
-            patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
-            num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1)),
-        "cogvideox": lambda: CogVideoXTransformer3DModel(
-            num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
-            text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=16),
-        "lumina2": lambda: Lumina2Transformer2DModel(
-            sample_size=4, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
-            num_attention_heads=3, num_kv_heads=1, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
-            axes_lens=(128, 128, 128), cap_feat_dim=8),
-    }[name]()
-
+    return _family("dit")[0].transformer if name == "dit" else transformer(name)
 
 
 @pytest.mark.parametrize("family,method", sorted(REFUSALS))
 def test_joint_attention_and_video_transformers_are_refused_at_optimize_for_the_reason_that_holds(family, method):
-    from diffusers import DiffusionPipeline
-
+    from families import holding
     from tgate_fx.methods import ToCaConfig
 
-    class _Pipeline(DiffusionPipeline):  # only the denoiser matters to optimize
-        def __init__(self, transformer):
-            super().__init__()
-            self.register_modules(transformer=transformer)
-
-    pipe = _Pipeline(_transformer(family))
+    pipe = holding(_transformer(family))
     config = {"tgate": TGateConfig(), "todo": ToDoConfig(), "toca": ToCaConfig()}[method]
     with pytest.raises(TypeError, match=REFUSALS[family, method]):
         tgate_fx.optimize(pipe, methods=[config])
