@@ -55,7 +55,7 @@ def _transformed(capture, config):
     method = ToDo(config)
     method.annotate(gm, analyze(gm))
     nodes = [n for n in gm.graph.nodes if tag_key("todo") in n.meta]
-    for p in (method.transform_pass(nodes, (config.factor, config.mode)), EliminateDeadCode()):
+    for p in (method.transform_pass(nodes, (config.factor, config.mode), None), EliminateDeadCode()):
         gm = p(gm).graph_module
     gm.recompile()
     return gm, nodes

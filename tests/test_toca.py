@@ -207,12 +207,11 @@ def test_toca_with_tgate_equals_composed_oracles(gate, steps):
 
 
 def test_toca_with_tgate_reusing_self_attention_is_refused():
-    # refused by optimize itself, saying which T-GATE setting composes
-    with pytest.raises(ValueError, match=r"T-GATE reusing self-attention \(sp_interval=2.*sp_interval=1, "
-                                         r"fi_interval=1, warm_up=0"):
-        tgate_fx.optimize(shared_optimized("pixart_alpha"), tgate=TGateConfig(gate_step=5, sp_interval=2,
-                                                                              fi_interval=1, warm_up=0),
-                          toca=ToCaConfig())
+    # both methods would rewrite self-attention's output: the first call refuses, naming both, before any step runs
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig(),
+                             tgate=TGateConfig(gate_step=5, sp_interval=2, fi_interval=1, warm_up=0))
+    with pytest.raises(ValueError, match=r"methods 'tgate' and 'toca' cannot be composed: both rewrite node"):
+        latents(pipe, num_inference_steps=8)
 
 
 # --- graphs, compile, errors -----------------------------------------------------------------------------------

@@ -139,8 +139,7 @@ def optimize(
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     denoiser = _denoiser_of(pipe)
-    for method in chosen:
-        method.check_denoiser(denoiser)
+    chosen = [method.bind(denoiser) for method in chosen]  # raises for a denoiser a method cannot serve
     for method in chosen:
         reason = method.inert_reason(denoiser)
         if reason:

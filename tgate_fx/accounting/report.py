@@ -70,7 +70,7 @@ def _applicable(denoiser) -> str:
     parts = []
     for method_cls in METHODS.values():
         try:
-            method_cls(method_cls.config_class()).check_denoiser(denoiser)
+            method_cls(method_cls.config_class()).bind(denoiser)
             parts.append(f"{method_cls.title} yes")
         except (TypeError, ValueError) as e:
             parts.append(f"{method_cls.title} no ({_why(str(e))})")

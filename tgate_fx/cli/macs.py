@@ -49,10 +49,8 @@ def plan_from_args(args: argparse.Namespace, arch):
     methods = methods_from_args(args, {"tgate": arch.tgate})
     if not methods:
         raise ValueError("no method is on: keep T-GATE or add --deepcache")
-    methods = as_methods(methods)
     denoiser = arch.build_denoiser()  # on the meta device: each method checks it and fills what it derives
-    for method in methods:            # from it (ToCa's family defaults), as tgate_fx.optimize does
-        method.check_denoiser(denoiser)
+    methods = [m.bind(denoiser) for m in as_methods(methods)]  # from it (ToCa's family defaults), as optimize does
     return Plan(args.steps if args.steps is not None else arch.num_steps, methods, cfg=arch.cfg)
 
 

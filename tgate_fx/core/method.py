@@ -3,24 +3,28 @@
 A *method* (T-GATE, DeepCache, ...) is data plus passes. The core knows it
 only through this interface:
 
+* :meth:`Method.bind` checks that the method applies to a denoiser and
+  returns it resolved for that denoiser (settings derived from it filled in;
+  the config is never mutated);
 * :meth:`Method.annotate` tags the nodes of a captured graph that the method
   may rewrite, under its own namespace (:func:`tag_key`), each with a *group*
   (e.g. ``"cross"``: every cross-attention output), a *site* (a module path)
   and a *slot* (which value of the site);
-* :meth:`Method.schedule` says, for every step of a generation, which groups
-  it records (exposes as cache writes) or reuses (replaces by cache reads),
-  as :class:`Rewrite`\\ s, and whether the step drops the unconditional half
-  of a CFG batch;
+* :meth:`Method.schedule` takes one :class:`ScheduleContext` (the steps,
+  CFG, the timesteps, and what the *other* methods of the plan do: their
+  barriers and the steps where they drop the unconditional half) and says,
+  for every step, which groups it records (exposes as cache writes), reuses
+  (replaces by cache reads) or transforms (its own pass,
+  :meth:`Method.transform_pass`), as :class:`Rewrite`\\ s, and whether the step
+  drops the unconditional half of a CFG batch;
 * :meth:`Method.barriers` names steps at which every *other* method must
   refresh its caches (compute everything), e.g. because the batch changes
-  there; :meth:`Method.validate` rejects a generation it cannot serve.
+  there; :meth:`Method.validate` rejects a generation it cannot serve;
+* :meth:`Method.compose` may adapt to, or refuse, the other methods of a plan.
 
-A method whose schedule depends on the generation's timesteps (not only on
-the step count) sets :attr:`Method.reads_timesteps`; its ``schedule`` then
-also receives ``timesteps=``: one value per step as the pipeline passes it
-to the denoiser, or ``None`` where they are unknown (a plan made for
-accounting or a check, without a scheduler). The step index never comes from
-them: they only say what a step's timestep is.
+The step index never comes from the timesteps: they only say what a step's
+timestep is (``None`` where unknown: a plan made for accounting or a check,
+without a scheduler).
 
 Caches are keyed by :class:`CacheKey` ``(method, site, slot)``: two methods
 never share one.
@@ -37,8 +41,8 @@ import torch.fx as fx
 
 from .meta import tag_key
 
-__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite", "as_methods",
-           "register_method", "registered_methods", "tag_key", "tagged_nodes"]
+__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite",
+           "ScheduleContext", "as_methods", "register_method", "registered_methods", "tag_key", "tagged_nodes"]
 
 RECORD = "record"
 REUSE = "reuse"
@@ -131,6 +135,38 @@ class MethodStep:
     columns: tuple[tuple[str, str], ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class ScheduleContext:
+    """What a method's :meth:`~Method.schedule` may know of a generation, the same for every method.
+
+    Attributes:
+        num_steps: Denoiser steps of the generation.
+        cfg: Whether it runs classifier-free guidance.
+        timesteps: The timestep of each step (what the pipeline passes to the
+            denoiser), or ``None`` if unknown.
+        barriers: Steps at which the *other* methods of the plan need every
+            cache refreshed (this method computes everything there).
+        drops_uncond: Steps at which another method of the plan drops the
+            unconditional half of the CFG batch (the batch is halved there).
+    """
+
+    num_steps: int
+    cfg: bool
+    timesteps: tuple[float, ...] | None = None
+    barriers: frozenset[int] = frozenset()
+    drops_uncond: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
+        if self.timesteps is not None and len(self.timesteps) != self.num_steps:
+            raise ValueError(f"timesteps must have one value per step ({self.num_steps}), got {len(self.timesteps)}")
+
+    def pairs(self, step: int) -> bool:
+        """Whether ``step`` runs the CFG batch as ``[uncond, cond]`` pairs (CFG on, and no other method dropped a half)."""
+        return self.cfg and step not in self.drops_uncond
+
+
 def tagged_nodes(graph: fx.Graph, method: str, group: str) -> list[tuple[fx.Node, CacheKey]]:
     """The nodes ``method`` tagged with ``group``, in graph order, with their cache keys."""
     key = tag_key(method)
@@ -153,13 +189,21 @@ class Method(ABC):
     name: ClassVar[str]
     title: ClassVar[str]
     config_class: ClassVar[type]
-    #: ``True``: :meth:`schedule` takes a ``timesteps`` keyword (a tuple of floats, one per step, or ``None``).
-    reads_timesteps: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+
+    def bind(self, denoiser: Any) -> "Method":
+        """This method resolved for ``denoiser``: ``self``, or a new method whose settings derived from the
+        denoiser are filled in (e.g. ToCa's family defaults). The config is never mutated.
+
+        Raises ``TypeError`` (saying why and what would work) if the method cannot apply to ``denoiser``;
+        ``ValueError`` if its settings do not fit it. Called by :func:`tgate_fx.optimize` before anything
+        is installed.
+        """
+        return self
 
     @abstractmethod
     def annotate(self, graph_module: fx.GraphModule, regions: Any) -> None:
@@ -171,40 +215,37 @@ class Method(ABC):
         """
 
     @abstractmethod
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
-        """One :class:`MethodStep` per step of a generation of ``num_steps`` steps.
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        """One :class:`MethodStep` per step of the generation ``ctx`` describes.
 
-        A method with :attr:`reads_timesteps` also takes ``timesteps`` (keyword):
-        the timestep of each step, or ``None`` if unknown; it documents what it
-        assumes then.
+        A method that reads ``ctx.timesteps`` documents what it assumes when they are ``None``.
         """
 
-    def barriers(self, num_steps: int, cfg: bool) -> frozenset[int]:
-        """Steps at which the other methods must compute everything (refresh every cache)."""
+    def barriers(self, ctx: ScheduleContext) -> frozenset[int]:
+        """Steps at which the other methods must compute everything (refresh every cache).
+
+        ``ctx`` has no barriers or dropped steps of the others yet.
+        """
         return frozenset()
 
-    def validate(self, num_steps: int, cfg: bool) -> None:
-        """Raise ``ValueError`` if this method cannot serve such a generation."""
-
-    def check_denoiser(self, denoiser: Any) -> None:
-        """Raise ``TypeError`` (saying why and what would work) if this method cannot apply to ``denoiser``.
-
-        Called by :func:`tgate_fx.optimize` before anything is installed.
-        """
+    def validate(self, ctx: ScheduleContext) -> None:
+        """Raise ``ValueError`` if this method cannot serve the generation ``ctx`` describes."""
 
     def inert_reason(self, denoiser: Any) -> str | None:
         """Why these settings would rewrite nothing of ``denoiser`` (``None``: they rewrite something, or it
         cannot be told before a capture). :func:`tgate_fx.optimize` warns with it, and ``report`` shows it."""
         return None
 
-    def transform_pass(self, nodes: list, option: Any):
+    def transform_pass(self, nodes: list, option: Any, caches: Any):
         """The pass a ``"transform"`` rewrite runs: ``nodes`` are the tagged nodes of the group in the
-        variant's graph, in graph order, ``option`` the rewrite's. Methods without transforms need not
-        implement it."""
+        variant's graph, in graph order, ``option`` the rewrite's; ``caches`` is the variant's
+        :class:`~tgate_fx.core.variants.CacheIO`, through which the pass may read and write caches.
+        Methods without transforms need not implement it."""
         raise NotImplementedError(f"method {self.name!r} schedules transforms but has no transform_pass")
 
     def compose(self, others: list[Method]) -> None:
-        """Adapt to the other methods of the same plan (called by :func:`as_methods`); the default does nothing."""
+        """Adapt to, or refuse (``ValueError``), the other methods of the same plan (called by
+        :func:`as_methods`); the default does nothing."""
 
     def describe(self) -> str:
         """One line: the method and its settings."""

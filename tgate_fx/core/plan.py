@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .method import RECORD, REUSE, Method, MethodStep, Rewrite, as_methods
+from .method import RECORD, REUSE, Method, MethodStep, Rewrite, ScheduleContext, as_methods
 
 __all__ = ["Plan", "StepPlan", "VariantSpec"]
 
@@ -73,8 +73,8 @@ class StepPlan:
         return "/".join(phases) or "-"
 
 
-def _timesteps(timesteps: Any, num_steps: int) -> tuple[float, ...] | None:
-    if timesteps is None:
+def _timesteps(timesteps: Any, num_steps: Any) -> tuple[float, ...] | None:
+    if timesteps is None or isinstance(num_steps, bool) or not isinstance(num_steps, int):
         return None
     try:
         values = tuple(float(t) for t in timesteps)
@@ -95,9 +95,13 @@ class Plan:
         cfg: Whether the generation runs classifier-free guidance.
         timesteps: The timestep of each step (what the pipeline passes to the
             denoiser; the runtime reads them from the scheduler), or ``None``
-            if unknown. Only methods with
-            :attr:`~tgate_fx.core.method.Method.reads_timesteps` use them (ToDo's
-            ``skip_timestep_zero``); each documents what it assumes without them.
+            if unknown. Methods read them from the
+            :class:`~tgate_fx.core.method.ScheduleContext` (ToDo's ``skip_timestep_zero``); each
+            documents what it assumes without them.
+
+    Every method is scheduled with one :class:`~tgate_fx.core.method.ScheduleContext`
+    holding the *other* methods' barriers and the steps where they drop the
+    unconditional half (read off their schedules first).
 
     Raises:
         ValueError: if a method cannot serve the generation (e.g. T-GATE's
@@ -106,22 +110,34 @@ class Plan:
     """
 
     def __init__(self, num_steps: int, methods: Any, cfg: bool, timesteps: Sequence[float] | None = None):
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        self.num_steps = num_steps
+        base = ScheduleContext(num_steps, bool(cfg), _timesteps(timesteps, num_steps))
+        self.num_steps, self.cfg, self.timesteps = num_steps, base.cfg, base.timesteps
         self.methods: list[Method] = as_methods(methods)
-        self.cfg = bool(cfg)
-        self.timesteps = _timesteps(timesteps, num_steps)
         for method in self.methods:
-            method.validate(num_steps, self.cfg)
-        barriers = frozenset().union(*(m.barriers(num_steps, self.cfg) for m in self.methods))
-        per_method = {}
-        for method in self.methods:
-            extra = {"timesteps": self.timesteps} if method.reads_timesteps else {}
-            schedule = method.schedule(num_steps, self.cfg, barriers - method.barriers(num_steps, self.cfg), **extra)
-            if len(schedule) != num_steps:
-                raise RuntimeError(f"method {method.name!r} scheduled {len(schedule)} steps for {num_steps}")
-            per_method[method.name] = schedule
+            method.validate(base)
+        own = {m.name: frozenset(m.barriers(base)) for m in self.methods}
+
+        def others(name: str, sets: dict[str, frozenset[int]]) -> frozenset[int]:
+            return frozenset().union(*(v for k, v in sets.items() if k != name))
+
+        def schedules(drops: dict[str, frozenset[int]]) -> dict[str, list[MethodStep]]:
+            out = {}
+            for m in self.methods:
+                ctx = ScheduleContext(num_steps, self.cfg, self.timesteps, others(m.name, own), others(m.name, drops))
+                out[m.name] = m.schedule(ctx)
+                if len(out[m.name]) != num_steps:
+                    raise RuntimeError(f"method {m.name!r} scheduled {len(out[m.name])} steps for {num_steps}")
+            return out
+
+        def dropped(per: dict[str, list[MethodStep]]) -> dict[str, frozenset[int]]:
+            return {name: frozenset(i for i, s in enumerate(steps) if s.drops_uncond) for name, steps in per.items()}
+
+        # which steps each method drops the unconditional half at, then every schedule knowing the others'
+        first = schedules({m.name: frozenset() for m in self.methods})
+        drops = dropped(first)
+        per_method = schedules(drops)
+        if dropped(per_method) != drops:
+            raise RuntimeError("the methods' dropped CFG halves depend on each other's; they cannot be planned")
         self.steps = [self._step(i, {name: s[i] for name, s in per_method.items()}) for i in range(num_steps)]
 
     def _step(self, i: int, methods: dict[str, MethodStep]) -> StepPlan:

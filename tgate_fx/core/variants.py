@@ -17,9 +17,9 @@ several methods combine, the way the eager reference code behaves:
 * a value one method records while another method reads it from its own
   cache at that step is recorded as read (it is what the step uses there).
 
-A transform's pass may also read and write caches: if the pass object has a
-``caches`` attribute, :func:`build_variant` sets it to the variant's
-:class:`CacheIO` before running it. A read is a new input named after its
+A transform's pass may also read and write caches: :func:`build_variant`
+hands :meth:`~tgate_fx.core.method.Method.transform_pass` the variant's
+:class:`CacheIO`. A read is a new input named after its
 key (or, if an earlier transform of the same graph wrote that key, that
 value); each write becomes an output after the records. The method must
 make sure a cache its transforms read exists when the step runs (the
@@ -273,9 +273,7 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
     for method, option, transform_keys in resolved.transforms:
         if method not in by_name:
             raise ValueError(f"variant {resolved.spec.name!r} transforms nodes of method {method!r}, which is not given")
-        graph_pass = by_name[method].transform_pass([nodes[k] for k in transform_keys], option)
-        if hasattr(graph_pass, "caches"):
-            graph_pass.caches = io
+        graph_pass = by_name[method].transform_pass([nodes[k] for k in transform_keys], option, io)
         gm = graph_pass(gm).graph_module
     passes = []
     exposed = [nodes[k] for k, _ in resolved.records] + list(io.writes.values())

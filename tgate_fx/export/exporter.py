@@ -514,8 +514,8 @@ def export_onnx(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     chosen = _export_methods(tgate, dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval,
                                           warm_up=warm_up), config, deepcache, methods)
-    for method in chosen:  # refuses a denoiser a method cannot serve, and fills family defaults (ToCa)
-        method.check_denoiser(_denoiser_of(pipe)[1])
+    # refuses a denoiser a method cannot serve, and fills what derives from it (ToCa's family defaults)
+    chosen = [method.bind(_denoiser_of(pipe)[1]) for method in chosen]
     if chosen:
         Plan(num_inference_steps, chosen, cfg=True)  # checks the settings against the steps before any work
     for reserved in ("prompt", "output_type", "num_inference_steps", "generator"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ...core.analysis import Regions
-from ...core.method import RECORD, REUSE, Method, MethodStep, Rewrite
+from ...core.method import RECORD, REUSE, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from .config import DeepCacheConfig
 
@@ -65,8 +65,7 @@ class DeepCache(Method):
     config_class = DeepCacheConfig
     title = "DeepCache"
 
-
-    def check_denoiser(self, denoiser) -> None:
+    def bind(self, denoiser) -> "DeepCache":
         if not all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")) or \
                 getattr(denoiser, "mid_block", None) is None:
             raise TypeError(f"DeepCache needs a UNet with down_blocks, mid_block and up_blocks (e.g. "
@@ -76,15 +75,16 @@ class DeepCache(Method):
         if block >= levels:
             raise ValueError(f"cache_branch_id={self.config.cache_branch_id} points at down block {block}, but "
                              f"this UNet has {levels} levels; use 0 <= cache_branch_id < {3 * levels}")
+        return self
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         site, before = entry_site(regions, self.config.cache_branch_id)
         regions.output_of(before).meta[tag_key(NAME)] = {"group": ENTRY, "site": site, "slot": "input"}
 
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
         out, anchor = [], 0
-        for step in range(num_steps):
-            if step in barriers:
+        for step in range(ctx.num_steps):
+            if step in ctx.barriers:
                 anchor = step
             out.append(_FULL if (step - anchor) % self.config.cache_interval == 0 else _PARTIAL)
         return out

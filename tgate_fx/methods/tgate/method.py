@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ...core.analysis import (Regions, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
-from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite
+from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from .config import TGateConfig
 
@@ -50,8 +50,7 @@ class TGate(Method):
     config_class = TGateConfig
     title = "T-GATE"
 
-
-    def check_denoiser(self, denoiser) -> None:
+    def bind(self, denoiser) -> "TGate":
         name = type(denoiser).__name__
         joint = joint_attention_modules(denoiser)
         if joint:
@@ -70,6 +69,7 @@ class TGate(Method):
                    "CogVideoX, Lumina2, HiDream and Flux's single-stream blocks), so there is no cross-attention "
                    "output to cache." if is_text_conditioned(denoiser) else "It is not text-conditioned (class labels or no conditioning); for DiT use "
                    "ToCa: optimize(pipe, toca=ToCaConfig())."))
+        return self
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
@@ -84,8 +84,8 @@ class TGate(Method):
             if site.role in (SELF, CROSS):
                 by_name[site.value].meta[key] = {"group": site.role, "site": site.path, "slot": "out"}
 
-    def validate(self, num_steps: int, cfg: bool) -> None:
-        c = self.config
+    def validate(self, ctx: ScheduleContext) -> None:
+        c, num_steps, cfg = self.config, ctx.num_steps, ctx.cfg
         if c.gate_step > num_steps:
             raise ValueError(
                 f"gate_step={c.gate_step} is beyond the {num_steps} denoising steps of this generation; "
@@ -98,11 +98,11 @@ class TGate(Method):
             raise ValueError("lcm=False, but this call runs without classifier-free guidance; "
                              "use lcm=None (decide per call) or lcm=True")
 
-    def barriers(self, num_steps: int, cfg: bool) -> frozenset[int]:
-        return frozenset(s for s in (self.config.gate_step - 1, self.config.gate_step) if s < num_steps)
+    def barriers(self, ctx: ScheduleContext) -> frozenset[int]:
+        return frozenset(s for s in (self.config.gate_step - 1, self.config.gate_step) if s < ctx.num_steps)
 
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
-        return [self._step(cur, cfg) for cur in range(num_steps)]
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        return [self._step(cur, ctx.cfg) for cur in range(ctx.num_steps)]
 
     def _step(self, cur: int, cfg: bool) -> MethodStep:
         c = self.config

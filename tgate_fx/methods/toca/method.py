@@ -30,7 +30,10 @@ Composition: another method's barriers are full steps; where another method
 reads a module's output from its own cache (T-GATE's cross-attention after
 its gate), ToCa neither refreshes nor re-scores it (the map keeps its last
 computed rows); where another method drops the unconditional half of the
-CFG batch, ToCa scores each sample alone.
+CFG batch (:attr:`~tgate_fx.core.method.ScheduleContext.drops_uncond`), ToCa
+scores each sample alone. A method that reuses what ToCa caches itself (e.g.
+self-attention) conflicts with it on the same nodes: the variant refuses
+the composition with ``ValueError`` naming both methods and the node.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch.fx as fx
 
 from ...core.analysis import Regions, _within
 from ...core.meta import TAG
-from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite
+from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from ...passes import ComputeAttentionMap, RestrictToTokens, TokenRegion
 from ...core.graph_passes import GraphPass, PassResult
@@ -78,11 +81,11 @@ class ToCa(Method):
     title = "ToCa"
 
     def __init__(self, config: ToCaConfig):
-        super().__init__(config)
-        self._others: list[Method] = []
+        super().__init__(config if config.family is None else config.resolved())
 
     # --- which denoisers -------------------------------------------------------
-    def check_denoiser(self, denoiser) -> None:
+    def bind(self, denoiser) -> "ToCa":
+        """ToCa with the official defaults of ``denoiser``'s family filled in (a new method; the config is kept)."""
         family = _FAMILY_OF.get(type(denoiser).__name__)
         if family is None:
             raise TypeError(f"ToCa cannot apply to {type(denoiser).__name__}: it follows the official rules for "
@@ -91,22 +94,7 @@ class ToCa(Method):
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
-        self.config = self.config.resolved(family)
-
-    def compose(self, others: list[Method]) -> None:
-        """Remember the methods composed with ToCa (their dropped CFG halves change how ToCa scores).
-
-        Raises ``ValueError`` at once for T-GATE settings that reuse self-attention, which ToCa
-        caches itself (the graph conflict would otherwise surface at the first call).
-        """
-        self._others = [m for m in others if m is not self]
-        for m in self._others:
-            c = m.config
-            if m.name == "tgate" and (getattr(c, "sp_interval", 1) != 1 or getattr(c, "fi_interval", 1) != 1):
-                raise ValueError(
-                    f"ToCa cannot be composed with T-GATE reusing self-attention (sp_interval={c.sp_interval}, "
-                    f"fi_interval={c.fi_interval}): ToCa caches self-attention itself. Compose it with T-GATE's "
-                    f"gate only: TGateConfig(gate_step={c.gate_step}, sp_interval=1, fi_interval=1, warm_up=0)")
+        return self if self.config.family == family else ToCa(self.config.resolved(family))
 
     # --- tags ------------------------------------------------------------------
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
@@ -146,24 +134,20 @@ class ToCa(Method):
 
     # --- schedule --------------------------------------------------------------
     def _config(self) -> ToCaConfig:
-        if self.config.family is not None and not self.config.is_resolved:
-            self.config = self.config.resolved()
         if not self.config.is_resolved:
-            raise ValueError("ToCaConfig has no family: give ToCaConfig(family='pixart' or 'dit'), or let "
-                             "tgate_fx.optimize pick it from the denoiser")
+            raise ValueError("ToCaConfig has no family: give ToCaConfig(family='pixart' or 'dit'), or bind the "
+                             "method to its denoiser (tgate_fx.optimize does)")
         return self.config
 
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int]) -> list[MethodStep]:
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        """Full, mixed and partial steps; where another method drops the unconditional half, ToCa scores each
+        sample alone (the batch holds no CFG pairs there)."""
         c = self._config()
-        kinds = step_kinds(c, num_steps, barriers)
-        drops = [False] * num_steps
-        for other in self._others:
-            extra = {"timesteps": None} if getattr(other, "reads_timesteps", False) else {}
-            for i, step in enumerate(other.schedule(num_steps, cfg, frozenset(), **extra)):
-                drops[i] = drops[i] or step.drops_uncond
+        num_steps = ctx.num_steps
+        kinds = step_kinds(c, num_steps, ctx.barriers)
         out = []
         for i, kind in enumerate(kinds):
-            pairs = cfg and not drops[i]
+            pairs = ctx.pairs(i)
             s = official_step(c.family, i, num_steps)
             full = ("full", pairs)
             partial = ("partial", s, num_steps, pairs)
@@ -182,8 +166,8 @@ class ToCa(Method):
             out.append(MethodStep(label, frozenset(rewrites), phase="", columns=(("toca", kind),)))
         return out
 
-    def transform_pass(self, nodes: list, option) -> "_ToCaPass":
-        return _ToCaPass(self._config(), nodes, option)
+    def transform_pass(self, nodes: list, option, caches) -> "_ToCaPass":
+        return _ToCaPass(self._config(), nodes, option, caches)
 
     def describe(self) -> str:
         c = self.config
@@ -195,15 +179,13 @@ class ToCa(Method):
 class _ToCaPass(GraphPass):
     """One step's ToCa rewrite of the tagged blocks (full: score sources and counters; partial: token refresh)."""
 
-    def __init__(self, config: ToCaConfig, nodes: list[fx.Node], option):
+    def __init__(self, config: ToCaConfig, nodes: list[fx.Node], option, caches):
         self.config = config
         self.nodes = list(nodes)
         self.option = option
-        self.caches = None  # the variant's CacheIO, set by build_variant
+        self.caches = caches  # the variant's CacheIO
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if self.caches is None:
-            raise RuntimeError("ToCa's transform reads and writes caches: run it through build_variant")
         self.graph = graph_module.graph
         key = tag_key(NAME)
         for node in self.nodes:  # graph order: a block's cross-attention before its MLP

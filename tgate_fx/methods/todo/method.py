@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from ...core.analysis import (Regions, _type_name, _within, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
-from ...core.method import TRANSFORM, Method, MethodStep, Rewrite
+from ...core.method import TRANSFORM, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from ...passes import DownsampleKeyValues
 from ...passes.downsample_key_values import KeyValueSite
@@ -146,9 +146,8 @@ class ToDo(Method):
     name = NAME
     config_class = ToDoConfig
     title = "ToDo"
-    reads_timesteps = True
 
-    def check_denoiser(self, denoiser) -> None:
+    def bind(self, denoiser) -> "ToDo":
         from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
         name = type(denoiser).__name__
         if isinstance(denoiser, (UNetMotionModel, UNetSpatioTemporalConditionModel)) or "3D" in name:
@@ -176,6 +175,7 @@ class ToDo(Method):
                 f"ToDo cannot apply to {name}: its self-attention applies rotary position embeddings "
                 "(image_rotary_emb, one per image token) to the keys after to_k, so keys downsampled before to_k "
                 "would no longer match their positions; no rule is defined for it.")
+        return self
 
     def inert_reason(self, denoiser) -> str | None:
         depths = _self_attention_depths(denoiser)
@@ -226,9 +226,8 @@ class ToDo(Method):
                 node.meta[key] = {"group": _group(depth), "site": site.path, "slot": slot,
                                   "grid": grid, "factor": factor, "depth": depth, "error": error}
 
-    def schedule(self, num_steps: int, cfg: bool, barriers: frozenset[int],
-                 timesteps: tuple[float, ...] | None = None) -> list[MethodStep]:
-        c = self.config
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        c, num_steps, timesteps = self.config, ctx.num_steps, ctx.timesteps
         rewrites = frozenset(Rewrite(NAME, group, TRANSFORM, option=(c.setting(d), c.mode))
                              for d, group in enumerate(GROUPS, 1) if c.setting(d) != 1)
         factors = "/".join(str(c.setting(d)) for d in (1, 2, 3))
@@ -238,7 +237,7 @@ class ToDo(Method):
         skipped = MethodStep("todo_off", columns=(("todo", "off (t=0)"),))
         return [skipped if t <= 0 else step for t in timesteps]
 
-    def transform_pass(self, nodes: list, option) -> DownsampleKeyValues:
+    def transform_pass(self, nodes: list, option, caches) -> DownsampleKeyValues:
         setting, mode = option
         key = tag_key(NAME)
         by_site: dict[str, list[fx.Node]] = {}
