@@ -2,8 +2,11 @@
 pipelines or methods. The passes every variant runs (records, cache reads, clean-up) are the core's:
 :mod:`tgate_fx.core.graph_passes`."""
 
+from .cache_tokens import CacheTokens, CountReset, ScoreSite, TokenRefresh
 from .compute_attention_map import ComputeAttentionMap
 from .downsample_key_values import DownsampleKeyValues
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
+from .token_math import TokenSelection
 
-__all__ = ["ComputeAttentionMap", "DownsampleKeyValues", "RestrictToTokens", "TokenRegion"]
+__all__ = ["CacheTokens", "ComputeAttentionMap", "CountReset", "DownsampleKeyValues", "RestrictToTokens", "ScoreSite",
+           "TokenRefresh", "TokenRegion", "TokenSelection"]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ..core.graph_passes import GraphPass, PassResult
+from ..core.graph_passes import GraphPass, PassResult, first_user
 from .restrict_to_tokens import call_with_meta
 
 __all__ = ["ComputeAttentionMap"]
@@ -46,8 +46,7 @@ class ComputeAttentionMap(GraphPass):
             scale = bound.get("scale")
             if scale is None:
                 scale = 1.0 / q.meta["val"].shape[-1] ** 0.5  # as the official code (and d ** -0.5 may differ by an ulp)
-            users = list(core.users)
-            anchor = min(users, key=lambda u: list(graph.nodes).index(u)) if users else None
+            anchor = first_user(core)
             with graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(core):
                 scaled = call_with_meta(graph, aten.mul.Tensor, (q, scale), like=core)
                 keys_t = call_with_meta(graph, aten.transpose.int, (k, -2, -1), like=core)

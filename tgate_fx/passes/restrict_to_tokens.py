@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from ..core.meta import TAG
-from ..core.graph_passes import GraphPass, PassResult
+from ..core.graph_passes import GraphPass, PassResult, first_user
 
 __all__ = ["RestrictToTokens", "TokenRegion", "call_with_meta"]
 
@@ -132,7 +132,7 @@ class RestrictToTokens(GraphPass):
                 raise ValueError(f"restricting {source.name} {_shape(source)} to index {index.name} "
                                  f"{_shape(index)}: need a (B, N, C) source and a (B, k) index with 0 < k < N")
             region = _region(source, output)
-            anchor = min(output.users, key=lambda u: list(graph.nodes).index(u)) if output.users else None
+            anchor = first_user(output)
             ctx = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(output)
             with ctx:
                 wide = call_with_meta(graph, aten.unsqueeze.default, (index, -1), like=source)

@@ -10,7 +10,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
-__all__ = ["GraphPass", "PassResult", "new_node"]
+__all__ = ["GraphPass", "PassResult", "first_user", "new_node"]
 
 
 class GraphPass(PassBase):
@@ -40,3 +40,18 @@ def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node) -> fx.Nod
         if key in like.meta:
             node.meta[key] = like.meta[key]
     return node
+
+
+def first_user(node: fx.Node) -> fx.Node | None:
+    """The user of ``node`` that comes first in the graph (``None`` if it has none).
+
+    Walks forward from ``node`` (users always come after it): linear in the distance, with no list of the
+    graph's nodes.
+    """
+    users = set(node.users)
+    cur = node.next
+    while users and cur.op != "root":
+        if cur in users:
+            return cur
+        cur = cur.next
+    return None

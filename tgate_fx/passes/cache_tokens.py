@@ -1,0 +1,174 @@
+"""Token-wise caching of module outputs: score tokens, refresh the top k, keep the rest from a cache.
+
+What ToCa (ICLR 2025) does to a transformer block, as one pass over the
+graph, driven by data: the method says which attention cores score tokens,
+which module outputs are cached, how many tokens each refreshes, and under
+which cache keys (:class:`~tgate_fx.core.method.CacheKey`) the values live;
+this pass knows nothing of steps, schedules or pipelines. The math is in
+:mod:`tgate_fx.passes.token_math`, traced into the graph.
+
+* :class:`ScoreSite`: write the score source of an attention core (the
+  entropy of its head-mean map per query, or the attention each token
+  receives) to a cache;
+* :class:`CountReset`: write zero "steps since fresh" counters;
+* :class:`TokenRefresh`: read a module's cached output and counters, pick the
+  top-k tokens (:func:`~tgate_fx.passes.token_math.select_tokens`), run the
+  module on them only (:class:`~tgate_fx.passes.RestrictToTokens`), scatter
+  the fresh rows into the cache, replace the module's output by it, and write
+  the cache and the counters back (k = 0: the cache as is; k >= N: the module
+  as is). With ``rescore``, the refreshed rows of the score are recomputed
+  from the restricted attention core (the official cross-attention rule).
+
+Guarantees: the graph computes exactly the traced functions; new nodes carry
+``meta["val"]`` and the provenance of the node they extend; cache reads and
+writes go through the variant's :class:`~tgate_fx.core.variants.CacheIO`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
+from .compute_attention_map import ComputeAttentionMap
+from .restrict_to_tokens import RestrictToTokens, TokenRegion
+from .token_math import (TokenSelection, attention_entropy, attention_received, refreshed_counts, scatter_rows,
+                         scatter_tokens, select_tokens)
+
+__all__ = ["CacheTokens", "CountReset", "ScoreSite", "TokenRefresh"]
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+RULES = ("entropy", "received")
+
+
+@dataclass(frozen=True)
+class ScoreSite:
+    """Write the score source of attention ``core`` to cache ``key``.
+
+    ``rule``: ``"entropy"`` (:func:`~tgate_fx.passes.token_math.attention_entropy`, with ``pairs``) or
+    ``"received"`` (:func:`~tgate_fx.passes.token_math.attention_received`).
+    """
+
+    core: fx.Node
+    key: object
+    rule: str
+    pairs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"ScoreSite.rule must be one of {RULES}, got {self.rule!r}")
+
+
+@dataclass(frozen=True)
+class CountReset:
+    """Write ``(batch, tokens)`` int32 zeros to cache ``key``, right after ``like``."""
+
+    like: fx.Node
+    key: object
+    batch: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenRefresh:
+    """Refresh ``k`` tokens of the token-wise region ``source`` -> ``output`` from caches.
+
+    ``cache`` holds the output ``(B, N, C)``, ``count`` the int32 staleness ``(B, N)``, ``score`` the score
+    source (``None`` with ``selection.random``). ``rescore``: the rule with which the restricted copy of the
+    region's attention core ``core`` recomputes the refreshed rows of ``score`` (``None``: the score is kept).
+    """
+
+    source: fx.Node
+    output: fx.Node
+    k: int
+    cache: object
+    count: object
+    selection: TokenSelection
+    score: object = None
+    rescore: str | None = None
+    core: fx.Node | None = None
+    pairs: bool = False
+
+
+def _fake(like: fx.Node, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A fake value of ``shape`` and ``dtype`` on ``like``'s device, in its fake mode (a cache input's value)."""
+    val = like.meta["val"]
+    with detect_fake_mode([val]) or torch._subclasses.FakeTensorMode():
+        return val.new_empty(tuple(shape), dtype=dtype)
+
+
+def _score_of(amap: torch.Tensor, rule: str, pairs: bool) -> torch.Tensor:
+    return attention_entropy(amap, pairs) if rule == "entropy" else attention_received(amap)
+
+
+class CacheTokens(GraphPass):
+    """Score sites, counter resets and token refreshes, in the order given (see the module docstring).
+
+    Args:
+        scores, resets, refreshes: What to insert.
+        caches: The variant's :class:`~tgate_fx.core.variants.CacheIO`.
+    """
+
+    def __init__(self, caches, scores=(), resets=(), refreshes=()):
+        self.caches = caches
+        self.scores, self.resets, self.refreshes = list(scores), list(resets), list(refreshes)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        for site in self.scores:
+            self.caches.write(site.key, self._score(graph, site.core, site.rule, site.pairs))
+        for reset in self.resets:
+            with graph.inserting_before(reset.like.next):  # before, not after: traced nodes keep their order
+                zeros = call_traced(graph, torch.zeros, [reset.batch, reset.tokens], like=reset.like,
+                                    dtype=torch.int32, device=reset.like.meta["val"].device)
+            self.caches.write(reset.key, zeros)
+        for refresh in self.refreshes:
+            self._refresh(graph, refresh)
+        return PassResult(graph_module, bool(self.scores or self.resets or self.refreshes))
+
+    def _score(self, graph: fx.Graph, core: fx.Node, rule: str, pairs: bool) -> fx.Node:
+        """The score source of ``core``, inserted before the core's first user."""
+        maps = ComputeAttentionMap([core])
+        maps(graph.owning_module)
+        amap = maps.maps[0]
+        probs = amap.args[0]
+        if probs.target is aten._softmax.default:  # the same kernel; the ONNX exporters know only aten.softmax
+            probs.target, probs.args = aten.softmax.int, probs.args[:2]
+        with graph.inserting_before(amap.next):
+            return call_traced(graph, _score_of, amap, rule, pairs, like=core)
+
+    def _refresh(self, graph: fx.Graph, r: TokenRefresh) -> None:
+        io, output = self.caches, r.output
+        batch, tokens = r.source.meta["val"].shape[:2]
+        rows = batch // 2 if r.selection.share_rows else batch
+        cache = io.read(r.cache, output.meta["val"])
+        count = io.read(r.count, _fake(r.source, (batch, tokens), torch.int32))
+        new_cache = output
+        with graph.inserting_before(first_user(output)):
+            if r.k == 0:
+                index, new_cache = None, cache
+            else:
+                score = None if r.selection.random else io.read(r.score, _fake(r.source, (rows, tokens),
+                                                                                 torch.float32))
+                index = call_traced(graph, select_tokens, score, count, r.k, r.selection, like=output)
+            new_count = call_traced(graph, refreshed_counts, count, index, like=output)
+            if 0 < r.k < tokens:
+                restrict = RestrictToTokens([TokenRegion(r.source, output, index)])
+                restrict(graph.owning_module)
+                copies = restrict.copies[0]
+                new_cache = call_traced(graph, scatter_tokens, cache, index, copies[output], like=output)
+                if r.rescore:
+                    core = copies[r.core]
+                    fresh = self._score(graph, core, r.rescore, r.pairs)
+                    old = io.read(r.score, _fake(r.source, (rows, tokens), torch.float32))
+                    io.write(r.score, call_traced(graph, scatter_rows, old, index, fresh, like=output))
+        if r.k >= tokens and r.rescore:  # every token is fresh: the module's own output, and its whole score
+            io.write(r.score, self._score(graph, r.core, r.rescore, r.pairs))
+        if new_cache is not output:
+            output.replace_all_uses_with(new_cache)
+        io.write(r.cache, new_cache)
+        io.write(r.count, new_count)
