@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tgate_fx
-from conftest import eager_denoiser, latents, shared_optimized
+from conftest import eager_denoiser, latents
 from oracle import OracleDenoiser
 from oracle_toca import OfficialScheduler, ToCaOracle
 from tgate_fx import TGateConfig, ToCaConfig
@@ -16,13 +16,6 @@ from tgate_fx.methods.toca.config import fresh_count, fresh_ratio, official_step
 from tgate_fx.tiny import tiny_pipeline
 
 TOL = 1e-5
-_DIT: dict = {}
-
-
-def _dit():
-    if "pipe" not in _DIT:
-        _DIT["pipe"] = tgate_fx.optimize(tiny_pipeline("dit"), toca=ToCaConfig())
-    return _DIT["pipe"]
 
 
 def dit_latents(pipe, steps, guidance_scale=4.0, labels=(1, 7), seed=0):
@@ -129,7 +122,7 @@ DIT_CASES = [
 @pytest.mark.parametrize("family,settings,steps,call", PIXART_CASES + DIT_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(PIXART_CASES + DIT_CASES)])
 def test_toca_equals_eager_oracle(family, settings, steps, call):
-    pipe = _dit() if family == "dit" else shared_optimized(family)
+    pipe = tiny_pipeline(family)
     tgate_fx.optimize(pipe, toca=ToCaConfig(**settings))
     config = tgate_fx.get_runtime(pipe).method_config("toca")
     cfg = call.get("guidance_scale", 4.5) > 1
@@ -155,7 +148,7 @@ def test_random_score_equals_eager_oracle_from_the_same_generator(family, settin
     """``score="random"`` (the ablation): the eager graphs draw their scores from torch's global generator where
     the oracle does (one ``rand(rows, N)`` per selection with k > 0, block order, cross-attention before MLP), so
     seeding it before each generation gives the oracle's latents; another seed selects other tokens."""
-    pipe = _dit() if family == "dit" else shared_optimized(family)
+    pipe = tiny_pipeline(family)
     fam = "dit" if family == "dit" else "pixart"
     tgate_fx.optimize(pipe, toca=ToCaConfig(**settings))
     config = tgate_fx.get_runtime(pipe).method_config("toca")
@@ -177,7 +170,7 @@ def test_random_score_equals_eager_oracle_from_the_same_generator(family, settin
 
 
 def test_mixed_step_runs_layer_0_full_only():
-    pipe = tgate_fx.optimize(shared_optimized("pixart_alpha"), toca=ToCaConfig())
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig())
     config = tgate_fx.get_runtime(pipe).method_config("toca")
     _, oracle = oracle_latents(pipe, "pixart", config, 20, True, {})
     assert [(layer, kind if kind == "full" else "partial") for call, layer, kind in oracle.log if call == 4] == \
@@ -193,7 +186,7 @@ def test_mixed_step_runs_layer_0_full_only():
 def test_toca_with_tgate_equals_composed_oracles(gate, steps):
     """T-GATE's gate (cross-attention cached, CFG dropped after it) with ToCa on self-attention and MLP: the T-GATE
     oracle's caching processors inside ToCa's oracle blocks."""
-    pipe = shared_optimized("pixart_alpha")
+    pipe = tiny_pipeline("pixart_alpha")
     tgate = TGateConfig(gate_step=gate, sp_interval=1, fi_interval=1, warm_up=0)
     tgate_fx.optimize(pipe, tgate=tgate, toca=ToCaConfig())
     config = tgate_fx.get_runtime(pipe).method_config("toca")
@@ -218,7 +211,7 @@ def test_toca_with_tgate_reusing_self_attention_is_refused():
 
 
 def test_partial_graph_gathers_k_tokens_and_skips_self_attention():
-    pipe = tgate_fx.optimize(shared_optimized("pixart_alpha"), toca=ToCaConfig())
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig())
     with tgate_fx.get_runtime(pipe).tracing() as trace:
         latents(pipe, num_inference_steps=20)
     aten = torch.ops.aten

@@ -4,7 +4,8 @@ from the tiny PixArt's widths and the official k), and ``report`` shows one copy
 import pytest
 
 import tgate_fx
-from conftest import latents, shared_optimized
+from tgate_fx.tiny import tiny_pipeline
+from conftest import latents
 from tgate_fx import ToCaConfig
 from tgate_fx.accounting.macs import count_macs
 from tgate_fx.accounting.report import cache_memory
@@ -16,7 +17,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def toca_pipe():
-    pipe = tgate_fx.optimize(shared_optimized("pixart_alpha"), toca=ToCaConfig())
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig())
     latents(pipe, num_inference_steps=STEPS)
     return pipe
 

@@ -11,10 +11,11 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import tgate_fx  # noqa: E402
-from conftest import eager_denoiser, latents, shared_optimized  # noqa: E402
-from test_toca import _dit, dit_latents  # noqa: E402
+from conftest import eager_denoiser, latents  # noqa: E402
+from test_toca import dit_latents  # noqa: E402
 from tgate_fx import TGateConfig, ToCaConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
+from tgate_fx.tiny import tiny_pipeline  # noqa: E402
 
 STEPS = 8  # PixArt N=3 at 8 steps: full, partial x3, mixed, partial, full, partial
 TOCA = ToCaConfig()  # export_onnx fills the family defaults from the denoiser, as optimize does
@@ -27,7 +28,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_toca_onnx_bundle_matches_torch(case, tmp_path):
     methods = CASES[case]
-    pipe = tgate_fx.optimize(shared_optimized("pixart_alpha"), methods=methods)
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), methods=methods)
     ref = latents(pipe, num_inference_steps=STEPS)
     torch_plan = tgate_fx.get_runtime(pipe).last_plan
     call = dict(pipe.tiny_call_kwargs)
@@ -62,7 +63,7 @@ DIT_STEPS = 7  # DiT DDIM-50 schedule, N=3, at 7 steps: full, partial, mixed, fu
 
 def test_toca_dit_onnx_bundle_matches_torch(tmp_path):
     """DiT (self-attention map scores, MLP refreshed, steps counted down): the bundle runs in DiTPipeline."""
-    pipe = tgate_fx.optimize(_dit(), toca=TOCA)
+    pipe = tgate_fx.optimize(tiny_pipeline("dit"), toca=TOCA)
     ref = dit_latents(pipe, DIT_STEPS)
     torch_plan = tgate_fx.get_runtime(pipe).last_plan
     export_onnx(pipe, str(tmp_path), num_inference_steps=DIT_STEPS, methods=[TOCA], class_labels=[1, 7],
