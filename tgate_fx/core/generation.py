@@ -307,7 +307,8 @@ class GenerationTracker:
 
         The calling pipeline's ``do_classifier_free_guidance`` decides where it
         has one (SD, SD-XL, ControlNet, img2img), else the variable of that
-        name in its ``__call__`` (PixArt); only a denoiser called from
+        name in its ``__call__`` (PixArt), or ``do_true_cfg`` (Flux,
+        Qwen-Image: true CFG as two calls per step); only a denoiser called from
         elsewhere falls back to recognising a CFG batch by its two identical
         halves of latents.
         """
@@ -338,8 +339,12 @@ class GenerationTracker:
                 return bool(pipe.do_classifier_free_guidance)
             except AttributeError:  # read outside a pipeline call
                 pass
-        value = (local or {}).get("do_classifier_free_guidance")
-        return value if isinstance(value, bool) else None
+        local = local or {}
+        for name in ("do_classifier_free_guidance", "do_true_cfg"):  # do_true_cfg: Flux's and Qwen-Image's
+            value = local.get(name)
+            if isinstance(value, bool):
+                return value
+        return None
 
     def _split_role(self, call: dict[str, Any], local: dict) -> str | None:
         """``"cond"``/``"uncond"`` if the call is one of the two calls of a split-CFG step, else ``None``.
