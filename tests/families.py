@@ -6,7 +6,8 @@ Two kinds:
   pipeline (tiny components with the sizes of diffusers' fast tests) that can
   generate, for the families tgate_fx accelerates;
 * :func:`transformer` ``(name)``: the denoiser alone, for the joint-attention
-  and video transformers that every method refuses at ``optimize`` (their
+  and video transformers that every method refuses at ``optimize`` (Flux and
+  Chroma, which ToCa serves, are pipelines without text encoders; the others
   pipelines need text encoders, T5 / Llama / Qwen2.5-VL, that cannot be built
   here without the hub). They are wrapped in a minimal ``DiffusionPipeline``
   (:func:`holding`): refusing them only needs the denoiser.
@@ -23,10 +24,14 @@ from tgate_fx.tiny import FAMILIES, tiny_pipeline
 PIPELINES = {
     **{name: "images" for name in ("sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet",
                                    "pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "sana", "hunyuandit",
-                                   "kandinsky22", "t2i_adapter")},
+                                   "kandinsky22", "t2i_adapter", "flux", "flux_true_cfg", "flux_kontext",
+                                   "chroma")},
     **{name: "frames" for name in ("animatediff", "svd", "ltx", "wan")},
 }
-TRANSFORMERS = ("flux", "chroma", "sd3", "qwenimage", "hunyuanvideo", "cogvideox", "lumina2", "auraflow", "hidream")
+# Pipelines built with settings of another family's builder.
+_VARIANTS = {"flux_true_cfg": lambda: tiny_extra.tiny_flux(true_cfg_scale=4.0),
+             "flux_kontext": lambda: tiny_extra.tiny_flux(kontext=True)}
+TRANSFORMERS = ("sd3", "qwenimage", "hunyuanvideo", "cogvideox", "lumina2", "auraflow", "hidream")
 
 
 def pipeline(name: str):
@@ -34,6 +39,8 @@ def pipeline(name: str):
     if name in FAMILIES:
         pipe = tiny_pipeline(name)
         return pipe, dict(pipe.tiny_call_kwargs)
+    if name in _VARIANTS:
+        return _VARIANTS[name]()
     return getattr(tiny_extra, f"tiny_{name}")()
 
 

@@ -22,7 +22,7 @@ import torch
 from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
-           "tiny_t2i_adapter", "tiny_wan"]
+           "tiny_t2i_adapter", "tiny_wan", "tiny_flux", "tiny_chroma"]
 
 
 def _seeded(seed: int):
@@ -234,3 +234,67 @@ def tiny_t2i_adapter(seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(seed + 8)
     return pipe, dict(image=torch.rand(1, 3, 32, 32, generator=g), height=32, width=32, guidance_scale=7.5)
+
+
+def tiny_flux(seed: int = 0, *, true_cfg_scale: float = 1.0, size: int = 32, kontext: bool = False):
+    """FLUX.1 text to image (``FluxTransformer2DModel``: double- and single-stream blocks), ``size`` x ``size``.
+
+    The VAE has one block (scale factor 1), so a 32 x 32 image is 16 x 16 latents packed 2 x 2 into 256 image
+    tokens; the text is 9 seeded T5-like tokens (9: no token count is a multiple of
+    the probe batch 11 of :mod:`tgate_fx.core.rebatch`, so every batch size is served by one capture) and a pooled CLIP-like vector. ``true_cfg_scale > 1`` runs
+    true CFG as FluxPipeline does: two denoiser calls per step (conditional, then unconditional).
+    ``kontext``: FluxKontextPipeline, whose image tokens also hold a reference image's (an input image).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from diffusers import FluxTransformer2DModel
+
+    _seeded(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    call = dict(prompt_embeds=torch.randn(1, 9, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                height=size, width=size, guidance_scale=3.5, max_sequence_length=9)
+    if true_cfg_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 9, 32, generator=g),
+                    negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g), true_cfg_scale=true_cfg_scale)
+    if kontext:
+        # max_area: the size asked for (Kontext scales to 1024 x 1024 by default)
+        call.update(image=torch.rand(1, 3, size, size, generator=g), _auto_resize=False, max_area=size * size)
+    return pipe, call
+
+
+def tiny_chroma(seed: int = 0, *, guidance_scale: float = 4.0, size: int = 32):
+    """Chroma text to image (``ChromaTransformer2DModel``: FLUX's blocks, modulation from a distilled
+    approximator, a text attention mask), ``size`` x ``size``; CFG (``guidance_scale > 1``) runs as two
+    denoiser calls per step. The text is 9 seeded tokens, the last 2 masked out."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seeded(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 4, 8], approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                          transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    mask = torch.ones(1, 9)  # the dtype ChromaPipeline._get_t5_prompt_embeds returns
+    mask[:, 7:] = 0
+    call = dict(prompt_embeds=torch.randn(1, 9, 32, generator=g), prompt_attention_mask=mask,
+                height=size, width=size, guidance_scale=guidance_scale, max_sequence_length=9)
+    if guidance_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 9, 32, generator=g), negative_prompt_attention_mask=mask)
+    return pipe, call

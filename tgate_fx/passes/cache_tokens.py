@@ -9,7 +9,8 @@ this pass knows nothing of steps, schedules or pipelines. The math is in
 
 * :class:`ScoreSite`: write the score source of an attention core (the
   entropy of its head-mean map per query, or the attention each token
-  receives) to a cache;
+  receives, summed or averaged over the queries; optionally of a range of
+  its key columns) to a cache;
 * :class:`CountReset`: write zero "steps since fresh" counters;
 * :class:`TokenRefresh`: read a module's cached output and counters, pick the
   top-k tokens (:func:`~tgate_fx.passes.token_math.select_tokens`), run the
@@ -18,6 +19,9 @@ this pass knows nothing of steps, schedules or pipelines. The math is in
   the cache and the counters back (k = 0: the cache as is; k >= N: the module
   as is). With ``rescore``, the refreshed rows of the score are recomputed
   from the restricted attention core (the official cross-attention rule).
+  With ``cached_inputs``, values inside the region are read from caches
+  first (the official FLUX single-stream block: the attention is cached, the
+  MLP branch and the output projection are refreshed).
 
 Guarantees: the graph computes exactly the traced functions; new nodes carry
 ``meta["val"]`` and the provenance of the node they extend; cache reads and
@@ -35,32 +39,41 @@ from torch._guards import detect_fake_mode
 from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
 from .compute_attention_map import ComputeAttentionMap
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
-from .token_math import (TokenSelection, attention_entropy, attention_received, refreshed_counts, scatter_rows,
-                         scatter_tokens, select_tokens)
+from .token_math import (TokenSelection, attention_entropy, attention_received, attention_received_mean,
+                         refreshed_counts, scatter_rows, scatter_tokens, select_tokens)
 
 __all__ = ["CacheTokens", "CountReset", "ScoreSite", "TokenRefresh"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-RULES = ("entropy", "received")
+RULES = ("entropy", "received", "received_mean")
 
 
 @dataclass(frozen=True)
 class ScoreSite:
     """Write the score source of attention ``core`` to cache ``key``.
 
-    ``rule``: ``"entropy"`` (:func:`~tgate_fx.passes.token_math.attention_entropy`, with ``pairs``) or
-    ``"received"`` (:func:`~tgate_fx.passes.token_math.attention_received`).
+    ``rule``: ``"entropy"`` (:func:`~tgate_fx.passes.token_math.attention_entropy`, with ``pairs``),
+    ``"received"`` (:func:`~tgate_fx.passes.token_math.attention_received`) or ``"received_mean"``
+    (:func:`~tgate_fx.passes.token_math.attention_received_mean`). ``columns``: ``(start, stop)``, keep
+    these key positions of a per-key score (``stop=None``: to the end), e.g. one stream of a joint
+    attention. ``scale_logits``: the map scales the logits, not the queries (see
+    :class:`~tgate_fx.passes.ComputeAttentionMap`). Sites of one core with the same rule, pairing and
+    scaling share one map.
     """
 
     core: fx.Node
     key: object
     rule: str
     pairs: bool = False
+    columns: tuple[int, int | None] | None = None
+    scale_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"ScoreSite.rule must be one of {RULES}, got {self.rule!r}")
+        if self.columns is not None and self.rule == "entropy":
+            raise ValueError("ScoreSite.columns selects keys; the entropy rule scores queries")
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class TokenRefresh:
     ``cache`` holds the output ``(B, N, C)``, ``count`` the int32 staleness ``(B, N)``, ``score`` the score
     source (``None`` with ``selection.random``). ``rescore``: the rule with which the restricted copy of the
     region's attention core ``core`` recomputes the refreshed rows of ``score`` (``None``: the score is kept).
+    ``cached_inputs``: ``(node, key)`` pairs, ``(B, N, C)`` values of the region read from cache ``key``
+    instead (every use of ``node`` reads the cache; the restricted copy its rows at the index).
     """
 
     source: fx.Node
@@ -92,6 +107,7 @@ class TokenRefresh:
     rescore: str | None = None
     core: fx.Node | None = None
     pairs: bool = False
+    cached_inputs: tuple[tuple[fx.Node, object], ...] = ()
 
 
 def _fake(like: fx.Node, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -102,7 +118,13 @@ def _fake(like: fx.Node, shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _score_of(amap: torch.Tensor, rule: str, pairs: bool) -> torch.Tensor:
-    return attention_entropy(amap, pairs) if rule == "entropy" else attention_received(amap)
+    if rule == "entropy":
+        return attention_entropy(amap, pairs)
+    return attention_received(amap) if rule == "received" else attention_received_mean(amap)
+
+
+def _columns(score: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    return score[:, start:stop]
 
 
 class CacheTokens(GraphPass):
@@ -119,8 +141,16 @@ class CacheTokens(GraphPass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
+        shared: dict[tuple, fx.Node] = {}
         for site in self.scores:
-            self.caches.write(site.key, self._score(graph, site.core, site.rule, site.pairs))
+            which = (site.core, site.rule, site.pairs, site.scale_logits)
+            if which not in shared:
+                shared[which] = self._score(graph, *which)
+            score = shared[which]
+            if site.columns is not None:
+                with graph.inserting_before(score.next):  # traced nodes keep their order
+                    score = call_traced(graph, _columns, score, *site.columns, like=site.core)
+            self.caches.write(site.key, score)
         for reset in self.resets:
             with graph.inserting_before(reset.like.next):  # before, not after: traced nodes keep their order
                 zeros = call_traced(graph, torch.zeros, [reset.batch, reset.tokens], like=reset.like,
@@ -130,9 +160,9 @@ class CacheTokens(GraphPass):
             self._refresh(graph, refresh)
         return PassResult(graph_module, bool(self.scores or self.resets or self.refreshes))
 
-    def _score(self, graph: fx.Graph, core: fx.Node, rule: str, pairs: bool) -> fx.Node:
+    def _score(self, graph: fx.Graph, core: fx.Node, rule: str, pairs: bool, scale_logits: bool = False) -> fx.Node:
         """The score source of ``core``, inserted before the core's first user."""
-        maps = ComputeAttentionMap([core])
+        maps = ComputeAttentionMap([core], scale_logits)
         maps(graph.owning_module)
         amap = maps.maps[0]
         probs = amap.args[0]
@@ -147,6 +177,11 @@ class CacheTokens(GraphPass):
         rows = batch // 2 if r.selection.share_rows else batch
         cache = io.read(r.cache, output.meta["val"])
         count = io.read(r.count, _fake(r.source, (batch, tokens), torch.int32))
+        gathered = []
+        for node, key in r.cached_inputs:  # before the region is found: what the node computed is not in it
+            value = io.read(key, node.meta["val"])
+            node.replace_all_uses_with(value)
+            gathered.append(value)
         new_cache = output
         with graph.inserting_before(first_user(output)):
             if r.k == 0:
@@ -157,7 +192,7 @@ class CacheTokens(GraphPass):
                 index = call_traced(graph, select_tokens, score, count, r.k, r.selection, like=output)
             new_count = call_traced(graph, refreshed_counts, count, index, like=output)
             if 0 < r.k < tokens:
-                restrict = RestrictToTokens([TokenRegion(r.source, output, index)])
+                restrict = RestrictToTokens([TokenRegion(r.source, output, index, tuple(gathered))])
                 restrict(graph.owning_module)
                 copies = restrict.copies[0]
                 new_cache = call_traced(graph, scatter_tokens, cache, index, copies[output], like=output)

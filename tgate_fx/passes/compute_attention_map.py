@@ -4,7 +4,8 @@ Takes ``scaled_dot_product_attention`` nodes (queries ``(B, H, Lq, d)``, keys
 ``(B, H, Lk, d)``, an optional additive float or boolean mask). Inserts,
 right after each, what ToCa's official ``cached_attention_forward``
 computes: ``softmax((q * scale) @ k^T + mask, -1).mean(1)``, with ``scale``
-the core's (default ``1 / d ** 0.5``). The core itself is unchanged (its output
+the core's (default ``1 / d ** 0.5``); with ``scale_logits``, the official
+FLUX code's ``softmax((q @ k^T) * scale + mask, -1).mean(1)``. The core itself is unchanged (its output
 is still computed by the fused kernel); dead-code elimination drops the map
 where nothing reads it. Guarantees: new nodes carry ``meta["val"]`` and the
 core's provenance; :attr:`ComputeAttentionMap.maps` holds the ``(B, Lq, Lk)``
@@ -28,8 +29,9 @@ SDPA = aten.scaled_dot_product_attention.default
 
 
 class ComputeAttentionMap(GraphPass):
-    def __init__(self, cores: Sequence[fx.Node]):
+    def __init__(self, cores: Sequence[fx.Node], scale_logits: bool = False):
         self.cores = list(cores)
+        self.scale_logits = scale_logits
         self.maps: list[fx.Node] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -48,9 +50,13 @@ class ComputeAttentionMap(GraphPass):
                 scale = 1.0 / q.meta["val"].shape[-1] ** 0.5  # as the official code (and d ** -0.5 may differ by an ulp)
             anchor = first_user(core)
             with graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(core):
-                scaled = call_with_meta(graph, aten.mul.Tensor, (q, scale), like=core)
                 keys_t = call_with_meta(graph, aten.transpose.int, (k, -2, -1), like=core)
-                logits = call_with_meta(graph, aten.matmul.default, (scaled, keys_t), like=core)
+                if self.scale_logits:
+                    logits = call_with_meta(graph, aten.matmul.default, (q, keys_t), like=core)
+                    logits = call_with_meta(graph, aten.mul.Tensor, (logits, scale), like=core)
+                else:
+                    scaled = call_with_meta(graph, aten.mul.Tensor, (q, scale), like=core)
+                    logits = call_with_meta(graph, aten.matmul.default, (scaled, keys_t), like=core)
                 if mask is not None:
                     if mask.meta["val"].dtype == torch.bool:
                         logits = call_with_meta(graph, aten.masked_fill.Scalar,

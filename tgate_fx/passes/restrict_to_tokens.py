@@ -7,9 +7,13 @@ on a path from the source to the output. Assumes the region is token-wise:
 row ``n`` of the output depends only on row ``n`` of the source (and on
 values that have no token dimension, such as text keys, a mask, weights),
 e.g. a cross-attention whose queries come from the source, or an MLP with
-its norm. Inserts ``gather(source, 1, index)`` and a copy of the region on
-those ``k`` rows, right before the output's first user; values of the region
-that do not depend on the source are shared, not copied. Shape arguments
+its norm. Values with a token dimension that the region reads but that do
+not depend on the source (a cached attention output next to an MLP branch)
+must be named as the region's *gathered* values. Inserts
+``gather(source, 1, index)`` (and of each gathered value) and a copy of the
+region on those ``k`` rows, right before the output's first user; other
+values of the region that do not depend on the source are shared, not
+copied. Shape arguments
 (``view``/``reshape``/``expand``) that name the token count are rewritten
 for ``k`` (``ValueError`` if the token dimension cannot be told apart).
 Guarantees: the original region is untouched; new nodes carry
@@ -39,11 +43,16 @@ _PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 class TokenRegion(NamedTuple):
-    """A token-wise region: its source ``(B, N, C)``, its output, and the ``(B, k)`` token index to run it on."""
+    """A token-wise region: its source ``(B, N, C)``, its output, and the ``(B, k)`` token index to run it on.
+
+    ``gathered``: other ``(B, N, C)`` values the region reads row by row (e.g. a cached attention output
+    concatenated with the source's MLP branch); the copy reads their rows at the index too.
+    """
 
     source: fx.Node
     output: fx.Node
     index: fx.Node
+    gathered: tuple[fx.Node, ...] = ()
 
 
 def call_with_meta(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None,
@@ -122,8 +131,8 @@ class RestrictToTokens(GraphPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         self.copies = []
-        for source, output, index in self.regions:
-            for node in (source, output, index):
+        for source, output, index, gathered in self.regions:
+            for node in (source, output, index, *gathered):
                 if node.graph is not graph:
                     raise ValueError(f"node {node.name} is not in the graph this pass runs on")
             b, n = _shape(source)[:2]
@@ -131,15 +140,21 @@ class RestrictToTokens(GraphPass):
             if len(_shape(source)) != 3 or _shape(index)[0] != b or not 0 < k < n:
                 raise ValueError(f"restricting {source.name} {_shape(source)} to index {index.name} "
                                  f"{_shape(index)}: need a (B, N, C) source and a (B, k) index with 0 < k < N")
+            for side in gathered:
+                if len(_shape(side)) != 3 or _shape(side)[:2] != (b, n):
+                    raise ValueError(f"gathered value {side.name} {_shape(side)} is not (B, N, C) with the "
+                                     f"source's B = {b} and N = {n}")
             region = _region(source, output)
             anchor = first_user(output)
             ctx = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(output)
             with ctx:
-                wide = call_with_meta(graph, aten.unsqueeze.default, (index, -1), like=source)
-                wide = call_with_meta(graph, aten.expand.default, (wide, [b, k, _shape(source)[2]]), like=source)
-                rows = call_with_meta(graph, aten.gather.default, (source, 1, wide), like=source)
-                env: dict[fx.Node, fx.Node] = {source: rows}
-                token_dim: dict[fx.Node, int] = {rows: 1}
+                env: dict[fx.Node, fx.Node] = {}
+                token_dim: dict[fx.Node, int] = {}
+                for value in (source, *gathered):
+                    wide = call_with_meta(graph, aten.unsqueeze.default, (index, -1), like=value)
+                    wide = call_with_meta(graph, aten.expand.default, (wide, [b, k, _shape(value)[2]]), like=value)
+                    env[value] = call_with_meta(graph, aten.gather.default, (value, 1, wide), like=value)
+                    token_dim[env[value]] = 1
                 for node in region:
                     if node.op != "call_function":
                         raise ValueError(f"cannot restrict {node.op} node {node.name}")

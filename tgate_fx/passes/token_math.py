@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenSelection", "attention_entropy", "attention_received", "refreshed_counts", "scatter_rows",
-           "scatter_tokens", "select_tokens", "spatial_bonus"]
+__all__ = ["TokenSelection", "attention_entropy", "attention_received", "attention_received_mean", "refreshed_counts",
+           "scatter_rows", "scatter_tokens", "select_tokens", "spatial_bonus"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class TokenSelection:
         add_one: Add 1 to the score source before it is normalised (the official code does for the
             cross-attention entropy).
         share_rows: The score has one row per CFG pair, shared by both halves (repeated to the batch).
-        bonus_ratio: The best token of each ``bonus_grid`` x ``bonus_grid`` cell gains this times its score.
+        bonus_ratio: The best token of each ``bonus_grid`` x ``bonus_grid`` cell gains this times its score
+            (0: no spatial bonus, as the official FLUX code; the tokens then need not form a grid).
         bonus_grid: Cell side of the spatial bonus (the tokens must form a square grid it divides).
     """
 
@@ -56,6 +57,12 @@ def attention_entropy(amap: torch.Tensor, pairs: bool) -> torch.Tensor:
 def attention_received(amap: torch.Tensor) -> torch.Tensor:
     """The attention each token receives, summed over the queries of a head-mean map ``(B, N, N)``: ``(B, N)``."""
     return amap.sum(1)
+
+
+def attention_received_mean(amap: torch.Tensor) -> torch.Tensor:
+    """The attention each token receives, averaged over the queries of a head-mean map ``(B, N, N)``: ``(B, N)``
+    (the official FLUX code's ``attn_map.mean(dim=1).mean(dim=1)``, heads then queries)."""
+    return amap.mean(1)
 
 
 def spatial_bonus(score: torch.Tensor, ratio: float, grid: int) -> torch.Tensor:
@@ -90,7 +97,8 @@ def select_tokens(source: torch.Tensor | None, count: torch.Tensor, k: int, sel:
     if sel.share_rows:
         score = score.repeat(2, 1)
     score = score + count.to(torch.float32) / sel.interval * sel.cache_weight
-    score = spatial_bonus(score, sel.bonus_ratio, sel.bonus_grid)
+    if sel.bonus_ratio:
+        score = spatial_bonus(score, sel.bonus_ratio, sel.bonus_grid)
     return torch.argsort(score, -1, True)[:, :k]
 
 

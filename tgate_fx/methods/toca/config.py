@@ -9,11 +9,11 @@ import torch
 
 from .._checks import check_int
 
-__all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "step_kinds"]
+__all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "step_kinds", "step_weighted"]
 
 # Literal annotations: the CLI offers their values as the flags' choices.
-Family = Literal["pixart", "dit"]
-Schedule = Literal["ToCa", "ToCa-ddim50", "ToCa-ddpm250", "constant"]
+Family = Literal["pixart", "dit", "flux"]
+Schedule = Literal["ToCa", "ToCa-ddim50", "ToCa-ddpm250", "ToCa-flux", "constant"]
 Score = Literal["attention", "random"]
 Compat = Literal["official", "clean"]
 FAMILIES, SCHEDULES, SCORES, COMPAT = (get_args(t) for t in (Family, Schedule, Score, Compat))
@@ -22,7 +22,12 @@ FAMILIES, SCHEDULES, SCORES, COMPAT = (get_args(t) for t in (Family, Schedule, S
 _DEFAULTS = {
     "pixart": (3, 0.30, "ToCa", 0.4, 4),
     "dit": (3, 0.07, "ToCa-ddim50", 0.6, 2),
+    "flux": (4, 0.10, "ToCa-flux", 0.0, 1),  # flux-ToCa's cache_init (mode "ToCa"): no spatial bonus
 }
+# flux-ToCa's "ToCa" ratio schedule: (step_weight, layer_weight, stream_weight); the double stream's factor is
+# 1 - stream_weight, the single stream's 1 + stream_weight.
+_FLUX_WEIGHTS = (0.0, 0.5, 0.6)
+_FLUX_SCHEDULES = ("ToCa-flux", "constant")
 # The official weights of each ratio schedule: (step_weight, layer_weight, module_weight, module_time_weight,
 # the module whose factor is reduced).
 _WEIGHTS = {
@@ -38,20 +43,29 @@ class ToCaConfig:
 
     Every ``None`` field takes the official default of the denoiser's family
     when :func:`tgate_fx.optimize` installs the method (PixArt-alpha/sigma:
-    ``"pixart"``; DiT: ``"dit"``); :meth:`resolved` does it by hand.
+    ``"pixart"``; DiT: ``"dit"``; FLUX.1, FLUX.1 Kontext, Chroma: ``"flux"``);
+    :meth:`resolved` does it by hand.
 
     Attributes:
         family: ``"pixart"`` (PixArt-alpha/sigma: the cross-attention map scores tokens, cross-attention
             and MLP are refreshed on partial steps, steps counted 0..S-1) or ``"dit"`` (DiT: the
             self-attention map scores, only the MLP is refreshed, steps counted down S-1..0 as the
-            official DiT code does); ``None``: from the denoiser.
+            official DiT code does) or ``"flux"`` (the official FLUX code: the self-attention map scores
+            the tokens; the double-stream blocks reuse the attention and refresh the image and the text
+            MLP, each stream with its own scores and k; the single-stream blocks refresh the MLP branch
+            and the output projection over text and image tokens, with the attention from the cache;
+            one step kind for every layer); ``None``: from the denoiser.
         interval: The full-step interval N (``fresh_threshold``): full when ``s % T == 0`` with
-            ``T = round(N / sf)``. Default 3 (PixArt; DiT with DDIM-50), 4 for ``"ToCa-ddpm250"``.
+            ``T = round(N / sf)`` (PixArt, DiT); FLUX: full at steps 0, 1, 2 (step 0 only with
+            ``ratio=0``) and then every N-th step (``cal_type``'s counter). Default 3 (PixArt; DiT with
+            DDIM-50), 4 for ``"ToCa-ddpm250"`` and FLUX.
         ratio: The fresh ratio R: about ``R * N_tokens`` tokens are recomputed per module on a
-            partial step, scaled by the schedule. Default 0.30 (PixArt), 0.07 (DiT). ``0`` is FORA
-            (caches only; the official interval then has no step weighting and no DiT window).
+            partial step, scaled by the schedule. Default 0.30 (PixArt), 0.07 (DiT), 0.10 (FLUX). ``0``
+            is FORA (caches only; the official interval then has no step weighting and no DiT window).
         schedule: The ratio schedule: ``"ToCa"`` (PixArt), ``"ToCa-ddim50"`` (DiT default),
-            ``"ToCa-ddpm250"`` (DiT with DDPM-250) or ``"constant"`` (R everywhere).
+            ``"ToCa-ddpm250"`` (DiT with DDPM-250), ``"ToCa-flux"`` (FLUX, the official FLUX code's
+            ``"ToCa"``: ``R * (1.5 - layer / 27) * (0.4 double | 1.6 single)``, layers counted per
+            stream) or ``"constant"`` (R everywhere).
         score: ``"attention"`` (the published score: PixArt the entropy of the cross-attention map,
             both CFG halves sharing one selection; DiT the attention each token receives) or
             ``"random"`` (the ablation: uniform random scores, shared by both CFG halves; schedule and k
@@ -64,8 +78,9 @@ class ToCaConfig:
         cache_weight: Weight of the cache-frequency score (``soft_fresh_weight``): ``+ w * c / N``
             for a token stale for c partial steps. Default 0.25.
         bonus_ratio: Spatial bonus: in each ``bonus_grid`` x ``bonus_grid`` cell of the token grid the
-            best token's score gains ``bonus_ratio`` times itself. Default 0.4 (PixArt), 0.6 (DiT).
-        bonus_grid: Cell side of the spatial bonus. Default 4 (PixArt), 2 (DiT).
+            best token's score gains ``bonus_ratio`` times itself. Default 0.4 (PixArt), 0.6 (DiT), 0
+            (FLUX: none).
+        bonus_grid: Cell side of the spatial bonus. Default 4 (PixArt), 2 (DiT), 1 (FLUX, unused).
         compat: ``"official"`` keeps three quirks of the official code: the layer factor divides by
             the constant 27 whatever the depth; k is ``int(float32(r) * N_tokens)`` in float32; and
             the interval T is updated inside full blocks, so that in a step where layer 0 is full
@@ -114,6 +129,9 @@ class ToCaConfig:
             raise ValueError(f"ToCa needs a family ({FAMILIES}) to fill its defaults, got {family!r}")
         interval, ratio, schedule, bonus, grid = _DEFAULTS[family]
         schedule = self.schedule or schedule
+        if (family == "flux") != (schedule == "ToCa-flux") and schedule != "constant":
+            allowed = _FLUX_SCHEDULES if family == "flux" else tuple(x for x in SCHEDULES if x != "ToCa-flux")
+            raise ValueError(f"ToCa schedule {schedule!r} does not fit family {family!r}; use one of {allowed}")
         if self.interval is None and schedule == "ToCa-ddpm250":
             interval = 4
         return replace(self, family=family, interval=self.interval or interval,
@@ -130,8 +148,9 @@ class ToCaConfig:
 
 
 def official_step(family: str, i: int, num_steps: int) -> int:
-    """The step index the official code hands its schedulers: PixArt counts up (i), DiT counts down (S-1-i)."""
-    return i if family == "pixart" else num_steps - 1 - i
+    """The step index the official code hands its schedulers: PixArt and FLUX count up (i), DiT counts down
+    (S-1-i)."""
+    return num_steps - 1 - i if family == "dit" else i
 
 
 def _interval(c: ToCaConfig, s: int, num_steps: int):
@@ -160,6 +179,8 @@ def step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int] = frozens
     DiT: layer 0's), so the later layers of a step test the new one. Steps in ``barriers``
     are full. ``compat="clean"``: every layer of a step tests the previous full step's interval.
     """
+    if c.family == "flux":
+        return _flux_step_kinds(c, num_steps, barriers)
     kinds, threshold = [], None
     for i in range(num_steps):
         s = official_step(c.family, i, num_steps)
@@ -180,13 +201,43 @@ def step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int] = frozens
     return kinds
 
 
+def _flux_step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int]) -> list[str]:
+    """flux-ToCa's ``cal_type``: full at the first steps (0, 1, 2; only 0 with ``ratio=0``) and when the
+    counter of partial steps since the last full step reaches ``T - 1``, ``T = round(N / 1)`` (its
+    ``force_scheduler`` has no step weight). Steps in ``barriers`` are full and reset the counter."""
+    threshold = int(torch.round(torch.tensor(c.interval / 1.0)))
+    kinds, counter = [], 0
+    for i in range(num_steps):
+        first = i == 0 if c.ratio == 0 else i <= 2
+        if first or i in barriers or counter == threshold - 1:
+            kinds.append("full")
+            counter = 0
+        else:
+            kinds.append("partial")
+            counter += 1
+    return kinds
+
+
+def step_weighted(c: ToCaConfig) -> bool:
+    """Whether the fresh ratio depends on the step (else every partial step has the same k: one graph)."""
+    return c.schedule not in ("constant", "ToCa-flux")
+
+
 def fresh_ratio(c: ToCaConfig, s: int, num_steps: int, layer: int, module: str, depth: int = 28) -> float:
     """``fresh_ratio_scheduler`` at official step ``s``, clamped to [0, 1] (float32 where ``compat="official"``).
 
-    ``module``: ``"cross"`` or ``"mlp"``. ``depth`` is used only with ``compat="clean"``.
+    ``module``: ``"cross"`` or ``"mlp"`` (FLUX: ``"double"`` or ``"single"``, the block's stream; ``s`` is
+    unused). ``depth`` is used only with ``compat="clean"``.
     """
     if c.schedule == "constant":
         ratio = c.ratio
+    elif c.schedule == "ToCa-flux":
+        sw, lw, stw = _FLUX_WEIGHTS
+        last = 27 if c.compat == "official" else max(depth - 1, 1)
+        step_factor = 1 - sw  # + 2 * sw * s / num_steps, with sw = 0
+        layer_factor = 1 + lw - 2 * lw * layer / last
+        stream_factor = (1 - stw) if module == "double" else (1 + stw)
+        ratio = c.ratio * layer_factor * step_factor * stream_factor
     else:
         sw, lw, mw, mtw, reduced = _WEIGHTS[c.schedule]
         last = 27 if c.compat == "official" else max(depth - 1, 1)

@@ -49,13 +49,15 @@ from ...core.analysis import Regions, _within
 from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
-from .config import ToCaConfig, fresh_count, fresh_ratio, official_step, step_kinds
+from .config import ToCaConfig, fresh_count, fresh_ratio, official_step, step_kinds, step_weighted
+from .flux import FLUX_GROUPS, annotate_flux, flux_pass
 
 __all__ = ["ToCa"]
 
 NAME = "toca"
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "dit"}
+_FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux",
+              "ChromaTransformer2DModel": "flux"}
 
 
 def _in(node: fx.Node, scope: str) -> bool:
@@ -90,8 +92,9 @@ class ToCa(Method):
         family = _FAMILY_OF.get(type(denoiser).__name__)
         if family is None:
             raise TypeError(f"ToCa cannot apply to {type(denoiser).__name__}: it follows the official rules for "
-                            "PixArt (PixArtTransformer2DModel, PixArt-alpha and -sigma) and DiT "
-                            "(DiTTransformer2DModel) transformer blocks only")
+                            "PixArt (PixArtTransformer2DModel, PixArt-alpha and -sigma), DiT "
+                            "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
+                            "ChromaTransformer2DModel) transformer blocks only")
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
@@ -102,6 +105,8 @@ class ToCa(Method):
         """Tag each block's cached outputs and the nodes its transform acts on; each ``tokens`` tag names
         (by node name) the block's score core, and the token source and output of the module it refreshes."""
         c = self._config()
+        if c.family == "flux":
+            return annotate_flux(graph_module, regions, tag_key(NAME), _in, _residual)
         blocks = regions.children("", "transformer_blocks")
         if not blocks:
             raise ValueError("ToCa needs a transformer with transformer_blocks (PixArt, DiT); this graph has none")
@@ -144,7 +149,7 @@ class ToCa(Method):
     # --- schedule --------------------------------------------------------------
     def _config(self) -> ToCaConfig:
         if not self.config.is_resolved:
-            raise ValueError("ToCaConfig has no family: give ToCaConfig(family='pixart' or 'dit'), or bind the "
+            raise ValueError("ToCaConfig has no family: give ToCaConfig(family='pixart', 'dit' or 'flux'), or bind the "
                              "method to its denoiser (tgate_fx.optimize does)")
         return self.config
 
@@ -157,11 +162,17 @@ class ToCa(Method):
         out = []
         for i, kind in enumerate(kinds):
             pairs = ctx.pairs(i)
-            s = official_step(c.family, i, num_steps)
+            s = official_step(c.family, i, num_steps) if step_weighted(c) else None
             full = ("full", pairs)
             partial = ("partial", s, num_steps, pairs)
             rewrites = []
-            for suffix, layer_full in (("0", kind != "partial"), ("", kind == "full")):
+            if c.family == "flux":  # one kind for every layer (flux-ToCa's cal_type runs once per call)
+                if kind == "full":
+                    rewrites += [Rewrite(NAME, g, RECORD) for g in FLUX_GROUPS]
+                    rewrites.append(Rewrite(NAME, "tokens", TRANSFORM, option=full))
+                else:
+                    rewrites += [Rewrite(NAME, "attn", REUSE), Rewrite(NAME, "tokens", TRANSFORM, option=partial)]
+            for suffix, layer_full in (("0", kind != "partial"), ("", kind == "full")) if c.family != "flux" else ():
                 modules = ("attn", "cross", "mlp") if c.family == "pixart" else ("attn", "mlp")
                 if layer_full:
                     rewrites += [Rewrite(NAME, m + suffix, RECORD) for m in modules]
@@ -170,7 +181,7 @@ class ToCa(Method):
                     rewrites += [Rewrite(NAME, "attn" + suffix, REUSE),
                                  Rewrite(NAME, "tokens" + suffix, TRANSFORM, option=partial)]
             label = {"full": "toca_full", "mixed": "toca_mixed", "partial": "toca_partial"}[kind]
-            if kind != "full":  # each partial step has its own k: its own graph
+            if kind != "full":  # a partial step whose k depends on the step has its own graph
                 label += "_" + hashlib.sha1(repr(partial).encode()).hexdigest()[:6]
             out.append(MethodStep(label, frozenset(rewrites), phase="", columns=(("toca", kind),)))
         return out
@@ -183,6 +194,8 @@ class ToCa(Method):
         c = self._config()
         if not nodes:
             return CacheTokens(caches)
+        if c.family == "flux":
+            return flux_pass(c, NAME, nodes, option, caches, tag_key(NAME))
         by_name = {n.name: n for n in nodes[0].graph.nodes}
         tag_of = tag_key(NAME)
         rule = "entropy" if c.family == "pixart" else "received"

@@ -1,0 +1,267 @@
+"""An eager oracle of ToCa on FLUX, as the official code behaves: block forwards replaced on diffusers' blocks.
+
+It shares no code with tgate_fx. Transcribed from ``Shenyi-Z/ToCa``
+(``flux-ToCa/src/flux/``: ``modules/cache_functions/`` ``cache_init`` (mode
+"ToCa"), ``cal_type``, ``force_scheduler``, ``fresh_ratio_scheduler``
+("ToCa"), ``score_evaluate`` + ``scores.attn_score``, ``cache_cutfresh``,
+``update_cache``, ``force_init``; ``math.attention`` /
+``dot_product_attention`` for the map; the full / ``ToCa`` branches of
+``DoubleStreamBlock.forward`` and ``SingleStreamBlock.forward``), on
+diffusers' ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` (and
+Chroma's blocks, which differ only in their modulation and mask).
+
+Where it cannot run as is:
+
+* the attention itself is diffusers' (the official code computes it with its
+  own matmul-softmax); the map is computed from the same rotated queries and
+  keys as the official ``dot_product_attention`` does (``softmax(q k^T *
+  scale + bias)``, heads then queries averaged), recorded on the way through
+  ``dispatch_attention_fn``;
+* the double-stream block caches the attention after its output projections
+  (the official code caches it before and projects again on partial steps:
+  the same values);
+* true CFG (the official FLUX code has none): the pipeline's two calls of a
+  step run the same step kind (``cal_type`` runs once per step), each on its
+  own caches, maps and counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+
+import torch
+import torch.nn.functional as F
+
+import diffusers.models.transformers.transformer_flux as flux_module
+
+
+def fresh_ratio_scheduler(dic, current):
+    """``fresh_ratio_scheduler`` ("ToCa" and "constant")."""
+    fresh_ratio = dic["fresh_ratio"]
+    if dic["fresh_ratio_schedule"] == "constant":
+        return fresh_ratio
+    step, num_steps = current["step"], current["num_steps"]
+    step_weight = 0.0
+    step_factor = 1 - step_weight + 2 * step_weight * step / num_steps
+    layer_weight = 0.5
+    layer_factor = 1 + layer_weight - 2 * layer_weight * current["layer"] / 27
+    stream_weight = 0.6
+    stream_factor = (1 - stream_weight) if current["stream"] == "double_stream" else (1 + stream_weight)
+    return fresh_ratio * layer_factor * step_factor * stream_factor
+
+
+def score_evaluate(dic, tokens, current):
+    if current["stream"] == "double_stream":
+        score = F.normalize(dic["attn_map"]["double_stream"][current["layer"]][current["module"]], dim=-1, p=2)
+    else:
+        score = F.normalize(dic["attn_map"]["single_stream"][current["layer"]]["total"], dim=-1, p=2)
+    soft_step_score = dic["cache_index"][current["layer"]][current["module"]].float() / dic["fresh_threshold"]
+    return score + dic["soft_fresh_weight"] * soft_step_score
+
+
+def cache_cutfresh(dic, tokens, current):
+    layer, module = current["layer"], current["module"]
+    fresh_ratio = torch.clamp(torch.tensor(fresh_ratio_scheduler(dic, current), device=tokens.device), min=0, max=1)
+    score = score_evaluate(dic, tokens, current)
+    indices = score.argsort(dim=-1, descending=True)
+    topk = int(fresh_ratio * score.shape[1])
+    fresh_indices = indices[:, :topk]
+    dic["cache_index"][layer][module] += 1
+    dic["cache_index"][layer][module].scatter_(
+        dim=1, index=fresh_indices, src=torch.zeros_like(fresh_indices, dtype=torch.int, device=fresh_indices.device))
+    expand = fresh_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return fresh_indices, torch.gather(input=tokens, dim=1, index=expand)
+
+
+def update_cache(fresh_indices, fresh_tokens, dic, current):
+    dic["cache"][current["stream"]][current["layer"]][current["module"]].scatter_(
+        dim=1, index=fresh_indices.unsqueeze(-1).expand(-1, -1, fresh_tokens.shape[-1]), src=fresh_tokens)
+
+
+def force_init(dic, current, tokens):
+    dic["cache_index"][current["layer"]][current["module"]] = torch.zeros(
+        tokens.shape[0], tokens.shape[1], dtype=torch.int, device=tokens.device)
+
+
+def attention_map(query, key, attn_mask=None):
+    """``dot_product_attention``'s second output, from diffusers' ``(B, L, H, D)`` rotated queries and keys."""
+    import math
+
+    q, k = query.transpose(1, 2), key.transpose(1, 2)
+    scale_factor = 1 / math.sqrt(q.size(-1))
+    attn_bias = torch.zeros(q.size(-2), k.size(-2), dtype=q.dtype, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_bias = attn_bias.masked_fill(attn_mask.logical_not(), float("-inf"))
+        else:
+            attn_bias = attn_bias + attn_mask
+    attn_weight = torch.matmul(q, k.transpose(-2, -1)) * scale_factor
+    attn_weight += attn_bias
+    return torch.softmax(attn_weight, dim=-1).mean(dim=1).mean(dim=1)
+
+
+def new_cache_dic(fresh_ratio, fresh_threshold, soft_fresh_weight, schedule):
+    return {"attn_map": {"double_stream": {}, "single_stream": {}}, "cache": {"double_stream": {}, "single_stream": {}},
+            "cache_index": collections.defaultdict(dict), "fresh_ratio": fresh_ratio, "fresh_threshold": fresh_threshold,
+            "soft_fresh_weight": soft_fresh_weight, "fresh_ratio_schedule": schedule}
+
+
+class FluxToCaOracle:
+    """ToCa on an eager Flux / Chroma transformer for ONE generation; :meth:`close` restores it.
+
+    ``calls_per_step``: 2 where the pipeline runs true CFG as two calls per step (conditional first).
+    """
+
+    def __init__(self, transformer, *, num_steps, calls_per_step=1, fresh_threshold=4, fresh_ratio=0.1,
+                 soft_fresh_weight=0.25, ratio_scheduler="ToCa"):
+        self.transformer = transformer
+        self.num_steps, self.calls_per_step = num_steps, calls_per_step
+        self.dics = [new_cache_dic(fresh_ratio, fresh_threshold, soft_fresh_weight, ratio_scheduler)
+                     for _ in range(calls_per_step)]
+        self.fresh_ratio, self.fresh_threshold = fresh_ratio, fresh_threshold
+        self.cache_counter, self.cal_threshold, self.calls = 0, None, 0
+        self.current = {"num_steps": num_steps}
+        self.dic = None
+        self.pending_map = None  # where the next attention's map goes
+        self.steps = []  # the type of each step, for the tests
+        self.hook = transformer.register_forward_pre_hook(self._pre_hook)
+        self._dispatch = flux_module.dispatch_attention_fn
+        flux_module.dispatch_attention_fn = self._attention
+        self.chroma = type(transformer).__name__.startswith("Chroma")
+        for layer, block in enumerate(transformer.transformer_blocks):
+            block.forward = types.MethodType(self._double(layer), block)
+        for layer, block in enumerate(transformer.single_transformer_blocks):
+            block.forward = types.MethodType(self._single(layer), block)
+
+    def close(self):
+        self.hook.remove()
+        flux_module.dispatch_attention_fn = self._dispatch
+        for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
+            del block.forward
+
+    def _pre_hook(self, module, args):
+        step, role = divmod(self.calls, self.calls_per_step)
+        self.calls += 1
+        self.current["step"] = step
+        self.dic = self.dics[role]
+        if role == 0:
+            self._cal_type()
+            self.steps.append(self.current["type"])
+
+    def _cal_type(self):
+        current = self.current
+        first_step = current["step"] == 0 if self.fresh_ratio == 0.0 else current["step"] <= 2
+        fresh_interval = self.fresh_threshold if first_step else self.cal_threshold
+        if first_step or self.cache_counter == fresh_interval - 1:
+            current["type"] = "full"
+            self.cache_counter = 0
+            step_factor = torch.tensor(1 - 0.0 + 2 * 0.0 * current["step"] / current["num_steps"])
+            self.cal_threshold = torch.round(self.fresh_threshold / step_factor)
+        else:
+            self.cache_counter += 1
+            current["type"] = "ToCa"
+
+    def _attention(self, query, key, value, attn_mask=None, *args, **kwargs):
+        if self.pending_map is not None:
+            self.pending_map["total"] = attention_map(query, key, attn_mask)
+            self.pending_map = None
+        return self._dispatch(query, key, value, attn_mask, *args, **kwargs)
+
+    def _double(self, layer):
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_mask=None,
+                    joint_attention_kwargs=None):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            temb_img, temb_txt = (temb[:, :6], temb[:, 6:]) if oracle.chroma else (temb, temb)
+            norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb_img)
+            norm_ehs, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
+                                                                                          emb=temb_txt)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            text = encoder_hidden_states.shape[1]
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                extra = {}
+                if attention_mask is not None:
+                    extra["attention_mask"] = attention_mask[:, None, None, :] * attention_mask[:, None, :, None]
+                cache["attn"] = self.attn(hidden_states=norm_hs, encoder_hidden_states=norm_ehs,
+                                          image_rotary_emb=image_rotary_emb, **extra)
+                maps["txt_mlp"], maps["img_mlp"] = maps["total"][:, :text], maps["total"][:, text:]
+            attn_output, context_attn_output = cache["attn"]
+
+            hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+            current["module"] = "img_mlp"
+            if current["type"] == "full":
+                force_init(dic, current, hidden_states)
+                cache["img_mlp"] = self.ff(self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+            else:
+                idx, fresh = cache_cutfresh(dic, hidden_states, current)
+                fresh = self.ff(self.norm2(fresh) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+                update_cache(idx, fresh, dic, current)
+            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * cache["img_mlp"]
+
+            encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+            current["module"] = "txt_mlp"
+            if current["type"] == "full":
+                force_init(dic, current, encoder_hidden_states)
+                cache["txt_mlp"] = self.ff_context(self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None])
+                                                   + c_shift_mlp[:, None])
+            else:
+                idx, fresh = cache_cutfresh(dic, encoder_hidden_states, current)
+                fresh = self.ff_context(self.norm2_context(fresh) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+                update_cache(idx, fresh, dic, current)
+            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * cache["txt_mlp"]
+            return encoder_hidden_states, hidden_states
+
+        return forward
+
+    def _single(self, layer):
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None,
+                    attention_mask=None, joint_attention_kwargs=None):
+            if oracle.chroma:  # Chroma's single blocks take the joint sequence (called with keywords)
+                x = hidden_states
+            else:
+                text = encoder_hidden_states.shape[1]
+                x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "single_stream", layer
+            cache = dic["cache"]["single_stream"].setdefault(layer, {})
+            norm_x, gate = self.norm(x, emb=temb)
+            if current["type"] == "full":
+                mlp = self.proj_mlp(norm_x)
+                cache["mlp"] = mlp
+                current["module"] = "attn"
+                oracle.pending_map = dic["attn_map"]["single_stream"].setdefault(layer, {})
+                extra = {}
+                if attention_mask is not None:
+                    extra["attention_mask"] = attention_mask[:, None, None, :] * attention_mask[:, None, :, None]
+                attn = self.attn(hidden_states=norm_x, image_rotary_emb=image_rotary_emb, **extra)
+                force_init(dic, current, attn)
+                cache["attn"] = attn
+                current["module"] = "mlp"
+                output = self.proj_out(torch.cat([attn, self.act_mlp(mlp)], dim=2))
+                force_init(dic, current, output)
+                current["module"] = "total"
+                cache["total"] = output
+            else:
+                current["module"] = "mlp"
+                idx, fresh = cache_cutfresh(dic, x, current)
+                mlp_fresh = self.proj_mlp(self.norm(fresh, emb=temb)[0])
+                update_cache(idx, mlp_fresh, dic, current)
+                attn = cache["attn"]
+                fake_fresh_attn = torch.gather(attn, 1, idx.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
+                current["module"] = "total"
+                fresh_out = self.proj_out(torch.cat([fake_fresh_attn, self.act_mlp(mlp_fresh)], dim=2))
+                update_cache(idx, fresh_out, dic, current)
+                output = cache["total"]
+            x = x + gate.unsqueeze(1) * output
+            if oracle.chroma:
+                return x
+            return x[:, :text], x[:, text:]
+
+        return forward

@@ -1,0 +1,129 @@
+"""ToCa on FLUX's blocks, as the official FLUX code does it (``flux-ToCa``'s ``DoubleStreamBlock`` and
+``SingleStreamBlock``): where to tag a captured FLUX transformer, and what a step's transform does.
+
+Double-stream block (``transformer_blocks.<l>``): a full step records the
+joint attention's image and text outputs (after ``to_out`` / ``to_add_out``;
+the official code caches the attention before its projections and projects
+it again, the same values), the image and the text MLP outputs, and the score
+of each stream: the self-attention map (``softmax(q k^T * scale)``, heads
+then queries averaged: the attention each key receives) cut into its text and
+image columns. A partial step reads both attention outputs from the cache,
+and refreshes the top-k tokens of each MLP, each stream with its own score,
+counters and k.
+
+Single-stream block (``single_transformer_blocks.<l>``, text and image tokens
+as one sequence): a full step records the attention output, the output
+projection's output and the score (the whole map). A partial step reads the
+attention from the cache and refreshes the top-k tokens of the MLP branch and
+of the output projection (over the cached attention's rows of those tokens).
+
+The layer index restarts at 0 in the single-stream blocks, as the official
+code's ``current['layer']``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ...core.analysis import Regions
+from ...core.method import CacheKey
+from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
+from .config import ToCaConfig, fresh_count, fresh_ratio
+
+__all__ = ["annotate_flux", "flux_pass", "FLUX_GROUPS"]
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# What a full step records: the double stream's attention outputs and MLP outputs, the single stream's
+# attention and output projection. A partial step reads "attn" (the double stream's attention) from the
+# cache; the single stream's attention is read inside its refresh.
+FLUX_GROUPS = ("attn", "mlp", "single_attn", "single_out")
+
+
+def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, inside, residual) -> None:
+    """Tag FLUX's double- and single-stream blocks (see the module docstring) under ``node.meta[key]``.
+
+    ``inside(node, path)``: whether a node was computed in module ``path``; ``residual(module, output)``: the
+    residual stream the gated ``output`` of ``module`` is added to.
+    """
+    double = regions.children("", "transformer_blocks")
+    single = regions.children("", "single_transformer_blocks")
+    if not double and not single:
+        raise ValueError("ToCa (FLUX) needs transformer_blocks or single_transformer_blocks; this graph has none")
+    nodes = [n for n in graph_module.graph.nodes if n.op == "call_function"]
+
+    def core_of(path: str) -> fx.Node:
+        cores = [n for n in nodes if n.target is SDPA and inside(n, path)]
+        if len(cores) != 1:
+            raise ValueError(f"ToCa expects one attention core in {path}, found {len(cores)}")
+        return cores[0]
+
+    def first_in(path: str) -> fx.Node:
+        return next(n for n in nodes if inside(n, path))
+
+    def tag(node: fx.Node, group: str, site: str, slot: str, **info) -> None:
+        if key in node.meta:
+            raise ValueError(f"ToCa would tag {node.name} twice ({node.meta[key]['slot']}, {slot})")
+        node.meta[key] = {"group": group, "site": site, "slot": slot, **info}
+
+    for layer, block in enumerate(double):
+        info = {"layer": layer, "depth": len(double), "block": block, "stream": "double"}
+        img_attn, txt_attn = regions.output_of(f"{block}.attn.to_out"), regions.output_of(f"{block}.attn.to_add_out")
+        img_mlp, txt_mlp = regions.output_of(f"{block}.ff"), regions.output_of(f"{block}.ff_context")
+        core = core_of(f"{block}.attn")
+        text = txt_attn.meta["val"].shape[1]
+        if core.meta["val"].shape[2] != text + img_attn.meta["val"].shape[1]:
+            raise ValueError(f"ToCa expects {block}.attn to attend over the text then the image tokens")
+        tag(img_attn, "attn", block, "attn_img", **info)
+        tag(txt_attn, "attn", block, "attn_txt", **info)
+        tag(img_mlp, "mlp", block, "img_mlp", **info)
+        tag(txt_mlp, "mlp", block, "txt_mlp", **info)
+        tag(core, "tokens", block, "score_tokens", core=core.name, text=text, **info)
+        for ff, out, module in ((f"{block}.ff", img_mlp, "img_mlp"), (f"{block}.ff_context", txt_mlp, "txt_mlp")):
+            tag(first_in(ff), "tokens", block, module + "_tokens", source=residual(ff, out).name, output=out.name,
+                module=module, score="score_" + module, **info)
+    for layer, block in enumerate(single):
+        info = {"layer": layer, "depth": len(single), "block": block, "stream": "single"}
+        attn, out = regions.output_of(f"{block}.attn"), regions.output_of(f"{block}.proj_out")
+        core = core_of(f"{block}.attn")
+        tag(attn, "single_attn", block, "attn", **info)
+        tag(out, "single_out", block, "total", **info)
+        tag(core, "tokens", block, "score_tokens", core=core.name, **info)
+        tag(first_in(f"{block}.proj_mlp"), "tokens", block, "mlp_tokens", source=residual(f"{block}.proj_out", out).name,
+            output=out.name, module="mlp", cache="total", score="score", attn=attn.name, **info)
+
+
+def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, key: str) -> CacheTokens:
+    """The step's :class:`~tgate_fx.passes.CacheTokens` on FLUX's tagged ``nodes``: on a full step the scores
+    (per stream in the double-stream blocks) and zero counters; on a partial step the refresh of each MLP
+    (double stream) and of each single-stream block's MLP branch and output projection."""
+    by_name = {n.name: n for n in nodes[0].graph.nodes}
+    scores, resets, refreshes = [], [], []
+    for node in nodes:
+        tag = node.meta[key]
+        site = lambda slot: CacheKey(method, tag["site"], slot)
+        if tag["slot"] == "score_tokens":
+            if option[0] == "full":
+                core = by_name[tag["core"]]
+                if tag["stream"] == "double":
+                    for module, columns in (("txt_mlp", (0, tag["text"])), ("img_mlp", (tag["text"], None))):
+                        scores.append(ScoreSite(core, site("score_" + module), "received_mean", columns=columns,
+                                                scale_logits=True))
+                else:
+                    scores.append(ScoreSite(core, site("score"), "received_mean", scale_logits=True))
+            continue
+        source, output = by_name[tag["source"]], by_name[tag["output"]]
+        tokens = source.meta["val"].shape[1]
+        count = site("count_" + tag["module"])
+        if option[0] == "full":
+            resets.append(CountReset(node, count, node.meta["val"].shape[0], tokens))
+            continue
+        num_steps = option[2]
+        ratio = fresh_ratio(c, None, num_steps, tag["layer"], tag["stream"], tag["depth"])
+        selection = TokenSelection(interval=c.interval, cache_weight=c.cache_weight, random=c.score == "random",
+                                   add_one=False, share_rows=False,
+                                   bonus_ratio=c.bonus_ratio, bonus_grid=c.bonus_grid)
+        cached = ((by_name[tag["attn"]], site("attn")),) if "attn" in tag else ()
+        refreshes.append(TokenRefresh(source, output, fresh_count(c, ratio, tokens), site(tag.get("cache", tag["module"])),
+                                      count, selection, score=site(tag["score"]), cached_inputs=cached))
+    return CacheTokens(caches, scores, resets, refreshes)
