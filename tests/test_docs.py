@@ -78,6 +78,7 @@ def test_every_page_exists_and_every_block_has_a_known_kind():
 RUNNABLE = [p for p in PAGES if any(info == "python" for _, info, _ in _blocks(p))]
 
 
+@pytest.mark.e2e  # tiny pipelines end to end: most of this file's time
 @pytest.mark.parametrize("page", RUNNABLE, ids=_rel)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write (ONNX bundles) write here
@@ -138,6 +139,8 @@ def _check_command(words: list[str], where: str) -> None:
     elif head.startswith("./scripts/"):
         path = ROOT / head
         assert path.is_file() and os.access(path, os.X_OK), f"{where}: {head} is not an executable script"
+        if head == "./scripts/generate.sh":  # it passes its arguments on to `tgate-fx generate`
+            _check_command(["tgate-fx", "generate", *args], where)
     elif head == "python" and args[:1] == ["-m"]:
         assert importlib.util.find_spec(args[1]) is not None, f"{where}: no module {args[1]}"
     elif head == "python":
