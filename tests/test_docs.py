@@ -177,13 +177,30 @@ def test_the_readme_names_the_two_commands():
 
 
 # --- links ---------------------------------------------------------------------------------------------------------
-LINK = re.compile(r"\]\((?!https?://|#)(?P<target>[^)#\s]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\((?!https?://)(?P<target>[^)#\s]*)(?:#(?P<anchor>[^)\s]*))?\)")
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page (code blocks skipped)."""
+    out, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            out.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return out
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
-def test_relative_links_point_at_files(page):
-    missing = [m["target"] for m in LINK.finditer(page.read_text()) if not (page.parent / m["target"]).exists()]
-    assert not missing, f"{_rel(page)} links to missing files: {missing}"
+def test_relative_links_point_at_files_and_headings(page):
+    missing = []
+    for m in LINK.finditer(page.read_text()):
+        target = page.parent / m["target"] if m["target"] else page
+        if not target.exists():
+            missing.append(m["target"])
+        elif m["anchor"] and target.suffix == ".md" and m["anchor"] not in _anchors(target):
+            missing.append(f"{m['target']}#{m['anchor']}")
+    assert not missing, f"{_rel(page)} links to missing files or headings: {missing}"
 
 
 # --- the families x methods table ----------------------------------------------------------------------------------
