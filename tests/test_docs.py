@@ -29,7 +29,6 @@ import pathlib
 import pkgutil
 import re
 import shlex
-import tomllib
 
 import pytest
 
@@ -121,7 +120,10 @@ def _cli_parser():
 
 
 def _extras() -> set[str]:
-    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    # the keys of [project.optional-dependencies] (tomllib is Python 3.11+; the package supports 3.10)
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^(\w+)\s*=", section, re.M))
 
 
 def _check_command(words: list[str], where: str) -> None:
