@@ -1,4 +1,4 @@
-"""tgate_fx: training-free acceleration of diffusers pipelines (T-GATE, DeepCache, ToDo), as torch.fx graph rewrites.
+"""tgate_fx: training-free acceleration of diffusers pipelines (T-GATE, DeepCache, ToDo, ToCa), as torch.fx graph rewrites.
 
 Example::
 

@@ -11,7 +11,7 @@ same capture, so a node keeps its name, target and module path in each.
 
 Example::
 
-    >>> from tgate_fx.inspection import inspect_arch
+    >>> from tgate_fx.accounting.inspection import inspect_arch
     >>> report = inspect_arch("sdxl")               # doctest: +SKIP
     >>> print(report)                               # doctest: +SKIP
     >>> print(report.diff("sp_compute", "fi_record"))  # doctest: +SKIP

@@ -3,7 +3,7 @@
 MACs are read from the graphs' fake-tensor metadata (``node.meta["val"]``),
 so a graph captured on the ``meta`` device (see :mod:`tgate_fx.archs`) is
 counted without weights or compute. Counted, per node (see
-:func:`tgate_fx.cost.node_macs`): ``linear``, convolutions, the matmul
+:func:`tgate_fx.core.cost.node_macs`): ``linear``, convolutions, the matmul
 family, and with ``include_attention=True`` the scaled-dot-product-attention
 core (``Q K^T`` and ``A V``). Without it the counts follow the convention of
 the T-GATE paper's calflops figures: Linear and Conv layers only.
@@ -11,9 +11,11 @@ the T-GATE paper's calflops figures: Linear and Conv layers only.
 Example::
 
     >>> from tgate_fx.archs import get_arch
-    >>> from tgate_fx.macs import count_macs, plan_macs, format_macs
+    >>> from tgate_fx.accounting.macs import count_macs, plan_macs, format_macs
     >>> from tgate_fx import Plan
     >>> arch = get_arch("sdxl")
+    >>> format_macs(2988660490240)
+    '2.989T'
     >>> graphs = arch.capture(batch_size=1)                       # doctest: +SKIP
     >>> format_macs(count_macs(graphs.capture.graph_module).total)  # doctest: +SKIP
     '2.989T'
