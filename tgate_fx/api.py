@@ -12,7 +12,7 @@ from .core.analysis import attention_modules, conditioning_inputs
 from .core.method import InertMethodWarning
 from .core.hook import install, installed_runtime, uninstall
 from .core.runtime import DENOISER_ATTRIBUTES, DenoiserRuntime, find_denoiser
-from .methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
+from .methods import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig, as_methods
 
 __all__ = ["get_runtime", "optimize", "restore"]
 
@@ -71,6 +71,7 @@ def optimize(
     deepcache: DeepCacheConfig | None = None,
     todo: ToDoConfig | None = None,
     toca: ToCaConfig | None = None,
+    blockcache: BlockCacheConfig | None = None,
     methods: Any = None,
     compile: bool | dict = False,
 ):
@@ -91,6 +92,8 @@ def optimize(
     * ``optimize(pipe, todo=ToDoConfig(factor=2))``: ToDo alone (composes with both others);
     * ``optimize(pipe, toca=ToCaConfig())``: ToCa with the official defaults of the denoiser's family
       (PixArt, DiT); with ``tgate=TGateConfig(gate_step, 1, 1, 0)`` T-GATE owns cross-attention after its gate;
+    * ``optimize(pipe, blockcache=BlockCacheConfig(threshold=0.05))``: First Block Cache (every transformer;
+      alone for now), as diffusers' ``FirstBlockCacheConfig`` hook;
     * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
 
     The denoiser (``pipe.unet`` or ``pipe.transformer``) stays the user's own
@@ -111,7 +114,9 @@ def optimize(
         tgate: A :class:`TGateConfig`, or ``True`` for its defaults.
         deepcache: A :class:`DeepCacheConfig`.
         todo: A :class:`ToDoConfig` (key/value downsampling of self-attention).
-        toca: A :class:`ToCaConfig` (token-wise feature caching; PixArt and DiT transformers).
+        toca: A :class:`ToCaConfig` (token-wise feature caching; PixArt, DiT and FLUX transformers).
+        blockcache: A :class:`BlockCacheConfig` (First Block Cache: skip the blocks after the first when
+            the first block's residual barely changed).
         methods: A list of method configs, instead of the keywords.
         compile: ``True`` compiles every graph variant with ``torch.compile``
             (once each, at first use); a dict is passed to ``torch.compile`` as
@@ -135,7 +140,7 @@ def optimize(
         tgate_fx.restore(pipe)
     """
     chosen = _chosen_methods(dict(zip(_TGATE_ARGS, (gate_step, sp_interval, fi_interval, warm_up, lcm))),
-                             config, tgate, deepcache, methods, todo, toca)
+                             config, tgate, deepcache, methods, todo, toca, blockcache)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     denoiser = _denoiser_of(pipe)
@@ -155,10 +160,11 @@ def optimize(
     return pipe
 
 
-def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None, toca=None) -> list:
+def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None, toca=None,
+                    blockcache=None) -> list:
     given = {k: v for k, v in tgate_args.items() if v is not None}
     if methods is not None:
-        if given or any(x is not None for x in (config, tgate, deepcache, todo, toca)):
+        if given or any(x is not None for x in (config, tgate, deepcache, todo, toca, blockcache)):
             raise TypeError("pass methods=[...] alone, or the method keywords, not both")
         return as_methods(methods)
     if config is not None and tgate is not None:
@@ -180,9 +186,11 @@ def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=No
         raise TypeError(f"todo must be a ToDoConfig, got {type(todo).__name__}")
     if toca is not None and not isinstance(toca, ToCaConfig):
         raise TypeError(f"toca must be a ToCaConfig, got {type(toca).__name__}")
-    if tgate is None and deepcache is None and todo is None and toca is None:
+    if blockcache is not None and not isinstance(blockcache, BlockCacheConfig):
+        raise TypeError(f"blockcache must be a BlockCacheConfig, got {type(blockcache).__name__}")
+    if tgate is None and deepcache is None and todo is None and toca is None and blockcache is None:
         tgate = TGateConfig()  # the call users know: optimize(pipe) is T-GATE with its defaults
-    return as_methods([c for c in (tgate, deepcache, todo, toca) if c is not None])
+    return as_methods([c for c in (tgate, deepcache, todo, toca, blockcache) if c is not None])
 
 
 def restore(pipe: Any):

@@ -266,16 +266,24 @@ class Regions:
         found = {int(p[len(prefix):]) for p in self.modules if p.startswith(prefix) and p[len(prefix):].isdigit()}
         return [f"{prefix}{i}" for i in sorted(found)]
 
+    def nodes_of(self, path: str) -> list[fx.Node]:
+        """The nodes computed inside module ``path`` (its submodules included), in graph order."""
+        return [n for n in self.graph_module.graph.nodes if n.op == "call_function"
+                and any(_within(p, path) for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+
+    def values_leaving(self, path: str) -> list[fx.Node]:
+        """The nodes computed inside module ``path`` that are read outside it, in graph order."""
+        inside = self.nodes_of(path)
+        members = set(inside)
+        return [n for n in inside if any(u not in members for u in n.users)]
+
     def output_of(self, path: str) -> fx.Node:
         """The one node computed inside module ``path`` that is read outside it.
 
         Raises:
             ValueError: if the module was not called, or more than one of its values leaves it.
         """
-        inside = [n for n in self.graph_module.graph.nodes if n.op == "call_function"
-                  and any(_within(p, path) for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
-        members = set(inside)
-        leaving = [n for n in inside if any(u not in members for u in n.users)]
+        leaving = self.values_leaving(path)
         if len(leaving) != 1:
             raise ValueError(f"module {path!r} has {len(leaving)} values read outside it "
                              f"({[n.name for n in leaving]}); expected exactly one")

@@ -171,7 +171,11 @@ class Step:
     @property
     def spec(self):
         """The variant spec this call runs."""
-        return split_spec(self.plan.variant) if self.role is not None else self.plan.variant
+        return self.spec_of(self.plan.variant)
+
+    def spec_of(self, spec):
+        """``spec`` as this call runs it (a split-CFG call records its own values, see :func:`split_spec`)."""
+        return split_spec(spec) if self.role is not None else spec
 
     @property
     def computed(self) -> bool:

@@ -20,7 +20,13 @@ only through this interface:
 * :meth:`Method.barriers` names steps at which every *other* method must
   refresh its caches (compute everything), e.g. because the batch changes
   there; :meth:`Method.validate` rejects a generation it cannot serve;
-* :meth:`Method.compose` may adapt to, or refuse, the other methods of a plan.
+* :meth:`Method.compose` may adapt to, or refuse, the other methods of a plan;
+* a step may be a *choice* (:class:`Choice`): its graph is picked at run
+  time from data. A *head* variant runs first (its outputs are only the
+  values it records); the method's :meth:`Method.decide` reads them with the
+  generation's caches and names one of the step's *alternatives*, whose
+  variant then runs. A block cache decides this way whether the blocks after
+  the first run or their cached residual is reused.
 
 The step index never comes from the timesteps: they only say what a step's
 timestep is (``None`` where unknown: a plan made for accounting or a check,
@@ -41,7 +47,7 @@ import torch.fx as fx
 
 from .meta import tag_key
 
-__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "InertMethodWarning", "Method", "MethodStep", "Rewrite",
+__all__ = ["RECORD", "REUSE", "TRANSFORM", "CacheKey", "Choice", "InertMethodWarning", "Method", "MethodStep", "Rewrite",
            "ScheduleContext", "as_methods", "register_method", "registered_methods", "tag_key", "tagged_nodes"]
 
 RECORD = "record"
@@ -115,6 +121,29 @@ class Rewrite:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """A step whose graph is chosen at run time (see the module docstring).
+
+    Attributes:
+        head: The rewrites of the head variant. It computes only what its
+            records need (its prediction output is ``None``); what it records
+            is stored in the generation's caches before :meth:`Method.decide` runs.
+        alternatives: ``(label, rewrites)`` of each graph the step may run after
+            the head, the first being the one that computes everything
+            (accounting counts it). The other methods' rewrites of the step are
+            added to the head and to every alternative.
+    """
+
+    head: frozenset[Rewrite]
+    alternatives: tuple[tuple[str, frozenset[Rewrite]], ...]
+
+    def __post_init__(self) -> None:
+        labels = [label for label, _ in self.alternatives]
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"a Choice needs alternatives with distinct labels, got {labels}")
+
+
+@dataclass(frozen=True)
 class MethodStep:
     """What one method does at one step.
 
@@ -126,6 +155,8 @@ class MethodStep:
             (the prediction is returned for both halves).
         phase: Name of the method's phase at this step (``""`` if it has none).
         columns: ``(header, value)`` pairs the printed plan shows for this method.
+        choice: If set, the step's graph is chosen at run time (:class:`Choice`);
+            ``rewrites`` must then be empty.
     """
 
     label: str
@@ -133,6 +164,11 @@ class MethodStep:
     drops_uncond: bool = False
     phase: str = ""
     columns: tuple[tuple[str, str], ...] = field(default=())
+    choice: Choice | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and self.rewrites:
+            raise ValueError("a MethodStep with a choice gives its rewrites in the choice, not in rewrites")
 
 
 @dataclass(frozen=True)
@@ -242,6 +278,14 @@ class Method(ABC):
         :class:`~tgate_fx.core.variants.CacheIO`, through which the pass may read and write caches.
         Methods without transforms need not implement it."""
         raise NotImplementedError(f"method {self.name!r} schedules transforms but has no transform_pass")
+
+    def decide(self, step: int, caches: dict) -> str:
+        """At a :class:`Choice` step, after its head ran: the label of the alternative to run.
+
+        ``caches`` are the generation's (for a split-CFG call, its own role's), holding what the head
+        recorded; the method may store its own state there under its own :class:`CacheKey` s (e.g. a
+        residual the next alternative reads). Methods without choices need not implement it."""
+        raise NotImplementedError(f"method {self.name!r} schedules choices but has no decide")
 
     def compose(self, others: list[Method]) -> None:
         """Adapt to, or refuse (``ValueError``), the other methods of the same plan (called by

@@ -27,7 +27,7 @@ from typing import Any
 
 from .method import RECORD, REUSE, Method, MethodStep, Rewrite, ScheduleContext, as_methods
 
-__all__ = ["Plan", "StepPlan", "VariantSpec"]
+__all__ = ["Plan", "PlannedChoice", "StepPlan", "VariantSpec"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,40 @@ class VariantSpec:
     Attributes:
         name: Stable, human-readable name (the methods' labels joined by ``+``).
         rewrites: What the variant records and reuses.
+        head: The head of a choice step: the graph computes only what it records (its prediction
+            output is ``None``).
     """
 
     name: str
     rewrites: frozenset[Rewrite] = frozenset()
+    head: bool = False
 
     def groups(self, action: str) -> tuple[str, ...]:
         """``method:group`` of the rewrites with ``action``, sorted."""
         return tuple(sorted(f"{r.method}:{r.group}" for r in self.rewrites if r.action == action))
+
+
+@dataclass(frozen=True)
+class PlannedChoice:
+    """A choice step's graphs (see :class:`~tgate_fx.core.method.Choice`), each with the other methods'
+    rewrites of the step.
+
+    Attributes:
+        method: The method that decides.
+        head: The head variant, run first.
+        alternatives: Label -> variant, in the method's order (the first computes everything).
+    """
+
+    method: str
+    head: VariantSpec
+    alternatives: tuple[tuple[str, VariantSpec], ...]
+
+    def alternative(self, label: str) -> VariantSpec:
+        for name, spec in self.alternatives:
+            if name == label:
+                return spec
+        raise ValueError(f"method {self.method!r} chose {label!r}; its alternatives are "
+                         f"{[name for name, _ in self.alternatives]}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,8 @@ class StepPlan:
         drops_uncond: The generation runs CFG but this step runs only the
             unconditional half.
         methods: Method name -> its :class:`MethodStep`.
+        choice: For a step whose graph is chosen at run time, its head and alternatives
+            (``variant`` is then the first alternative: the one that computes everything).
     """
 
     step: int
@@ -66,6 +94,7 @@ class StepPlan:
     cfg: bool
     drops_uncond: bool
     methods: dict[str, MethodStep]
+    choice: PlannedChoice | None = None
 
     @property
     def phase(self) -> str:
@@ -144,6 +173,18 @@ class Plan:
         rewrites = frozenset().union(*(m.rewrites for m in methods.values()))
         name = "+".join(m.label for m in methods.values()) or "full"
         drops = self.cfg and any(m.drops_uncond for m in methods.values())
+        choosers = [n for n, m in methods.items() if m.choice is not None]
+        if len(choosers) > 1:
+            raise ValueError(f"methods {choosers} each choose step {i}'s graph at run time; only one method "
+                             "of a plan may")
+        choice = None
+        if choosers:
+            chooser = choosers[0]
+            made = methods[chooser].choice
+            choice = PlannedChoice(chooser, VariantSpec(name + "~head", rewrites | made.head, head=True),
+                                   tuple((label, VariantSpec(name + "~" + label, rewrites | alt))
+                                         for label, alt in made.alternatives))
+            return StepPlan(i, choice.alternatives[0][1], self.cfg and not drops, drops, methods, choice)
         return StepPlan(i, VariantSpec(name, rewrites), self.cfg and not drops, drops, methods)
 
     @property
@@ -161,12 +202,20 @@ class Plan:
 
     @property
     def variants(self) -> dict[str, VariantSpec]:
-        """The distinct variants this plan uses, in order of first use."""
+        """The distinct variants this plan uses, in order of first use (a choice step's head and
+        alternatives included)."""
         out: dict[str, VariantSpec] = {}
         for s in self.steps:
-            if out.setdefault(s.variant.name, s.variant) != s.variant:
-                raise RuntimeError(f"two different variants are named {s.variant.name!r}")
+            specs = [s.variant] if s.choice is None else [s.choice.head, *(v for _, v in s.choice.alternatives)]
+            for spec in specs:
+                if out.setdefault(spec.name, spec) != spec:
+                    raise RuntimeError(f"two different variants are named {spec.name!r}")
         return out
+
+    @property
+    def chooses(self) -> bool:
+        """Whether some step's graph is chosen at run time (from data) rather than by the plan."""
+        return any(s.choice is not None for s in self.steps)
 
     def reads(self, step: int) -> tuple[str, ...]:
         """``method:group`` of the caches the step reads."""
@@ -186,7 +235,10 @@ class Plan:
                 {"step": s.step, "phase": s.phase, "variant": s.variant.name, "cfg": s.cfg,
                  "drops_uncond": s.drops_uncond,
                  "methods": {name: m.label for name, m in s.methods.items()},
-                 "rewrites": sorted([r.method, r.group, r.action, r.reduce] for r in s.variant.rewrites)}
+                 "rewrites": sorted([r.method, r.group, r.action, r.reduce] for r in s.variant.rewrites),
+                 **({"choice": {"method": s.choice.method, "head": s.choice.head.name,
+                                "alternatives": [spec.name for _, spec in s.choice.alternatives]}}
+                    if s.choice is not None else {})}
                 for s in self.steps
             ],
         }

@@ -17,7 +17,9 @@ a hook on the pipeline's own ``unet`` / ``transformer`` (see
    :mod:`~tgate_fx.core.rebatch`; each method tags the capture), builds the step's graph variant
    if it has not yet, and runs it with the caches it reads;
 4. stores the caches the variant writes, keyed by ``(method, site, slot)``,
-   and returns the prediction; where the unconditional half was dropped it
+   and returns the prediction (at a step whose graph is chosen at run time,
+   the head variant runs first, and the method that chooses names, from
+   what the head recorded, the variant that runs after it); where the unconditional half was dropped it
    returns the prediction twice, ``cat([eps, eps])``, so that the pipeline's
    guidance ``u + g * (c - u)`` leaves it unchanged.
 """
@@ -247,15 +249,32 @@ class DenoiserRuntime:
             call = take_half(call, self._sample_arg, type(self.denoiser).__name__)
         with self._lock:
             graphs = self.graphs_for(call)
-            variant = graphs.variant(step.spec, step.caches)
         inputs = graphs.capture.flat_inputs(call)
+        spec, choice = step.plan.variant, step.plan.choice
+        if choice is not None:  # the head runs first; its method then names the graph that follows
+            self._run(graphs, choice.head, step, inputs)
+            label = self._method(choice.method).decide(step.plan.step, step.caches)
+            spec = choice.alternative(label)
+        prediction = self._run(graphs, spec, step, inputs)
+        return step.finish(prediction, return_dict, self._output_class)
+
+    def _run(self, graphs: CapturedGraphs, spec, step, inputs: dict[str, Any]):
+        """Run the variant of the plan's ``spec`` for one call, store the caches it writes; its prediction."""
+        with self._lock:
+            variant = graphs.variant(step.spec_of(spec), step.caches)
         for key, name in variant.cache_inputs.items():
             inputs[name] = _checked_cache(step.caches[key], variant, name)
         outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
-        step.record(variant.records, outputs[1:], graphs.mean_keys(step.plan.variant) if step.role else frozenset())
+        step.record(variant.records, outputs[1:], graphs.mean_keys(spec) if step.role else frozenset())
         if self._trace is not None:
             self._trace.append((step.plan, graphs, variant))
-        return step.finish(outputs[0], return_dict, self._output_class)
+        return outputs[0]
+
+    def _method(self, name: str) -> Method:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise KeyError(f"method {name!r} is not applied (applied: {[m.name for m in self.methods]})")
 
     def _prepare(self, call: dict[str, Any], plan: Plan, split: bool = False) -> None:
         """At a generation's first call: capture every batch its plan runs and build every variant.

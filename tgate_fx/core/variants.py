@@ -32,7 +32,7 @@ its parameters): :class:`~tgate_fx.core.graph_passes.ExposeValues` for the recor
 :class:`~tgate_fx.core.graph_passes.RemoveUnusedInputs`. A variant's calling convention:
 inputs by placeholder name (the call's tensors, then cache reads
 ``cache_<method>_<site>_<slot>``); outputs ``(prediction, *writes)`` in
-:attr:`Variant.records` order.
+:attr:`Variant.records` order (the head of a choice step: ``(None, *writes)``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from .graph_passes import EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
+from .graph_passes import DropPrediction, EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
 from .analysis import Regions, analyze
 from .captured import Capture
 from .method import CFG_MEAN, RECORD, REUSE, TRANSFORM, CacheKey, Method, Rewrite, tagged_nodes
@@ -281,6 +281,8 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
         passes.append(ExposeValues(exposed, cfg_mean=[nodes[k] for k, mean in resolved.records if mean]))
     if resolved.reads:
         passes.append(ReplaceValuesWithCache([(nodes[k], k.input_name()) for k in resolved.reads]))
+    if resolved.spec.head:
+        passes.append(DropPrediction())
     passes += [EliminateDeadCode(), RemoveUnusedInputs()]
     for graph_pass in passes:
         gm = graph_pass(gm).graph_module
@@ -367,13 +369,24 @@ class CapturedGraphs:
 def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs],
               spec_of: Callable[[VariantSpec], VariantSpec] = lambda spec: spec) -> list[tuple[CapturedGraphs, Variant]]:
     """Each step's capture and variant, as the runtime runs them (caches written step by step; ``spec_of``
-    gives the spec a step's calls run, e.g. a split-CFG call's)."""
+    gives the spec a step's calls run, e.g. a split-CFG call's).
+
+    A choice step (its graph chosen at run time) builds its head and every alternative, given what the
+    head writes; its entry is the first alternative (the one that computes everything), and the caches any
+    of them writes count as written after it."""
     written: set[CacheKey] = set()
     out = []
     for step in plan.steps:
         graphs = graphs_for(step)
-        variant = graphs.variant(spec_of(step.variant), written)
-        written.update(variant.records)
+        if step.choice is None:
+            variant = graphs.variant(spec_of(step.variant), written)
+            written.update(variant.records)
+        else:
+            head = graphs.variant(spec_of(step.choice.head), written)
+            after = written | set(head.records)
+            built = [graphs.variant(spec_of(spec), after) for _, spec in step.choice.alternatives]
+            variant = built[0]
+            written = after.union(*(v.records for v in built))
         out.append((graphs, variant))
     return out
 

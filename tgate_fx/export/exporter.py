@@ -181,6 +181,11 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
     An optimized pipeline keeps its runtime, whose captures and variants are
     reused (they do not depend on the settings); its methods are put back after.
     """
+    chooser = next((m for m in methods if Plan(2, [m], cfg=False).chooses), None)
+    if chooser is not None:
+        raise ValueError(f"{chooser.title} chooses each step's graph at run time from the data (e.g. whether the "
+                         "blocks after the first run); an ONNX bundle replays the steps of one traced generation "
+                         "and cannot follow that choice. Export without it, or serve it with the torch runtime")
     module = find_denoiser(pipe)[1]
     installed = installed_runtime(module)
     previous = installed.methods if installed is not None else None

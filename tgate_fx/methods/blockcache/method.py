@@ -1,0 +1,303 @@
+"""First Block Cache as a method: a head graph, then either the other blocks or their cached residual.
+
+The blocks are what diffusers' block hooks take: the children of the
+denoiser that are ``ModuleList`` s named ``transformer_blocks``,
+``single_transformer_blocks``, ``blocks``, ``layers``, ... (:data:`BLOCK_LISTS`),
+in the order the denoiser registers them; the *head* is the first block, the
+*tail* the last.
+
+Annotation, on the captured graph:
+
+* the head's outputs are its values read outside it: the *image* stream (the
+  block's ``hidden_states`` output) and, for a dual-stream block (Flux, SD3,
+  Qwen-Image, HunyuanVideo, CogVideoX), the *text* stream, told apart by the
+  text's token count (a resolution where both streams have as many tokens is
+  refused, never guessed);
+* the head's image input is the value its image output adds its residual to
+  (followed back through the block's residual additions);
+* the *boundary* is every value computed for the head (the head and what it
+  depends on: embeddings, timestep and rotary embeddings) that the rest of
+  the graph reads;
+* the tail's outputs (the values read after it) are paired with the head's
+  output of the same stream.
+
+Every step is a :class:`~tgate_fx.core.method.Choice`: the head variant
+records the boundary and runs nothing else; :meth:`BlockCache.decide`
+computes the head's residual and compares it with the one of the last step
+that computed everything, exactly as diffusers' ``FBCHeadBlockHook`` does
+(the same operations, on the same tensors); then the ``compute`` variant runs
+the rest from the boundary and records the tail's outputs, or the ``skip``
+variant reads the tail's outputs as ``residual + head output`` (the residual
+being ``tail output - head output`` of that step), so that only what follows
+the blocks (the final norm and projection) runs.
+
+A graph whose streams leave the head through anything but the blocks (an
+operation between two blocks, a skip connection into the final layers) is
+refused: there, skipping the blocks would not be what the hook does.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ...core.analysis import Regions
+from ...core.method import RECORD, REUSE, CacheKey, Choice, Method, MethodStep, Rewrite, ScheduleContext
+from ...core.meta import tag_key
+from .config import BlockCacheConfig
+
+__all__ = ["BLOCK_LISTS", "BlockCache", "block_paths"]
+
+NAME = "blockcache"
+HEAD, TAIL = "head", "tail"
+IMAGE, TEXT = "image", "text"
+COMPUTE, SKIP = "compute", "skip"
+# The ModuleList names diffusers' transformer-block hooks look for (diffusers.hooks._common).
+BLOCK_LISTS = frozenset({"blocks", "transformer_blocks", "single_transformer_blocks", "layers",
+                         "visual_transformer_blocks", "temporal_transformer_blocks"})
+
+_CHOICE = Choice(
+    head=frozenset([Rewrite(NAME, HEAD, RECORD)]),
+    alternatives=((COMPUTE, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, RECORD)])),
+                  (SKIP, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, REUSE)]))))
+_STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "head, then compute or skip"),))
+# Cross-attention (Wan, LTX) and joint attention feed their streams through these; a residual
+# addition is followed through dtype casts and views back to the block's input.
+_PASS_THROUGH = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.type_as.default,
+                 torch.ops.aten.clone.default, torch.ops.aten.view.default, torch.ops.aten.alias.default}
+SAMPLE_INPUTS = ("hidden_states", "sample")
+
+
+def block_paths(denoiser: torch.nn.Module) -> list[str]:
+    """Paths of the denoiser's transformer blocks, in the order diffusers' block hooks take them."""
+    out = []
+    for name, child in denoiser.named_children():
+        if name in BLOCK_LISTS and isinstance(child, torch.nn.ModuleList):
+            out += [f"{name}.{i}" for i in range(len(child))]
+    return out
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _sample_dependent(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    """The ``nodes`` that depend on the denoiser's latent input (a block's streams; not, e.g., a cast of
+    the timestep embedding that the next blocks share)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS]
+    if not placeholders:
+        raise ValueError(f"block cache: the graph has no latent input ({' or '.join(SAMPLE_INPUTS)})")
+    dependent = _descendants(placeholders[:1])
+    return [n for n in nodes if n in dependent]
+
+
+def _text_tokens(graph: fx.Graph) -> int | None:
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name == "encoder_hidden_states":
+            shape = _shape(node)
+            return shape[1] if shape and len(shape) >= 2 else None
+    return None
+
+
+def _streams(outputs: list[fx.Node], text_tokens: int | None, head: str) -> dict[str, fx.Node]:
+    """The head's outputs by stream (see the module docstring)."""
+    if len(outputs) == 1:
+        return {IMAGE: outputs[0]}
+    shapes = [_shape(n) for n in outputs]
+    if len(outputs) == 2 and all(s and len(s) >= 2 for s in shapes):
+        text = [n for n, s in zip(outputs, shapes) if s[1] == text_tokens]
+        if len(text) == 1:
+            return {TEXT: text[0], IMAGE: next(n for n in outputs if n is not text[0])}
+    raise ValueError(f"block cache: the first block {head!r} has {len(outputs)} outputs of shapes {shapes}, and "
+                     f"the image stream cannot be told from the text stream ({text_tokens} text tokens); it needs "
+                     "one output, or two whose token counts differ (choose another resolution or text length)")
+
+
+def _residual_input(output: fx.Node, members: set[fx.Node], head: str) -> fx.Node:
+    """The value from outside the head that its image output is a residual update of."""
+    found, stack, seen = [], [output], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node not in members:
+            if _shape(node) == _shape(output):
+                found.append(node)
+            continue
+        if node.target == torch.ops.aten.add.Tensor:
+            stack.extend(a for a in node.args[:2] if isinstance(a, fx.Node))
+        elif node.target in _PASS_THROUGH and isinstance(node.args[0], fx.Node):
+            stack.append(node.args[0])
+    if len(found) != 1:
+        raise ValueError(f"block cache: cannot find the input the first block {head!r} adds its residual to "
+                         f"(candidates: {[n.name for n in found]}); the block is not a residual block")
+    return found[0]
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    out, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in out:
+            out.add(node)
+            stack.extend(node.all_input_nodes)
+    return out
+
+
+def _descendants(nodes: list[fx.Node]) -> set[fx.Node]:
+    out, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in out:
+            out.add(node)
+            stack.extend(node.users)
+    return out
+
+
+class BlockCache(Method):
+    """First Block Cache; settings in :class:`BlockCacheConfig`."""
+
+    name = NAME
+    config_class = BlockCacheConfig
+    title = "Block cache (First Block Cache)"
+
+    def __init__(self, config: BlockCacheConfig, blocks: tuple[str, ...] = ()):
+        super().__init__(config)
+        self.blocks = tuple(blocks)
+
+    def bind(self, denoiser) -> "BlockCache":
+        blocks = block_paths(denoiser)
+        if len(blocks) < 2:
+            raise TypeError(f"the block cache needs a transformer with at least two blocks in "
+                            f"{' / '.join(sorted(BLOCK_LISTS))}; {type(denoiser).__name__} has {len(blocks)}. "
+                            "For UNets, use DeepCache")
+        return BlockCache(self.config, tuple(blocks))
+
+    def _keys(self) -> dict[str, CacheKey]:
+        if not self.blocks:
+            raise RuntimeError("the block cache is not bound to a denoiser (Method.bind)")
+        head, tail = self.blocks[0], self.blocks[-1]
+        return {"image_in": CacheKey(NAME, head, "image_in"), IMAGE: CacheKey(NAME, head, "image_out"),
+                TEXT: CacheKey(NAME, head, "text_out"), "tail_" + IMAGE: CacheKey(NAME, tail, IMAGE),
+                "tail_" + TEXT: CacheKey(NAME, tail, TEXT)}
+
+    # --- tags ------------------------------------------------------------------
+    def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
+        head, tail = self._keys()[IMAGE].site, self._keys()["tail_" + IMAGE].site
+        for path in (head, tail):
+            if path not in regions.modules:
+                raise ValueError(f"block cache: block {path!r} is not called in the captured graph")
+        graph = graph_module.graph
+        members = set(regions.nodes_of(head))
+        streams = _streams(_sample_dependent(graph, regions.values_leaving(head)), _text_tokens(graph), head)
+        image_in = _residual_input(streams[IMAGE], members, head)
+        tails: dict[str, fx.Node] = {}
+        for value in _sample_dependent(graph, regions.values_leaving(tail)):
+            match = [s for s, n in streams.items() if _shape(n) == _shape(value)]
+            if len(match) != 1 or match[0] in tails:
+                raise ValueError(f"block cache: the last block {tail!r} outputs {value.name} "
+                                 f"{_shape(value)}, which matches no single stream of the first block "
+                                 f"({ {s: _shape(n) for s, n in streams.items()} })")
+            tails[match[0]] = value
+        computed = _ancestors(list(streams.values()))  # what the head stage computes
+        boundary = self._boundary(computed, streams, image_in)
+        self._check_skippable(graph, regions, streams, tails, boundary)
+        tag = tag_key(NAME)
+        slots = {image_in: "image_in", streams[IMAGE]: "image_out", **({streams[TEXT]: "text_out"} if TEXT in streams else {})}
+        for node in boundary:
+            node.meta[tag] = {"group": HEAD, "site": head, "slot": slots.get(node, node.name)}
+        for stream, node in tails.items():
+            node.meta[tag] = {"group": TAIL, "site": tail, "slot": stream}
+
+    @staticmethod
+    def _boundary(computed: set[fx.Node], streams: dict[str, fx.Node], image_in: fx.Node) -> list[fx.Node]:
+        """The head stage's values the rest of the graph reads (tuples stand for the items read of them)."""
+        out = dict.fromkeys([*streams.values(), image_in])
+        for node in list(computed):
+            if node.op != "call_function" or all(u in computed for u in node.users):
+                continue
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                out[node] = None
+                continue
+            for user in node.users:
+                if user in computed:
+                    continue
+                if user.target is not operator.getitem:
+                    raise ValueError(f"block cache: {user.name} reads the non-tensor value {node.name} of the "
+                                     "first block's inputs")
+                out[user] = None
+        return list(out)
+
+    def _check_skippable(self, graph: fx.Graph, regions: Regions, streams: dict, tails: dict,
+                         boundary: list[fx.Node]) -> None:
+        """Refuse a graph where skipping the blocks would not be what diffusers' hooks do."""
+        later = set(self.blocks[1:])
+
+        def block_of(node: fx.Node) -> str | None:
+            return next((p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p in later), None)
+
+        between = (_descendants(list(streams.values())) & _ancestors(list(tails.values()))) - set(streams.values())
+        outside = sorted(n.name for n in between if n.op == "call_function" and block_of(n) is None)
+        if outside:
+            raise ValueError(f"block cache: the streams pass through {outside[:5]} between the blocks; skipping the "
+                             "blocks would skip them too, which diffusers' block hooks do not")
+        cut = set(boundary) | set(tails.values())
+        live, stack = set(), list(graph.output_node().all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in live:
+                continue
+            live.add(node)
+            if node not in cut:
+                stack.extend(node.all_input_nodes)
+        inside = sorted(n.name for n in live - cut if n.op == "call_function" and block_of(n) is not None)
+        if inside:
+            raise ValueError(f"block cache: the final layers read values of the blocks after the first other than "
+                             f"the last block's outputs ({inside[:5]}); they cannot be skipped")
+
+    # --- schedule --------------------------------------------------------------
+    def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        return [_STEP] * ctx.num_steps
+
+    def compose(self, others: list[Method]) -> None:
+        if others:
+            raise ValueError(f"the block cache does not compose with {', '.join(m.title for m in others)} yet: "
+                             "apply it alone")
+
+    def decide(self, step: int, caches: dict) -> str:
+        """``"compute"`` or ``"skip"``, as diffusers' ``FBCHeadBlockHook`` decides, with its arithmetic.
+
+        State kept in ``caches`` (the generation's, per CFG call where CFG is two calls): the head residual
+        and outputs of the last computing step, and the tail residual of each stream."""
+        keys = self._keys()
+        state = {name: CacheKey(NAME, "state", name) for name in
+                 ("residual", "fresh", "snap_" + IMAGE, "snap_" + TEXT, "res_" + IMAGE, "res_" + TEXT)}
+        residual = caches[keys[IMAGE]] - caches[keys["image_in"]]
+        previous = caches.get(state["residual"])
+        compute = True
+        if previous is not None:
+            absmean = (residual - previous).abs().mean()
+            previous_absmean = previous.abs().mean()
+            compute = (absmean / previous_absmean).item() > self.config.threshold
+        streams = [s for s in (IMAGE, TEXT) if keys[s] in caches]
+        if compute:
+            caches[state["residual"]] = residual
+            for s in streams:
+                caches[state["snap_" + s]] = caches[keys[s]]
+            caches[state["fresh"]] = True
+            return COMPUTE
+        tails = [s for s in streams if keys["tail_" + s] in caches]
+        if caches.pop(state["fresh"], False):  # the tail outputs are those of the last computing step
+            for s in tails:
+                caches[state["res_" + s]] = caches[keys["tail_" + s]] - caches[state["snap_" + s]]
+        for s in tails:
+            caches[keys["tail_" + s]] = caches[state["res_" + s]] + caches[keys[s]]
+        return SKIP
+
+    def describe(self) -> str:
+        return f"threshold={self.config.threshold}"
