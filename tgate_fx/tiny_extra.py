@@ -1,18 +1,22 @@
 """Tiny seeded pipelines of the families outside the main test matrix (:data:`tgate_fx.tiny.FAMILIES`).
 
-Video and newer image families, each tested on its own (``tests/test_families_extra.py``):
-AnimateDiff (``UNetMotionModel``), Stable Video Diffusion
+Video and newer image families, each tested on its own (``tests/test_families_extra.py``,
+``tests/test_tiny_extra.py``): AnimateDiff (``UNetMotionModel``), Stable Video Diffusion
 (``UNetSpatioTemporalConditionModel``), Sana, HunyuanDiT, Wan 2.1,
-LTX-Video and Kandinsky 2.2. Each builder returns ``(pipeline, call_kwargs)``;
-the pipeline's progress bar is off and every call kwarg needed for a 2-3
-frame, 32x32 generation is given (HunyuanDiT: 64x64, its rotary grid assumes
-a VAE factor of 8). Shapes follow diffusers' own pipeline tests.
+LTX-Video, Kandinsky 2.2, FLUX.1 (and Kontext), Chroma, Stable Diffusion 3
+(and SD3.5's dual attention), Qwen-Image, HunyuanVideo and CogVideoX. Each
+builder returns ``(pipeline, call_kwargs)``; the pipeline's progress bar is
+off and every call kwarg needed for a 32x32 generation of a few frames is
+given (HunyuanDiT: 64x64, its rotary grid assumes a VAE factor of 8). Shapes
+follow diffusers' own pipeline tests; no token count (text or image) is a
+multiple of 11.
 
-Sana (Gemma), HunyuanDiT (BERT and mT5), Wan (UMT5) and LTX-Video (T5) ship
-no text encoder here: their tokenizers cannot be built offline, so the call
-kwargs carry seeded ``prompt_embeds``/``negative_prompt_embeds`` (and the
-masks each pipeline wants with them), as a user of prompt-weighting tools
-calls them.
+Sana (Gemma), HunyuanDiT (BERT and mT5), Wan (UMT5), LTX-Video (T5), FLUX.1
+and SD3 (CLIP and T5), Chroma and CogVideoX (T5), Qwen-Image (Qwen2.5-VL) and
+HunyuanVideo (Llama and CLIP) ship no text encoder here: their tokenizers
+cannot be built offline, so the call kwargs carry seeded ``prompt_embeds``/
+``negative_prompt_embeds`` (and the pooled embeddings and masks each pipeline
+wants with them), as a user of prompt-weighting tools calls them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
-           "tiny_t2i_adapter", "tiny_wan", "tiny_flux", "tiny_chroma"]
+           "tiny_t2i_adapter", "tiny_wan", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
+           "tiny_hunyuanvideo", "tiny_cogvideox"]
 
 
 def _seeded(seed: int):
@@ -297,4 +302,142 @@ def tiny_chroma(seed: int = 0, *, guidance_scale: float = 4.0, size: int = 32):
                 height=size, width=size, guidance_scale=guidance_scale, max_sequence_length=9)
     if guidance_scale > 1:
         call.update(negative_prompt_embeds=torch.randn(1, 9, 32, generator=g), negative_prompt_attention_mask=mask)
+    return pipe, call
+
+
+def tiny_sd3(seed: int = 0, *, guidance_scale: float = 5.0, dual_attention: bool = False):
+    """Stable Diffusion 3 (``SD3Transformer2DModel``: joint text-image blocks), 32 x 32; CFG
+    (``guidance_scale > 1``) runs as SD3's pipeline does, one denoiser call per step on a batch of 2.
+
+    The VAE has one block (scale factor 1), so a 32 x 32 image is 1024 image tokens (patch size 1); the text is
+    9 seeded tokens and a pooled embedding, in place of the two CLIP and one T5 encoders. ``dual_attention``:
+    SD3.5-medium's block (a second self-attention over the image tokens, ``dual_attention_layers=(0,)``, and its
+    RMS query/key norm).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+
+    _seeded(seed)
+    sd35 = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, **sd35).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    text, pooled = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
+    call = dict(prompt_embeds=torch.randn(1, 9, text, generator=g), pooled_prompt_embeds=torch.randn(1, pooled, generator=g),
+                height=32, width=32, guidance_scale=guidance_scale)
+    if guidance_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 9, text, generator=g),
+                    negative_pooled_prompt_embeds=torch.randn(1, pooled, generator=g))
+    return pipe, call
+
+
+def tiny_qwenimage(seed: int = 0, *, true_cfg_scale: float = 4.0):
+    """Qwen-Image (``QwenImageTransformer2DModel``: joint text-image blocks, 3D rotary positions), 32 x 32; true
+    CFG (``true_cfg_scale > 1``) runs as QwenImagePipeline does: two denoiser calls per step (conditional, then
+    unconditional), the combination rescaled to the conditional prediction's norm.
+
+    The VAE's scale factor is 4 and latents are packed 2 x 2: 16 image tokens on a 4 x 4 grid. The text is 8
+    seeded tokens (in place of Qwen2.5-VL's hidden states) whose last 2 are masked out, as padding is when prompts
+    differ in length (the pipeline drops an all-ones mask, so the transformer would never see one). Not 9: the
+    text's rotary positions start after the grid's largest index (2), and 2 + 9 would be the probe batch 11 of
+    :mod:`tgate_fx.core.rebatch`, so batch 1 could not be served by the probe capture.
+    """
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+
+    _seeded(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    mask = torch.ones(1, 8, dtype=torch.long)  # the dtype QwenImagePipeline._get_qwen_prompt_embeds returns
+    mask[:, 6:] = 0
+    call = dict(prompt_embeds=torch.randn(1, 8, 16, generator=g), prompt_embeds_mask=mask, height=32, width=32,
+                true_cfg_scale=true_cfg_scale)
+    if true_cfg_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 8, 16, generator=g), negative_prompt_embeds_mask=mask.clone())
+    return pipe, call
+
+
+def tiny_hunyuanvideo(seed: int = 0):
+    """HunyuanVideo text to video (``HunyuanVideoTransformer3DModel``: a token refiner, then double- and
+    single-stream blocks), 9 frames of 32 x 32 (3 latent frames of 4 x 4: 48 image tokens); guidance is
+    embedded (distilled), so one denoiser call per step and no CFG batch.
+
+    The text is 9 seeded tokens (in place of Llama's hidden states) whose last 2 are masked out, as the padding
+    of Llama's fixed-length prompt is, and a pooled embedding (in place of CLIP's).
+    """
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _seeded(seed)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+                                                 rope_axes_dim=(2, 4, 4)).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    mask = torch.ones(1, 9, dtype=torch.long)  # the tokenizer's mask; the pipeline casts it to the model's dtype
+    mask[:, 7:] = 0
+    return pipe, dict(prompt_embeds=torch.randn(1, 9, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                      prompt_attention_mask=mask, height=32, width=32, num_frames=9, guidance_scale=4.5)
+
+
+def tiny_cogvideox(seed: int = 0, *, guidance_scale: float = 6.0):
+    """CogVideoX text to video (``CogVideoXTransformer3DModel``: text and video tokens in one sequence, with
+    sin-cos positions), 9 frames of 32 x 32 (3 latent frames of 4 x 4, patched 2 x 2: 12 video tokens); CFG
+    (``guidance_scale > 1``) runs as one denoiser call per step on a batch of 2.
+
+    The transformer's ``sample_height``/``sample_width``/``sample_frames`` are the generated size, so its stored
+    positional table is used: at another size the patch embedding rebuilds it in the call (which
+    ``torch.export`` cannot trace). The text is 9 seeded tokens (in place of T5's), the transformer's
+    ``max_text_seq_length``: the positions are added to the whole joint sequence.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+
+    _seeded(seed)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+                                              time_embed_dim=2, text_embed_dim=32, num_layers=1, sample_width=4,
+                                              sample_height=4, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=9).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                             scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    call = dict(prompt_embeds=torch.randn(1, 9, 32, generator=g), height=32, width=32, num_frames=9,
+                guidance_scale=guidance_scale)
+    if guidance_scale > 1:
+        call["negative_prompt_embeds"] = torch.randn(1, 9, 32, generator=g)
     return pipe, call
