@@ -149,14 +149,15 @@ def tiny_hunyuandit(seed: int = 0):
                       guidance_scale=5.0, use_resolution_binning=False)
 
 
-def tiny_ltx(seed: int = 0):
-    """LTX-Video (its own LTXAttention class, rotary self-attention), 9 frames of 32x32 (2 latent frames), CFG on."""
+def tiny_ltx(seed: int = 0, *, num_layers: int = 1):
+    """LTX-Video (its own LTXAttention class, rotary self-attention), 9 frames of 32x32 (2 latent frames), CFG on;
+    ``num_layers`` transformer blocks (a block cache needs two)."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 
     _seeded(seed)
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
-        cross_attention_dim=32, num_layers=1, caption_channels=32).eval()
+        cross_attention_dim=32, num_layers=num_layers, caption_channels=32).eval()
     _seeded(seed + 1)
     vae = AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
@@ -305,7 +306,7 @@ def tiny_chroma(seed: int = 0, *, guidance_scale: float = 4.0, size: int = 32):
     return pipe, call
 
 
-def tiny_sd3(seed: int = 0, *, guidance_scale: float = 5.0, dual_attention: bool = False):
+def tiny_sd3(seed: int = 0, *, guidance_scale: float = 5.0, dual_attention: bool = False, num_layers: int = 1):
     """Stable Diffusion 3 (``SD3Transformer2DModel``: joint text-image blocks), 32 x 32; CFG
     (``guidance_scale > 1``) runs as SD3's pipeline does, one denoiser call per step on a batch of 2.
 
@@ -319,7 +320,7 @@ def tiny_sd3(seed: int = 0, *, guidance_scale: float = 5.0, dual_attention: bool
 
     _seeded(seed)
     sd35 = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8,
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
                                         pooled_projection_dim=64, out_channels=4, **sd35).eval()
     _seeded(seed + 1)
@@ -410,7 +411,7 @@ def tiny_hunyuanvideo(seed: int = 0):
                       prompt_attention_mask=mask, height=32, width=32, num_frames=9, guidance_scale=4.5)
 
 
-def tiny_cogvideox(seed: int = 0, *, guidance_scale: float = 6.0):
+def tiny_cogvideox(seed: int = 0, *, guidance_scale: float = 6.0, num_layers: int = 1):
     """CogVideoX text to video (``CogVideoXTransformer3DModel``: text and video tokens in one sequence, with
     sin-cos positions), 9 frames of 32 x 32 (3 latent frames of 4 x 4, patched 2 x 2: 12 video tokens); CFG
     (``guidance_scale > 1``) runs as one denoiser call per step on a batch of 2.
@@ -424,7 +425,7 @@ def tiny_cogvideox(seed: int = 0, *, guidance_scale: float = 6.0):
 
     _seeded(seed)
     transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
-                                              time_embed_dim=2, text_embed_dim=32, num_layers=1, sample_width=4,
+                                              time_embed_dim=2, text_embed_dim=32, num_layers=num_layers, sample_width=4,
                                               sample_height=4, sample_frames=9, patch_size=2,
                                               temporal_compression_ratio=4, max_text_seq_length=9).eval()
     _seeded(seed + 1)

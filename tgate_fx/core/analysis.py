@@ -25,7 +25,7 @@ graph (its path and class) and finds the single value leaving a module
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -188,13 +188,15 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
-def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = ATTENTION_TYPES) -> list[AttentionSite]:
+def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = ATTENTION_TYPES,
+                         unreadable: dict[str, str] | None = None) -> list[AttentionSite]:
     """Find, classify and tag every attention site of ``gm``, in graph order.
 
     Raises:
         ValueError: if a site does not have the structure of a diffusers
             ``Attention`` call (a ``to_q``/``to_k`` projection, a ``to_out``
-            output, and a single value leaving the module).
+            output, and a single value leaving the module); with ``unreadable``
+            given, such a site is left out and its path -> the reason stored there.
     """
     by_site: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -220,10 +222,13 @@ def find_attention_sites(gm: fx.GraphModule, attention_types: frozenset[str] = A
                                          for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
         leaving = [n for n in nodes if any(u not in members for u in n.users)]
         if to_q is None or to_k is None or not outs or len(leaving) != 1:
-            raise ValueError(
-                f"attention module {path!r} does not look like a diffusers Attention call "
-                f"(query/key projections to_q/to_k, to_qkv or to_kv: to_q={to_q}, to_k={to_k}, to_out nodes={len(outs)}, outputs={[n.name for n in leaving]})"
-            )
+            reason = (f"attention module {path!r} does not look like a diffusers Attention call "
+                      f"(query/key projections to_q/to_k, to_qkv or to_kv: to_q={to_q}, to_k={to_k}, "
+                      f"to_out nodes={len(outs)}, outputs={[n.name for n in leaving]})")
+            if unreadable is None:
+                raise ValueError(reason)
+            unreadable[path] = reason
+            continue
         value = outs[-1]
         q_src = _external_source(to_q, members)
         kv_src = _external_source(to_k, members)
@@ -250,15 +255,29 @@ class Regions:
 
     Attributes:
         graph_module: The (tagged) captured graph.
-        attention: Its attention sites, in graph order.
         modules: Path -> class name of every module called in the graph, in
             order of first appearance (``"up_blocks.3.resnets.0"`` ->
             ``"diffusers...ResnetBlock2D"``).
+        unreadable: Path -> why, for each attention module whose call does not have the structure of
+            a diffusers ``Attention`` call (a joint attention returning two streams, say).
     """
 
     graph_module: fx.GraphModule
-    attention: list[AttentionSite]
+    sites: list[AttentionSite]
     modules: dict[str, str]
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def attention(self) -> list[AttentionSite]:
+        """The attention sites, in graph order.
+
+        Raises:
+            ValueError: if some attention module could not be read (a method reading attention sites
+                would miss it); methods that do not read attention (a block cache) never ask.
+        """
+        if self.unreadable:
+            raise ValueError(next(iter(self.unreadable.values())))
+        return self.sites
 
     def children(self, path: str, name: str) -> list[str]:
         """Paths ``path.name.<i>`` that exist, by index: ``children("up_blocks.3", "resnets")``."""
@@ -300,4 +319,5 @@ def _module_paths(gm: fx.GraphModule) -> dict[str, str]:
 
 def analyze(gm: fx.GraphModule) -> Regions:
     """Find and tag the regions of a captured graph (see :func:`find_attention_sites`)."""
-    return Regions(gm, find_attention_sites(gm), _module_paths(gm))
+    unreadable: dict[str, str] = {}
+    return Regions(gm, find_attention_sites(gm, unreadable=unreadable), _module_paths(gm), unreadable)

@@ -354,7 +354,7 @@ def _encode(capture: Capture) -> dict:
                 if value.device.type == "meta":
                     raise _Unstorable("a constant on the meta device")
                 constants[entry["path"]] = (str(value.dtype).removeprefix("torch."), list(value.shape),
-                                            value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                                            value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                                             if value.numel() else b"")
         nodes.append(entry)
     return {"nodes": nodes, "inputs": list(capture.input_names), "constants": constants}

@@ -1,0 +1,200 @@
+"""The block cache against diffusers' own FirstBlockCache hook (a published implementation), bit for bit.
+
+Each family runs a seeded generation three ways: unoptimized, with
+``FirstBlockCacheConfig(threshold)`` applied by diffusers, and with
+``tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold))``. The
+threshold is high enough that the hook skips the blocks on most steps, so the
+test can fail: the hook's result differs from the unoptimized one, and both
+runs must skip at the same steps.
+
+Pipelines without a cache context of their own (SD3, Flux Kontext) run the
+hook inside one ``cache_context`` around the pipeline call. Chroma joins its
+streams into one between its double- and single-stream blocks: the hook
+cannot serve it (its blocks are not in the hook's registry, and its tail
+residual would subtract two streams from one), and the block cache refuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import tgate_fx
+from tgate_fx import BlockCacheConfig, tiny_extra
+from tgate_fx.methods.blockcache.method import BLOCK_LISTS, BlockCache
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 6
+THRESHOLD = 0.5
+FAMILIES = {
+    "flux": tiny_extra.tiny_flux,
+    "flux_true_cfg": lambda: tiny_extra.tiny_flux(true_cfg_scale=4.0),
+    "flux_kontext": lambda: tiny_extra.tiny_flux(kontext=True),
+    "sd3": lambda: tiny_extra.tiny_sd3(num_layers=2),
+    "sd35": lambda: tiny_extra.tiny_sd3(dual_attention=True, num_layers=2),
+    "qwenimage_true_cfg": tiny_extra.tiny_qwenimage,
+    "hunyuanvideo": tiny_extra.tiny_hunyuanvideo,
+    "cogvideox": lambda: tiny_extra.tiny_cogvideox(num_layers=2),
+    "wan": tiny_extra.tiny_wan,
+    "ltx": lambda: tiny_extra.tiny_ltx(num_layers=2),
+}
+# SD3's last block has no text output (context_pre_only): the hook subtracts the head's text output from
+# None there. The oracle is the hook with a zero text residual there (the text stream is not read after it).
+_TAIL_WITHOUT_TEXT = {"sd3", "sd35"}
+# The hook needs a cache context; these pipelines do not set one.
+_NO_CONTEXT = {"flux_kontext", "sd3", "sd35"}
+
+
+def _generate(pipe, call: dict) -> torch.Tensor:
+    out = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=STEPS, **call)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@contextlib.contextmanager
+def _spy(cls, name: str, log: list):
+    original = getattr(cls, name)
+
+    def spy(self, *args):
+        out = original(self, *args)
+        log.append(out)
+        return out
+
+    setattr(cls, name, spy)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def _one_context(transformer):
+    """One cache context around a whole generation (SD3's transformer has no ``cache_context`` method)."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(transformer, CacheContext("all"))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
+
+
+@contextlib.contextmanager
+def _tail_without_text():
+    """The hook, with its tail's text residual zero where the last block has no text output."""
+    from diffusers.hooks import first_block_cache
+
+    block_forward = first_block_cache.FBCBlockHook.new_forward
+
+    def forward(self, module, *args, **kwargs):
+        state = self.state_manager.get_state()
+        if not (self.is_tail and state.should_compute):
+            return block_forward(self, module, *args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        state.tail_block_residuals = (output[self._metadata.return_hidden_states_index] - state.head_block_output[0],
+                                      torch.zeros_like(state.head_block_output[1]))
+        return output
+
+    first_block_cache.FBCBlockHook.new_forward = forward  # before the hooks are made: they bind it
+    try:
+        yield
+    finally:
+        first_block_cache.FBCBlockHook.new_forward = block_forward
+
+
+def _diffusers_fbc(pipe, call: dict, family: str) -> tuple[torch.Tensor, list[bool]]:
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks import first_block_cache
+
+    transformer = pipe.transformer
+    with _tail_without_text() if family in _TAIL_WITHOUT_TEXT else contextlib.nullcontext():
+        apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    # as CacheMixin.enable_cache does: later context updates must reach the new block hooks
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    decisions: list[bool] = []
+    context = _one_context(transformer) if family in _NO_CONTEXT else contextlib.nullcontext()
+    try:
+        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
+            out = _generate(pipe, call)
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
+    return out, decisions
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_equals_diffusers_first_block_cache(family):
+    pipe, call = FAMILIES[family]()
+    baseline = _generate(pipe, call)
+    reference, hook_decisions = _diffusers_fbc(pipe, call, family)
+    assert (reference - baseline).abs().max() > 0, "the hook changed nothing: the test could not fail"
+    assert not all(hook_decisions), "the hook never skipped"
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        result = _generate(pipe, call)
+    assert [d == "compute" for d in ours] == hook_decisions
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    # a second generation starts afresh (the hook's state is reset at the end of every pipeline call)
+    torch.testing.assert_close(_generate(pipe, call), reference, rtol=0, atol=0)
+
+
+def test_threshold_zero_equals_the_unoptimized_pipeline():
+    pipe, call = tiny_extra.tiny_flux()
+    baseline = _generate(pipe, call)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(_generate(pipe, call), baseline, rtol=0, atol=0)
+
+
+def test_skip_step_runs_no_block_after_the_first():
+    pipe, call = tiny_extra.tiny_flux()
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    runtime = tgate_fx.get_runtime(pipe)
+    with runtime.tracing() as trace:
+        _generate(pipe, call)
+    names = [v.name.split("~")[1] for _, _, v in trace]  # an alternative resolved twice has a digest suffix
+    assert names[:2] == ["head", "compute"] and "skip" in names
+
+    def blocks(variant):
+        return {p for n in variant.graph_module.graph.nodes
+                for p, _ in (n.meta.get("nn_module_stack") or {}).values() if p.split(".")[0] in BLOCK_LISTS}
+
+    by_name = {v.name.split("~")[1]: v for _, _, v in trace}
+    head, compute, skip = by_name["head"], by_name["compute"], by_name["skip"]
+    assert head.graph_module.graph.output_node().args[0][0] is None
+    assert {p for p in blocks(head) if p.count(".") == 1} == {"transformer_blocks.0"}
+    assert blocks(skip) == set()
+    assert "single_transformer_blocks.1" in blocks(compute) and "transformer_blocks.0" not in blocks(compute)
+
+
+@pytest.mark.filterwarnings("ignore::tgate_fx.core.rebatch.RebatchWarning")  # Chroma's guidance tensor follows the batch
+def test_refusals():
+    pipe, call = tiny_extra.tiny_sd3()  # one block: nothing after the first
+    with pytest.raises(TypeError, match="at least two blocks"):
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+    from tgate_fx import tiny
+
+    unet = tiny.tiny_pipeline("sd15")
+    with pytest.raises(TypeError, match="use DeepCache"):
+        tgate_fx.optimize(unet, blockcache=BlockCacheConfig())
+    pipe, call = tiny_extra.tiny_chroma()  # the streams are joined between the double and single blocks
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+    with pytest.raises(ValueError, match="matches no single stream|between the blocks"):
+        _generate(pipe, call)
+    pipe, _ = tiny_extra.tiny_flux()
+    with pytest.raises(ValueError, match="does not compose"):
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(), toca=tgate_fx.ToCaConfig())
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="threshold"):
+            BlockCacheConfig(threshold=bad)
+
+
+def test_onnx_export_is_refused():
+    from tgate_fx.export import export_onnx
+
+    pipe, call = tiny_extra.tiny_flux()
+    with pytest.raises(ValueError, match="chooses each step's graph at run time"):
+        export_onnx(pipe, "/tmp/never", methods=[BlockCacheConfig()], num_inference_steps=2, **call)
