@@ -5,12 +5,13 @@ Two kinds:
 * :func:`pipeline` ``(name) -> (pipe, call kwargs)``: a full diffusers
   pipeline (tiny components with the sizes of diffusers' fast tests) that can
   generate, for the families tgate_fx accelerates;
-* :func:`transformer` ``(name)``: the denoiser alone, for the joint-attention
-  and video transformers that every method refuses at ``optimize`` (Flux and
-  Chroma, which ToCa serves, are pipelines without text encoders; the others
-  pipelines need text encoders, T5 / Llama / Qwen2.5-VL, that cannot be built
-  here without the hub). They are wrapped in a minimal ``DiffusionPipeline``
-  (:func:`holding`): refusing them only needs the denoiser.
+* :func:`transformer` ``(name)``: the denoiser alone, for the transformers
+  that every method refuses at ``optimize`` (Lumina2, AuraFlow, HiDream:
+  their pipelines need text encoders that cannot be built here without the
+  hub). They are wrapped in a minimal ``DiffusionPipeline`` (:func:`holding`):
+  refusing them only needs the denoiser. Flux, Chroma, SD3, Qwen-Image,
+  HunyuanVideo and CogVideoX are pipelines given embeddings instead of text
+  encoders (:mod:`tgate_fx.tiny_extra`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ PIPELINES = {
     **{name: "images" for name in ("sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet",
                                    "pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "sana", "hunyuandit",
                                    "kandinsky22", "t2i_adapter", "flux", "flux_true_cfg", "flux_kontext",
-                                   "chroma")},
-    **{name: "frames" for name in ("animatediff", "svd", "ltx", "wan")},
+                                   "chroma", "sd3", "sd35", "qwenimage")},
+    **{name: "frames" for name in ("animatediff", "svd", "ltx", "wan", "hunyuanvideo", "cogvideox")},
 }
 # Pipelines built with settings of another family's builder.
 _VARIANTS = {"flux_true_cfg": lambda: tiny_extra.tiny_flux(true_cfg_scale=4.0),
-             "flux_kontext": lambda: tiny_extra.tiny_flux(kontext=True)}
-TRANSFORMERS = ("sd3", "qwenimage", "hunyuanvideo", "cogvideox", "lumina2", "auraflow", "hidream")
+             "flux_kontext": lambda: tiny_extra.tiny_flux(kontext=True),
+             "sd35": lambda: tiny_extra.tiny_sd3(dual_attention=True)}
+TRANSFORMERS = ("lumina2", "auraflow", "hidream")
 
 
 def pipeline(name: str):

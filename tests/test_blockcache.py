@@ -171,19 +171,29 @@ def test_skip_step_runs_no_block_after_the_first():
 
 
 @pytest.mark.filterwarnings("ignore::tgate_fx.core.rebatch.RebatchWarning")  # Chroma's guidance tensor follows the batch
-def test_refusals():
-    pipe, call = tiny_extra.tiny_sd3()  # one block: nothing after the first
-    with pytest.raises(TypeError, match="at least two blocks"):
-        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+def test_refusals(monkeypatch):
     from tgate_fx import tiny
+    from tgate_fx.core.method import InertMethodWarning
 
     unet = tiny.tiny_pipeline("sd15")
     with pytest.raises(TypeError, match="use DeepCache"):
         tgate_fx.optimize(unet, blockcache=BlockCacheConfig())
     pipe, call = tiny_extra.tiny_chroma()  # the streams are joined between the double and single blocks
+    with pytest.raises(TypeError, match="joins the text and image streams"):
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+    # the check on the graph, where bind's check of the block classes could not tell
+    from tgate_fx.methods.blockcache import method as blockcache_method
+
+    monkeypatch.setattr(blockcache_method, "_takes_text", lambda block: True)
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
     with pytest.raises(ValueError, match="matches no single stream|between the blocks"):
         _generate(pipe, call)
+    monkeypatch.undo()
+    pipe, call = tiny_extra.tiny_sd3()  # one block: nothing after the first; inert, said so, and exact
+    baseline = _generate(pipe, call)
+    with pytest.warns(InertMethodWarning, match="one transformer block"):
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=10.0))
+    torch.testing.assert_close(_generate(pipe, call), baseline, rtol=0, atol=0)
     pipe, _ = tiny_extra.tiny_flux()
     with pytest.raises(ValueError, match="does not compose"):
         tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(), toca=tgate_fx.ToCaConfig())

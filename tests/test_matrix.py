@@ -27,7 +27,7 @@ from families import PIPELINES, TRANSFORMERS, generate, holding, pipeline, trans
 from tgate_fx.core.hook import installed_runtime
 from tgate_fx.core.method import REUSE, TRANSFORM, InertMethodWarning
 from tgate_fx.core.rebatch import RebatchWarning
-from tgate_fx.methods import DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
+from tgate_fx.methods import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +41,10 @@ SETTINGS = {
     ("todo", "defaults"): ToDoConfig,
     ("toca", "nothing_cached"): lambda: ToCaConfig(interval=1),
     ("toca", "defaults"): ToCaConfig,
+    ("blockcache", "nothing_cached"): lambda: BlockCacheConfig(threshold=0.0),
+    ("blockcache", "defaults"): BlockCacheConfig,
 }
-METHODS = ("tgate", "deepcache", "todo", "toca")
+METHODS = ("tgate", "deepcache", "todo", "toca", "blockcache")
 
 # The reasons, by method, for the families each method does not serve (the same for both settings).
 _NOT_A_UNET = "DeepCache needs a UNet with down_blocks, mid_block and up_blocks"
@@ -52,6 +54,8 @@ _TODO_JOINT = "ToDo cannot apply to {cls}: its attention adds the conditioning's
 _NO_CROSS_TGATE = "T-GATE cannot apply to {cls}: it caches cross-attention .* none of its attention modules is"
 _NO_CROSS_TODO = "ToDo cannot apply to {cls}: none of its attention modules is a cross-attention"
 _VIDEO_TODO = "ToDo cannot apply to {cls}: it downsamples the 2-D token grid of an image's self-attention"
+_NO_BLOCKS = "the block cache needs a transformer with blocks in"
+_JOINED = "the block cache cannot apply to {cls}: it joins the text and image streams"
 _CLASS = {
     "sd15": "UNet2DConditionModel", "sd21": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
     "lcm_sdxl": "UNet2DConditionModel", "sd15_img2img": "UNet2DConditionModel",
@@ -62,7 +66,7 @@ _CLASS = {
     "animatediff": "UNetMotionModel", "svd": "UNetSpatioTemporalConditionModel",
     "ltx": "LTXVideoTransformer3DModel", "wan": "WanTransformer3DModel", "flux": "FluxTransformer2DModel",
     "flux_true_cfg": "FluxTransformer2DModel", "flux_kontext": "FluxTransformer2DModel",
-    "chroma": "ChromaTransformer2DModel", "sd3": "SD3Transformer2DModel",
+    "chroma": "ChromaTransformer2DModel", "sd3": "SD3Transformer2DModel", "sd35": "SD3Transformer2DModel",
     "qwenimage": "QwenImageTransformer2DModel", "hunyuanvideo": "HunyuanVideoTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel", "lumina2": "Lumina2Transformer2DModel",
     "auraflow": "AuraFlowTransformer2DModel", "hidream": "HiDreamImageTransformer2DModel",
@@ -70,7 +74,7 @@ _CLASS = {
 _UNETS = {"sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet", "t2i_adapter", "kandinsky22",
           "animatediff", "svd"}
 _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "flux_true_cfg", "flux_kontext", "chroma"}
-_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "qwenimage", "hunyuanvideo", "auraflow", "kandinsky22"}
+_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow", "kandinsky22"}
 _NO_CROSS = {"cogvideox", "lumina2", "hidream"}
 
 
@@ -95,11 +99,19 @@ def _refusals() -> dict:
     out["hunyuandit", "todo"] = "ToDo cannot apply to HunyuanDiT2DModel: its self-attention applies rotary position"
     for family in ("animatediff", "svd", "ltx", "wan"):
         out[family, "todo"] = _VIDEO_TODO.format(cls=_CLASS[family])
+    for family in _UNETS:
+        out[family, "blockcache"] = _NO_BLOCKS
+    out["chroma", "blockcache"] = _JOINED.format(cls=_CLASS["chroma"])  # double-stream blocks, then one stream
+    out["hidream", "blockcache"] = _NO_BLOCKS  # its block lists have other names than diffusers' hooks look for
     return out
 
 
 REFUSED = _refusals()
-CELLS = [(f, m, s) for f in [*PIPELINES, *TRANSFORMERS] for m in METHODS for s in STEPS]
+# The block cache accepts these two denoisers (AuraFlow with a warning: it has one block in the lists the
+# hooks read), but no tiny pipeline of theirs can be built here (their text encoders need the hub): their
+# cells are not run, and the README says so.
+UNVERIFIED = {("lumina2", "blockcache"), ("auraflow", "blockcache")}
+CELLS = [(f, m, s) for f in [*PIPELINES, *TRANSFORMERS] for m in METHODS for s in STEPS if (f, m) not in UNVERIFIED]
 _BASELINES: dict = {}
 
 
@@ -134,7 +146,7 @@ def test_cell(family, method, setting):
         warnings.simplefilter("always")
         tgate_fx.optimize(pipe, methods=[config])
     inert = any(issubclass(w.category, InertMethodWarning) for w in caught)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tgate_fx.get_runtime(pipe).tracing() as trace:
         if family == "chroma":  # its guidance embedding holds a tensor of the batch's size: exported per batch
             warnings.simplefilter("ignore", RebatchWarning)
         got = generate(pipe, family, call, steps)
@@ -145,8 +157,12 @@ def test_cell(family, method, setting):
     if setting == "nothing_cached":
         assert torch.equal(got, expected)
         return
-    rewrites = any(s.drops_uncond or any(r.action in (REUSE, TRANSFORM) for r in s.variant.rewrites)
-                   for s in plan.steps)
+    if plan.chooses:  # the graph is chosen from data: something is reused where a step did not compute all
+        computing = {spec.name for s in plan.steps if s.choice for spec in (s.choice.head, s.choice.alternatives[0][1])}
+        rewrites = any(v.spec.name not in computing for _, _, v in trace)
+    else:
+        rewrites = any(s.drops_uncond or any(r.action in (REUSE, TRANSFORM) for r in s.variant.rewrites)
+                       for s in plan.steps)
     assert torch.equal(got, expected) == (inert or not rewrites), (
         f"{family} x {method} defaults: the plan {'rewrites' if rewrites else 'rewrites nothing'}"
         f"{' (inert)' if inert else ''}, the output {'equals' if torch.equal(got, expected) else 'differs from'} "

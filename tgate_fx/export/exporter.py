@@ -181,11 +181,6 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
     An optimized pipeline keeps its runtime, whose captures and variants are
     reused (they do not depend on the settings); its methods are put back after.
     """
-    chooser = next((m for m in methods if Plan(2, [m], cfg=False).chooses), None)
-    if chooser is not None:
-        raise ValueError(f"{chooser.title} chooses each step's graph at run time from the data (e.g. whether the "
-                         "blocks after the first run); an ONNX bundle replays the steps of one traced generation "
-                         "and cannot follow that choice. Export without it, or serve it with the torch runtime")
     module = find_denoiser(pipe)[1]
     installed = installed_runtime(module)
     previous = installed.methods if installed is not None else None
@@ -201,6 +196,11 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
             optimize(pipe, methods=previous)
         else:
             uninstall(module)
+    if plan is not None and plan.chooses:
+        chooser = plan.method(next(s.choice.method for s in plan.steps if s.choice is not None))
+        raise ValueError(f"{chooser.title} chooses each step's graph at run time from the data (e.g. whether the "
+                         "blocks after the first run); an ONNX bundle replays the steps of one traced generation "
+                         "and cannot follow that choice. Export without it, or serve it with the torch runtime")
     if plan is None or len(trace) != plan.num_steps:
         raise RuntimeError(f"the traced generation made {len(trace)} denoiser calls for a plan of "
                            f"{plan.num_steps if plan else '?'} steps; nothing consistent to export")

@@ -64,6 +64,7 @@ _CHOICE = Choice(
     alternatives=((COMPUTE, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, RECORD)])),
                   (SKIP, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, REUSE)]))))
 _STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "head, then compute or skip"),))
+_INERT = MethodStep("bc_full", columns=(("blockcache", "one block: full"),))
 # Cross-attention (Wan, LTX) and joint attention feed their streams through these; a residual
 # addition is followed through dtype casts and views back to the block's input.
 _PASS_THROUGH = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.type_as.default,
@@ -78,6 +79,12 @@ def block_paths(denoiser: torch.nn.Module) -> list[str]:
         if name in BLOCK_LISTS and isinstance(child, torch.nn.ModuleList):
             out += [f"{name}.{i}" for i in range(len(child))]
     return out
+
+
+def _takes_text(block: torch.nn.Module) -> bool:
+    import inspect
+
+    return "encoder_hidden_states" in inspect.signature(block.forward).parameters
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -172,11 +179,21 @@ class BlockCache(Method):
 
     def bind(self, denoiser) -> "BlockCache":
         blocks = block_paths(denoiser)
-        if len(blocks) < 2:
-            raise TypeError(f"the block cache needs a transformer with at least two blocks in "
-                            f"{' / '.join(sorted(BLOCK_LISTS))}; {type(denoiser).__name__} has {len(blocks)}. "
-                            "For UNets, use DeepCache")
+        if not blocks:
+            raise TypeError(f"the block cache needs a transformer with blocks in {' / '.join(sorted(BLOCK_LISTS))}; "
+                            f"{type(denoiser).__name__} has none. For UNets, use DeepCache")
+        head, tail = denoiser.get_submodule(blocks[0]), denoiser.get_submodule(blocks[-1])
+        if _takes_text(head) and not _takes_text(tail):
+            raise TypeError(f"the block cache cannot apply to {type(denoiser).__name__}: it joins the text and image "
+                            f"streams into one between its block lists ({type(head).__name__} takes both, "
+                            f"{type(tail).__name__} one), so the residual of the blocks after the first is not the "
+                            "residual of either stream (diffusers' hook cannot serve it either)")
         return BlockCache(self.config, tuple(blocks))
+
+    def inert_reason(self, denoiser) -> str | None:
+        if len(block_paths(denoiser)) < 2:
+            return f"{type(denoiser).__name__} has one transformer block: there are no blocks after the first to skip"
+        return None
 
     def _keys(self) -> dict[str, CacheKey]:
         if not self.blocks:
@@ -188,6 +205,8 @@ class BlockCache(Method):
 
     # --- tags ------------------------------------------------------------------
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
+        if len(self.blocks) < 2:  # inert (see inert_reason): every step computes everything
+            return
         head, tail = self._keys()[IMAGE].site, self._keys()["tail_" + IMAGE].site
         for path in (head, tail):
             if path not in regions.modules:
@@ -262,6 +281,8 @@ class BlockCache(Method):
 
     # --- schedule --------------------------------------------------------------
     def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
+        if len(self.blocks) < 2:
+            return [_INERT] * ctx.num_steps
         return [_STEP] * ctx.num_steps
 
     def compose(self, others: list[Method]) -> None:
