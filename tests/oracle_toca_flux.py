@@ -8,7 +8,11 @@ It shares no code with tgate_fx. Transcribed from ``Shenyi-Z/ToCa``
 ``dot_product_attention`` for the map; the full / ``ToCa`` branches of
 ``DoubleStreamBlock.forward`` and ``SingleStreamBlock.forward``), on
 diffusers' ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` (and
-Chroma's blocks, which differ only in their modulation and mask).
+Chroma's blocks, which differ only in their modulation and mask), and the
+same double-stream rules on SD3's ``JointTransformerBlock`` (no official
+counterpart: image tokens first, SD3.5's ``attn2`` cached with the joint
+attention, no text stream out of the last block) and Qwen-Image's
+``QwenImageTransformerBlock``.
 
 Where it cannot run as is:
 
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusers.models.transformers.transformer_flux as flux_module
+import diffusers.models.transformers.transformer_qwenimage as qwen_module
 
 
 def fresh_ratio_scheduler(dic, current):
@@ -101,6 +106,11 @@ def attention_map(query, key, attn_mask=None):
     return torch.softmax(attn_weight, dim=-1).mean(dim=1).mean(dim=1)
 
 
+def attention_map_bhld(query, key):
+    """The same map from ``(B, H, L, D)`` queries and keys (what ``F.scaled_dot_product_attention`` takes)."""
+    return attention_map(query.transpose(1, 2), key.transpose(1, 2))
+
+
 def new_cache_dic(fresh_ratio, fresh_threshold, soft_fresh_weight, schedule):
     return {"attn_map": {"double_stream": {}, "single_stream": {}}, "cache": {"double_stream": {}, "single_stream": {}},
             "cache_index": collections.defaultdict(dict), "fresh_ratio": fresh_ratio, "fresh_threshold": fresh_threshold,
@@ -126,19 +136,32 @@ class FluxToCaOracle:
         self.pending_map = None  # where the next attention's map goes
         self.steps = []  # the type of each step, for the tests
         self.hook = transformer.register_forward_pre_hook(self._pre_hook)
-        self._dispatch = flux_module.dispatch_attention_fn
-        flux_module.dispatch_attention_fn = self._attention
+        self._dispatch = flux_module.dispatch_attention_fn  # the same function in every module below
+        for module in (flux_module, qwen_module):
+            module.dispatch_attention_fn = self._attention
+        self._sdpa = F.scaled_dot_product_attention  # SD3's processor calls it directly
+        F.scaled_dot_product_attention = self._sdpa_attention
         self.chroma = type(transformer).__name__.startswith("Chroma")
         for layer, block in enumerate(transformer.transformer_blocks):
-            block.forward = types.MethodType(self._double(layer), block)
-        for layer, block in enumerate(transformer.single_transformer_blocks):
+            kind = {"JointTransformerBlock": self._joint, "QwenImageTransformerBlock": self._qwen}.get(
+                type(block).__name__, self._double)
+            block.forward = types.MethodType(kind(layer), block)
+        for layer, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
             block.forward = types.MethodType(self._single(layer), block)
 
     def close(self):
         self.hook.remove()
-        flux_module.dispatch_attention_fn = self._dispatch
-        for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
+        for module in (flux_module, qwen_module):
+            module.dispatch_attention_fn = self._dispatch
+        F.scaled_dot_product_attention = self._sdpa
+        for block in [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", ())]:
             del block.forward
+
+    def _sdpa_attention(self, query, key, value, *args, **kwargs):
+        if self.pending_map is not None:
+            self.pending_map["total"] = attention_map_bhld(query, key)
+            self.pending_map = None
+        return self._sdpa(query, key, value, *args, **kwargs)
 
     def _pre_hook(self, module, args):
         step, role = divmod(self.calls, self.calls_per_step)
@@ -214,6 +237,112 @@ class FluxToCaOracle:
                 fresh = self.ff_context(self.norm2_context(fresh) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
                 update_cache(idx, fresh, dic, current)
             encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * cache["txt_mlp"]
+            return encoder_hidden_states, hidden_states
+
+        return forward
+
+    def _joint(self, layer):
+        """SD3's ``JointTransformerBlock`` under FLUX's double-stream rules: the image tokens come first in its
+        joint attention; SD3.5's image-only ``attn2`` is cached with the joint attention; the last block has
+        no text stream out (``context_pre_only``)."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            if self.use_dual_attention:
+                norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hs2, gate_msa2 = self.norm1(hidden_states,
+                                                                                                   emb=temb)
+            else:
+                norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+            if self.context_pre_only:
+                norm_ehs = self.norm1_context(encoder_hidden_states, temb)
+            else:
+                norm_ehs, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
+                                                                                              emb=temb)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            image = hidden_states.shape[1]
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                cache["attn"] = self.attn(hidden_states=norm_hs, encoder_hidden_states=norm_ehs)
+                maps["img_mlp"], maps["txt_mlp"] = maps["total"][:, :image], maps["total"][:, image:]
+                if self.use_dual_attention:
+                    cache["attn2"] = self.attn2(hidden_states=norm_hs2)
+            attn_output, context_attn_output = cache["attn"]
+            hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+            if self.use_dual_attention:
+                hidden_states = hidden_states + gate_msa2.unsqueeze(1) * cache["attn2"]
+
+            current["module"] = "img_mlp"
+            if current["type"] == "full":
+                force_init(dic, current, hidden_states)
+                cache["img_mlp"] = self.ff(self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+            else:
+                idx, fresh = cache_cutfresh(dic, hidden_states, current)
+                fresh = self.ff(self.norm2(fresh) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+                update_cache(idx, fresh, dic, current)
+            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * cache["img_mlp"]
+            if self.context_pre_only:
+                return None, hidden_states
+
+            encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+            current["module"] = "txt_mlp"
+            if current["type"] == "full":
+                force_init(dic, current, encoder_hidden_states)
+                cache["txt_mlp"] = self.ff_context(self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None])
+                                                   + c_shift_mlp[:, None])
+            else:
+                idx, fresh = cache_cutfresh(dic, encoder_hidden_states, current)
+                fresh = self.ff_context(self.norm2_context(fresh) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+                update_cache(idx, fresh, dic, current)
+            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * cache["txt_mlp"]
+            return encoder_hidden_states, hidden_states
+
+        return forward
+
+    def _qwen(self, layer):
+        """Qwen-Image's double-stream block under FLUX's double-stream rules (text tokens first in its joint
+        attention, the text mask in the map)."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                    image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+            assert modulate_index is None and not self.zero_cond_t
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
+            txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+            img_modulated, img_gate1 = self._modulate(self.img_norm1(hidden_states), img_mod1)
+            txt_modulated, txt_gate1 = self._modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            text = encoder_hidden_states.shape[1]
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                cache["attn"] = self.attn(hidden_states=img_modulated, encoder_hidden_states=txt_modulated,
+                                          encoder_hidden_states_mask=encoder_hidden_states_mask,
+                                          image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+                maps["txt_mlp"], maps["img_mlp"] = maps["total"][:, :text], maps["total"][:, text:]
+            img_attn_output, txt_attn_output = cache["attn"]
+            hidden_states = hidden_states + img_gate1 * img_attn_output
+            encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
+            for stream, norm, mod, mlp in (("img_mlp", self.img_norm2, img_mod2, self.img_mlp),
+                                           ("txt_mlp", self.txt_norm2, txt_mod2, self.txt_mlp)):
+                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
+                current["module"] = stream
+                gate = self._modulate(norm(x), mod)[1]
+                if current["type"] == "full":
+                    force_init(dic, current, x)
+                    cache[stream] = mlp(self._modulate(norm(x), mod)[0])
+                else:
+                    idx, fresh = cache_cutfresh(dic, x, current)
+                    update_cache(idx, mlp(self._modulate(norm(fresh), mod)[0]), dic, current)
+                x = x + gate * cache[stream]
+                if stream == "img_mlp":
+                    hidden_states = x
+                else:
+                    encoder_hidden_states = x
             return encoder_hidden_states, hidden_states
 
         return forward

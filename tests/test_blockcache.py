@@ -208,3 +208,85 @@ def test_onnx_export_is_refused():
     pipe, call = tiny_extra.tiny_flux()
     with pytest.raises(ValueError, match="chooses each step's graph at run time"):
         export_onnx(pipe, "/tmp/never", methods=[BlockCacheConfig()], num_inference_steps=2, **call)
+
+
+def test_macs_of_a_step_are_its_head_plus_the_alternative_it_takes():
+    pipe, call = tiny_extra.tiny_flux()
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+    _generate(pipe, call)
+    runtime = tgate_fx.get_runtime(pipe)
+    graphs = runtime.captures[0]
+    plan = tgate_fx.Plan(6, runtime.methods, cfg=False)
+    every = tgate_fx.plan_macs(graphs, plan)
+    assert every.total == every.baseline  # head + compute is the whole graph, nothing counted twice
+    skipping = tgate_fx.plan_macs(graphs, plan, choices=lambda step: "skip" if step % 2 else None)
+    head = next(v for v in skipping.variants.values() if v.name.split("~")[1] == "head").count.total
+    skip = next(v for v in skipping.variants.values() if v.name.split("~")[1] == "skip").count.total
+    compute = next(v for v in skipping.variants.values() if v.name.split("~")[1] == "compute").count.total
+    assert head + compute == every.baseline // 6
+    assert 0 < head + skip < (head + compute) / 2  # the tiny Flux has 4 blocks: a skip step runs one
+    assert skipping.total == 3 * (head + compute) + 3 * (head + skip)
+
+
+# --- composed with T-GATE ----------------------------------------------------------------------------------------
+
+TGATE = dict(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1)
+
+
+@contextlib.contextmanager
+def _forced_at(steps: frozenset[int], step_of):
+    """The hook's decision, made to compute every block at ``steps`` (the other method's barriers)."""
+    from diffusers.hooks import first_block_cache
+
+    original = first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def decide(self, residual):
+        return True if step_of() in steps else original(self, residual)
+
+    first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = decide
+    try:
+        yield
+    finally:
+        first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = original
+
+
+@pytest.mark.parametrize("family", ["ltx", "wan"])
+def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(family):
+    """T-GATE's processors (the eager oracle of the reference) inside diffusers' FirstBlockCache hook, which
+    computes every block at T-GATE's barriers (its gate, and the step after it where the CFG batch is halved):
+    a skipped block runs no processor, so its caches keep their last values, as the variants' do."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks import first_block_cache
+    from oracle import run_oracle, run_split_cfg_oracle
+
+    pipe, call = FAMILIES[family]()
+    steps = 8
+    kw = dict(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=steps, **call)
+    plain = pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}).frames
+    barriers = frozenset({TGATE["gate_step"] - 1, TGATE["gate_step"]})
+    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+    decisions: list[bool] = []
+    try:
+        if family == "wan":  # CFG as two calls a step, conditional first
+            step_of = lambda: (pipe.transformer.calls - 1) // 2
+            with _forced_at(barriers, step_of), _spy(first_block_cache.FBCHeadBlockHook,
+                                                      "_should_compute_remaining_blocks", decisions):
+                expected = run_split_cfg_oracle(pipe, "transformer", pipe.transformer, **TGATE, **kw).frames
+        else:
+            step_of = lambda: pipe.transformer.step - 1
+            with _forced_at(barriers, step_of), _spy(first_block_cache.FBCHeadBlockHook,
+                                                      "_should_compute_remaining_blocks", decisions):
+                expected = run_oracle(pipe, "transformer", cfg=True, **TGATE, **kw).frames
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+        registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
+    assert not all(decisions), "the hook never skipped"
+    tgate_fx.optimize(pipe, tgate=tgate_fx.TGateConfig(**TGATE), blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        got = pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}).frames
+    assert "skip" in ours
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, plain)

@@ -11,7 +11,7 @@ import tgate_fx
 from oracle_toca_flux import FluxToCaOracle, fresh_ratio_scheduler
 from tgate_fx import TGateConfig, ToCaConfig
 from tgate_fx.methods.toca.config import fresh_count, fresh_ratio, step_kinds
-from tgate_fx.tiny_extra import tiny_chroma, tiny_flux
+from tgate_fx.tiny_extra import tiny_chroma, tiny_flux, tiny_qwenimage, tiny_sd3
 
 pytestmark = pytest.mark.e2e
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -140,6 +140,44 @@ def test_chroma_equals_the_official_rules(guidance_scale):
     pipe, call = build()
     tgate_fx.optimize(pipe, toca=ToCaConfig())
     assert torch.equal(final_latents(pipe, call, 8), expected)
+
+
+SD3_CASES = [("sd3", dict(), 1), ("sd3, 2 blocks", dict(), 2), ("sd3.5 dual attention", dict(dual_attention=True), 2),
+             ("sd3, ratio 0.5", dict(ratio=0.5), 2)]
+
+
+@pytest.mark.parametrize("name,settings,layers", SD3_CASES, ids=[c[0] for c in SD3_CASES])
+def test_sd3_equals_the_flux_rules_on_its_joint_blocks(name, settings, layers):
+    """SD3 / SD3.5 (CFG as one batch of 2): FLUX's double-stream rules on JointTransformerBlock, image tokens
+    first, SD3.5's attn2 cached with the joint attention, no text stream out of the last block."""
+    config = ToCaConfig(**{k: v for k, v in settings.items() if k != "dual_attention"})
+    build = lambda: tiny_sd3(dual_attention=settings.get("dual_attention", False), num_layers=layers)
+    expected, kinds = oracle_latents(build, 10, 1, **_oracle_settings(config.resolved("flux")))
+    assert "ToCa" in kinds
+    pipe, call = build()
+    tgate_fx.optimize(pipe, toca=config)
+    got = final_latents(pipe, call, 10)
+    assert tgate_fx.get_runtime(pipe).last_plan.cfg
+    assert torch.equal(got, expected)
+    plain, _ = build()
+    assert not torch.equal(got, final_latents(plain, call, 10))
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 4.0], ids=["no-cfg", "true-cfg"])
+@pytest.mark.parametrize("settings", [{}, {"ratio": 0.5, "interval": 3}], ids=["defaults", "ratio 0.5"])
+def test_qwenimage_equals_the_flux_rules_on_its_blocks(settings, true_cfg):
+    """Qwen-Image (text mask, true CFG as two calls a step): FLUX's double-stream rules on its blocks."""
+    config = ToCaConfig(**settings)
+    build = lambda: tiny_qwenimage(true_cfg_scale=true_cfg)
+    expected, kinds = oracle_latents(build, 10, 2 if true_cfg > 1 else 1, **_oracle_settings(config.resolved("flux")))
+    assert "ToCa" in kinds
+    pipe, call = build()
+    tgate_fx.optimize(pipe, toca=config)
+    got = final_latents(pipe, call, 10)
+    assert tgate_fx.get_runtime(pipe).last_plan.cfg == (true_cfg > 1)
+    assert torch.equal(got, expected)
+    plain, _ = build()
+    assert not torch.equal(got, final_latents(plain, call, 10))
 
 
 # --- graphs ----------------------------------------------------------------------------------------------------

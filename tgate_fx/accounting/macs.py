@@ -278,6 +278,14 @@ class PlanMacs:
         return 2 * self.batch_size if self.plan.cfg else self.batch_size
 
 
+def _chosen(choices: Any, step: int, default: str) -> str:
+    if choices is None:
+        return default
+    if callable(choices):
+        return choices(step) or default
+    return choices.get(step, default)
+
+
 def _graph_source(graphs: Any) -> GraphSource:
     from ..archs import Arch, ArchGraphs, get_arch
 
@@ -302,7 +310,7 @@ def _graph_source(graphs: Any) -> GraphSource:
 
 
 def plan_macs(graphs: Union[str, Any, CapturedGraphs, GraphSource], plan: Plan, *, batch_size: int = 1,
-              include_attention: bool = False) -> PlanMacs:
+              include_attention: bool = False, choices: Any = None) -> PlanMacs:
     """Count a whole generation under ``plan``: every step's variant, at the batch it runs at.
 
     Args:
@@ -315,6 +323,10 @@ def plan_macs(graphs: Union[str, Any, CapturedGraphs, GraphSource], plan: Plan, 
         plan: The step plan (``Plan(num_steps, [TGateConfig(...), ...], cfg=...)``).
         batch_size: Images per generation; CFG steps run at twice this.
         include_attention: Also count the SDPA core.
+        choices: For a plan whose steps choose their graph at run time (the block cache): the
+            alternative each such step takes, as ``step -> label`` (a dict or a callable; a step it does
+            not name takes the first alternative, the one that computes everything). Such a step costs
+            its head plus that alternative; ``None``: every step computes everything (the upper bound).
 
     Variants are built step by step with :func:`~tgate_fx.core.variants.walk_plan`,
     the way the runtime builds them, and counted after their dead code is
@@ -336,15 +348,24 @@ def plan_macs(graphs: Union[str, Any, CapturedGraphs, GraphSource], plan: Plan, 
         return captured
 
     counts: dict[int, MacCount] = {}
+
+    def counted(variant) -> MacCount:
+        if id(variant) not in counts:
+            counts[id(variant)] = count_macs(variant.graph_module, include_attention)
+        return counts[id(variant)]
+
     steps, variants = [], {}
     for s, (captured, variant) in zip(plan.steps, walk_plan(plan, graphs_for)):
         batch = 2 * batch_size if s.cfg else batch_size
-        if id(variant) not in counts:
-            counts[id(variant)] = count_macs(variant.graph_module, include_attention)
-        count = counts[id(variant)]
-        steps.append(StepMacs(s.step, s.phase, variant.name, batch, count.total))
-        prev = variants.get(variant.name)
-        variants[variant.name] = VariantMacs(variant.name, batch, count, (prev.steps if prev else ()) + (s.step,))
+        ran = [variant]
+        if s.choice is not None:
+            label = _chosen(choices, s.step, s.choice.alternatives[0][0])
+            ran = [captured.variant(s.choice.head), captured.variant(s.choice.alternative(label))]
+        for v in ran:
+            prev = variants.get(v.name)
+            variants[v.name] = VariantMacs(v.name, batch, counted(v), (prev.steps if prev else ()) + (s.step,))
+        steps.append(StepMacs(s.step, s.phase, "+".join(v.name for v in ran), batch,
+                              sum(counted(v).total for v in ran)))
     baseline_batch = 2 * batch_size if plan.cfg else batch_size
     baseline = count_macs(source(baseline_batch).capture.graph_module, include_attention)
     per_eval = count_macs(source(batch_size).capture.graph_module, include_attention)

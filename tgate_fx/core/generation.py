@@ -195,7 +195,12 @@ class Step:
                 gen.pending.setdefault(self.role, {})[key] = value
             else:
                 self.caches[key] = value
-        if len(gen.pending) == 2:  # both calls of the step recorded: (u + c) / 2, as a CFG batch's graph does
+
+    def _average_pending(self) -> None:
+        """Once both calls of a split-CFG step recorded (a call may run several graphs, each recording):
+        ``(u + c) / 2``, as a CFG batch's graph does."""
+        gen = self._generation
+        if len(gen.pending) == 2:
             u, c = gen.pending[UNCOND], gen.pending[COND]
             for key in u:
                 mean = (u[key] + c[key]) / 2
@@ -212,6 +217,7 @@ class Step:
         prediction of its first call for both calls.
         """
         if self.role is not None:
+            self._average_pending()
             if self.plan.drops_uncond:
                 gen = self._generation
                 prediction = gen.prediction if gen.prediction is not None else prediction

@@ -279,12 +279,14 @@ class Method(ABC):
         Methods without transforms need not implement it."""
         raise NotImplementedError(f"method {self.name!r} schedules transforms but has no transform_pass")
 
-    def decide(self, step: int, caches: dict) -> str:
-        """At a :class:`Choice` step, after its head ran: the label of the alternative to run.
+    def decide(self, step: int, caches: dict, labels: tuple[str, ...]) -> str:
+        """At a :class:`Choice` step, after its head ran: which of ``labels`` (the step's alternatives, as
+        its schedule gave them) runs.
 
         ``caches`` are the generation's (for a split-CFG call, its own role's), holding what the head
         recorded; the method may store its own state there under its own :class:`CacheKey` s (e.g. a
-        residual the next alternative reads). Methods without choices need not implement it."""
+        residual the next alternative reads). A step with one alternative (a barrier of another method,
+        say) still asks, so that the method's state follows. Methods without choices need not implement it."""
         raise NotImplementedError(f"method {self.name!r} schedules choices but has no decide")
 
     def compose(self, others: list[Method]) -> None:

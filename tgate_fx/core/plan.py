@@ -37,13 +37,14 @@ class VariantSpec:
     Attributes:
         name: Stable, human-readable name (the methods' labels joined by ``+``).
         rewrites: What the variant records and reuses.
-        head: The head of a choice step: the graph computes only what it records (its prediction
-            output is ``None``).
+        head: For the head of a choice step, the method that chooses (else ``""``): the graph computes only
+            what that method records there (its prediction output is ``None``); the other methods'
+            rewrites apply to what that computes.
     """
 
     name: str
     rewrites: frozenset[Rewrite] = frozenset()
-    head: bool = False
+    head: str = ""
 
     def groups(self, action: str) -> tuple[str, ...]:
         """``method:group`` of the rewrites with ``action``, sorted."""
@@ -181,7 +182,7 @@ class Plan:
         if choosers:
             chooser = choosers[0]
             made = methods[chooser].choice
-            choice = PlannedChoice(chooser, VariantSpec(name + "~head", rewrites | made.head, head=True),
+            choice = PlannedChoice(chooser, VariantSpec(name + "~head", rewrites | made.head, head=chooser),
                                    tuple((label, VariantSpec(name + "~" + label, rewrites | alt))
                                          for label, alt in made.alternatives))
             return StepPlan(i, choice.alternatives[0][1], self.cfg and not drops, drops, methods, choice)

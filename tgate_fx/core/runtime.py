@@ -253,7 +253,8 @@ class DenoiserRuntime:
         spec, choice = step.plan.variant, step.plan.choice
         if choice is not None:  # the head runs first; its method then names the graph that follows
             self._run(graphs, choice.head, step, inputs)
-            label = self._method(choice.method).decide(step.plan.step, step.caches)
+            labels = tuple(label for label, _ in choice.alternatives)
+            label = self._method(choice.method).decide(step.plan.step, step.caches, labels)
             spec = choice.alternative(label)
         prediction = self._run(graphs, spec, step, inputs)
         return step.finish(prediction, return_dict, self._output_class)

@@ -80,10 +80,11 @@ class Resolved:
         return f"{self.spec.name}~{digest}"
 
 
-def _live(graph: fx.Graph, cut: set[fx.Node]) -> set[fx.Node]:
-    """Nodes the graph's outputs depend on when the ``cut`` nodes become inputs (cut nodes included)."""
+def _live(graph: fx.Graph, cut: set[fx.Node], roots: list[fx.Node] | None = None) -> set[fx.Node]:
+    """Nodes the graph's outputs (or ``roots``) depend on when the ``cut`` nodes become inputs (cut nodes
+    included)."""
     live: set[fx.Node] = set()
-    stack = list(graph.output_node().all_input_nodes)
+    stack = list(graph.output_node().all_input_nodes) if roots is None else list(roots)
     while stack:
         node = stack.pop()
         if node in live:
@@ -124,7 +125,9 @@ def resolve(graph: fx.Graph, spec: VariantSpec, available: Iterable[CacheKey] | 
                 reads.append((node, key))
             else:
                 skipped.append((key, "not written yet: computed"))
-    live = _live(graph, {n for n, _ in reads})
+    # The head of a choice step computes only what its method records there.
+    roots = [n for n, _, r in targets if r.method == spec.head and r.action == RECORD] if spec.head else None
+    live = _live(graph, {n for n, _ in reads}, roots)
     for node, key in list(reads):
         if node not in live:
             reads.remove((node, key))

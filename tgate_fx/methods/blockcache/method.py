@@ -34,6 +34,13 @@ the blocks (the final norm and projection) runs.
 A graph whose streams leave the head through anything but the blocks (an
 operation between two blocks, a skip connection into the final layers) is
 refused: there, skipping the blocks would not be what the hook does.
+
+Composition (with T-GATE; a method with its own graph pass, ToCa or ToDo, is
+refused for now): the other methods' rewrites of a step apply to its head and to
+both alternatives (a block the step skips runs none of them, as a skipped
+block's attention processors do not run in eager code). At the other
+methods' barriers (T-GATE's gate and the step after it, where a CFG batch is
+halved) every block runs, and the head residual is taken there.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ _CHOICE = Choice(
     alternatives=((COMPUTE, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, RECORD)])),
                   (SKIP, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, REUSE)]))))
 _STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "head, then compute or skip"),))
+# A barrier of another method (T-GATE's gate, where the batch changes): every block runs.
+_BARRIER = MethodStep("bc_barrier", choice=Choice(_CHOICE.head, _CHOICE.alternatives[:1]),
+                      columns=(("blockcache", "head, then compute (barrier)"),))
 _INERT = MethodStep("bc_full", columns=(("blockcache", "one block: full"),))
 # Cross-attention (Wan, LTX) and joint attention feed their streams through these; a residual
 # addition is followed through dtype casts and views back to the block's input.
@@ -283,14 +293,19 @@ class BlockCache(Method):
     def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
         if len(self.blocks) < 2:
             return [_INERT] * ctx.num_steps
-        return [_STEP] * ctx.num_steps
+        return [_BARRIER if step in ctx.barriers else _STEP for step in range(ctx.num_steps)]
 
     def compose(self, others: list[Method]) -> None:
-        if others:
-            raise ValueError(f"the block cache does not compose with {', '.join(m.title for m in others)} yet: "
-                             "apply it alone")
+        """Methods that only record and reuse values (T-GATE) compose; a method with its own graph pass
+        (token-wise rewrites inside the blocks, ToCa, ToDo) is refused: that composition is not yet checked
+        against an eager oracle."""
+        for other in others:
+            if type(other).transform_pass is not Method.transform_pass:
+                raise ValueError(f"the block cache does not compose with {other.title} yet: {other.title} rewrites "
+                                 "the blocks with its own graph pass, and that composition is not checked against "
+                                 "an eager oracle yet; apply them one at a time")
 
-    def decide(self, step: int, caches: dict) -> str:
+    def decide(self, step: int, caches: dict, labels: tuple[str, ...] = (COMPUTE, SKIP)) -> str:
         """``"compute"`` or ``"skip"``, as diffusers' ``FBCHeadBlockHook`` decides, with its arithmetic.
 
         State kept in ``caches`` (the generation's, per CFG call where CFG is two calls): the head residual
@@ -301,7 +316,7 @@ class BlockCache(Method):
         residual = caches[keys[IMAGE]] - caches[keys["image_in"]]
         previous = caches.get(state["residual"])
         compute = True
-        if previous is not None:
+        if previous is not None and SKIP in labels:
             absmean = (residual - previous).abs().mean()
             previous_absmean = previous.abs().mean()
             compute = (absmean / previous_absmean).item() > self.config.threshold

@@ -1,5 +1,6 @@
 """ToCa on FLUX's blocks, as the official FLUX code does it (``flux-ToCa``'s ``DoubleStreamBlock`` and
-``SingleStreamBlock``): where to tag a captured FLUX transformer, and what a step's transform does.
+``SingleStreamBlock``): where to tag a captured FLUX transformer, and what a step's transform does. The
+same rules serve the joint blocks of SD3 / SD3.5 (see :data:`DOUBLE_STREAM_LAYOUTS`).
 
 Double-stream block (``transformer_blocks.<l>``): a full step records the
 joint attention's image and text outputs (after ``to_out`` / ``to_add_out``;
@@ -31,7 +32,21 @@ from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio
 
-__all__ = ["annotate_flux", "flux_pass", "FLUX_GROUPS"]
+__all__ = ["DOUBLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
+
+# The double-stream blocks the FLUX rules serve, by class: (image attention output, text attention output,
+# image MLP, text MLP, whether the joint sequence has the text tokens first). SD3's, Qwen-Image's and
+# HunyuanVideo's joint blocks have FLUX's double-stream structure under other names; SD3 and HunyuanVideo
+# put the image tokens first. A block without a text output (SD3's last, ``context_pre_only``) has only
+# the image stream's tags; SD3.5's second, image-only self-attention (``attn2``) is cached as the joint
+# attention is (no official counterpart: its output is reused on partial steps).
+DOUBLE_STREAM_LAYOUTS = {
+    "FluxTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", True),
+    "ChromaTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", True),
+    "JointTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", False),
+    "QwenImageTransformerBlock": ("attn.to_out", "attn.to_add_out", "img_mlp", "txt_mlp", True),
+    "HunyuanVideoTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", False),
+}
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # What a full step records: the double stream's attention outputs and MLP outputs, the single stream's
@@ -66,20 +81,39 @@ def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, insi
             raise ValueError(f"ToCa would tag {node.name} twice ({node.meta[key]['slot']}, {slot})")
         node.meta[key] = {"group": group, "site": site, "slot": slot, **info}
 
+    text_input = next((n for n in graph_module.graph.nodes
+                       if n.op == "placeholder" and n.name == "encoder_hidden_states"), None)
     for layer, block in enumerate(double):
         info = {"layer": layer, "depth": len(double), "block": block, "stream": "double"}
-        img_attn, txt_attn = regions.output_of(f"{block}.attn.to_out"), regions.output_of(f"{block}.attn.to_add_out")
-        img_mlp, txt_mlp = regions.output_of(f"{block}.ff"), regions.output_of(f"{block}.ff_context")
+        kind = regions.modules[block].rsplit(".", 1)[-1]
+        if kind not in DOUBLE_STREAM_LAYOUTS:
+            raise ValueError(f"ToCa (FLUX rules) has no layout for the double-stream block {block} ({kind})")
+        img_attn_path, txt_attn_path, img_mlp_path, txt_mlp_path, text_first = DOUBLE_STREAM_LAYOUTS[kind]
+        with_text = f"{block}.{txt_mlp_path}" in regions.modules  # SD3's last block has no text stream out
+        img_attn = regions.output_of(f"{block}.{img_attn_path}")
+        img_mlp = regions.output_of(f"{block}.{img_mlp_path}")
         core = core_of(f"{block}.attn")
-        text = txt_attn.meta["val"].shape[1]
-        if core.meta["val"].shape[2] != text + img_attn.meta["val"].shape[1]:
-            raise ValueError(f"ToCa expects {block}.attn to attend over the text then the image tokens")
+        image = img_attn.meta["val"].shape[1]
+        joint = core.meta["val"].shape[2]
+        text = joint - image
+        if text_input is not None and text != text_input.meta["val"].shape[1]:
+            raise ValueError(f"ToCa expects {block}.attn to attend over the text and the image tokens "
+                             f"({text_input.meta['val'].shape[1]} + {image}), it attends over {joint}")
+        columns = {"txt_mlp": (0, text), "img_mlp": (text, None)} if text_first else \
+            {"img_mlp": (0, image), "txt_mlp": (image, None)}
         tag(img_attn, "attn", block, "attn_img", **info)
-        tag(txt_attn, "attn", block, "attn_txt", **info)
         tag(img_mlp, "mlp", block, "img_mlp", **info)
-        tag(txt_mlp, "mlp", block, "txt_mlp", **info)
-        tag(core, "tokens", block, "score_tokens", core=core.name, text=text, **info)
-        for ff, out, module in ((f"{block}.ff", img_mlp, "img_mlp"), (f"{block}.ff_context", txt_mlp, "txt_mlp")):
+        mlps = [(f"{block}.{img_mlp_path}", img_mlp, "img_mlp")]
+        if with_text:
+            txt_attn, txt_mlp = regions.output_of(f"{block}.{txt_attn_path}"), regions.output_of(f"{block}.{txt_mlp_path}")
+            tag(txt_attn, "attn", block, "attn_txt", **info)
+            tag(txt_mlp, "mlp", block, "txt_mlp", **info)
+            mlps.append((f"{block}.{txt_mlp_path}", txt_mlp, "txt_mlp"))
+        if f"{block}.attn2" in regions.modules:  # SD3.5's image-only self-attention
+            tag(regions.output_of(f"{block}.attn2.to_out"), "attn", block, "attn2", **info)
+        tag(core, "tokens", block, "score_tokens", core=core.name, text=text,
+            columns={m: columns[m] for _, _, m in mlps}, **info)
+        for ff, out, module in mlps:
             tag(first_in(ff), "tokens", block, module + "_tokens", source=residual(ff, out).name, output=out.name,
                 module=module, score="score_" + module, **info)
     for layer, block in enumerate(single):
@@ -106,7 +140,7 @@ def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, 
             if option[0] == "full":
                 core = by_name[tag["core"]]
                 if tag["stream"] == "double":
-                    for module, columns in (("txt_mlp", (0, tag["text"])), ("img_mlp", (tag["text"], None))):
+                    for module, columns in tag["columns"].items():
                         scores.append(ScoreSite(core, site("score_" + module), "received_mean", columns=columns,
                                                 scale_logits=True))
                 else:
