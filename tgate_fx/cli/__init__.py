@@ -21,7 +21,7 @@ COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tgate-fx", description="Training-free acceleration of diffusers pipelines (T-GATE, DeepCache), as FX graph rewrites")
+    parser = argparse.ArgumentParser(prog="tgate-fx", description="Training-free acceleration of diffusers pipelines (T-GATE, DeepCache, ToDo, ToCa, a block cache), as FX graph rewrites")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)

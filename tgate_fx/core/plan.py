@@ -268,7 +268,9 @@ class Plan:
         for s in self.steps:
             cells = [v for m in s.methods.values() for _, v in m.columns]
             rewrites = sorted(s.variant.rewrites, key=str)
-            rows.append((str(s.step), s.phase, s.variant.name, "on" if s.cfg else "off", *cells,
+            variant = s.variant.name if s.choice is None else \
+                f"{s.choice.head.name}, then {' | '.join(label for label, _ in s.choice.alternatives)}"
+            rows.append((str(s.step), s.phase, variant, "on" if s.cfg else "off", *cells,
                          groups([r for r in rewrites if r.action == REUSE]),
                          groups([r for r in rewrites if r.action == RECORD])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

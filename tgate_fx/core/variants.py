@@ -343,8 +343,8 @@ class CapturedGraphs:
         self._annotated = signature
         self._methods = list(methods)
 
-    def variant(self, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Variant:
-        """The variant for ``spec`` given the caches written so far (``None``: all), built on first use."""
+    def resolution(self, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Resolved:
+        """How ``spec`` lands on this graph given the caches written so far (``None``: all); nothing is built."""
         graph = self.capture.graph_module.graph
         reads = self._resolved.get(spec)
         if reads is None:  # the cache keys the spec may read: resolve once per spec and availability
@@ -354,6 +354,11 @@ class CapturedGraphs:
         resolved = self._resolved.get((spec, have))
         if resolved is None:
             resolved = self._resolved[spec, have] = resolve(graph, spec, have)
+        return resolved
+
+    def variant(self, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Variant:
+        """The variant for ``spec`` given the caches written so far (``None``: all), built on first use."""
+        resolved = self.resolution(spec, available)
         if resolved not in self.variants:
             variant = build_variant(self.capture.graph_module, resolved, self._methods)
             if any(v.name == variant.name for v in self.variants.values()):
@@ -374,9 +379,10 @@ def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs],
     """Each step's capture and variant, as the runtime runs them (caches written step by step; ``spec_of``
     gives the spec a step's calls run, e.g. a split-CFG call's).
 
-    A choice step (its graph chosen at run time) builds its head and every alternative, given what the
-    head writes; its entry is the first alternative (the one that computes everything), and the caches any
-    of them writes count as written after it."""
+    A choice step (its graph chosen at run time) builds its head and its alternatives, given what the
+    head writes (an alternative that reads a cache nothing has written yet is left for the runtime to build
+    if it ever runs); its entry is the first alternative (the one that computes everything), and the caches
+    the built ones write count as written after it."""
     written: set[CacheKey] = set()
     out = []
     for step in plan.steps:
@@ -387,8 +393,11 @@ def walk_plan(plan: Plan, graphs_for: Callable[[StepPlan], CapturedGraphs],
         else:
             head = graphs.variant(spec_of(step.choice.head), written)
             after = written | set(head.records)
-            built = [graphs.variant(spec_of(spec), after) for _, spec in step.choice.alternatives]
-            variant = built[0]
+            variant = graphs.variant(spec_of(step.choice.alternatives[0][1]), after)
+            built = [variant]
+            for _, spec in step.choice.alternatives[1:]:  # an alternative that could not run yet is not built
+                if not any(reason.startswith("not written") for _, reason in graphs.resolution(spec_of(spec), after).skipped):
+                    built.append(graphs.variant(spec_of(spec), after))
             written = after.union(*(v.records for v in built))
         out.append((graphs, variant))
     return out

@@ -70,10 +70,10 @@ _CHOICE = Choice(
     head=frozenset([Rewrite(NAME, HEAD, RECORD)]),
     alternatives=((COMPUTE, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, RECORD)])),
                   (SKIP, frozenset([Rewrite(NAME, HEAD, REUSE), Rewrite(NAME, TAIL, REUSE)]))))
-_STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "head, then compute or skip"),))
+_STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "choice"),))
 # A barrier of another method (T-GATE's gate, where the batch changes): every block runs.
 _BARRIER = MethodStep("bc_barrier", choice=Choice(_CHOICE.head, _CHOICE.alternatives[:1]),
-                      columns=(("blockcache", "head, then compute (barrier)"),))
+                      columns=(("blockcache", "compute (barrier)"),))
 _INERT = MethodStep("bc_full", columns=(("blockcache", "one block: full"),))
 # Cross-attention (Wan, LTX) and joint attention feed their streams through these; a residual
 # addition is followed through dtype casts and views back to the block's input.
