@@ -143,7 +143,8 @@ class FluxToCaOracle:
         F.scaled_dot_product_attention = self._sdpa_attention
         self.chroma = type(transformer).__name__.startswith("Chroma")
         for layer, block in enumerate(transformer.transformer_blocks):
-            kind = {"JointTransformerBlock": self._joint, "QwenImageTransformerBlock": self._qwen}.get(
+            kind = {"JointTransformerBlock": self._joint, "QwenImageTransformerBlock": self._qwen,
+                    "CogVideoXBlock": self._cogvideox}.get(
                 type(block).__name__, self._double)
             block.forward = types.MethodType(kind(layer), block)
         for layer, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
@@ -344,6 +345,44 @@ class FluxToCaOracle:
                 else:
                     encoder_hidden_states = x
             return encoder_hidden_states, hidden_states
+
+        return forward
+
+    def _cogvideox(self, layer):
+        """CogVideoX's block (a joint attention with an image and a text output, then ONE MLP over the joined
+        text and video tokens): the attention cached as FLUX's double-stream blocks cache theirs, the MLP
+        refreshed over the joined tokens with the whole map as the score (tgate_fx's choice; no official
+        counterpart)."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            text = encoder_hidden_states.size(1)
+            norm_hs, norm_ehs, gate_msa, enc_gate_msa = self.norm1(hidden_states, encoder_hidden_states, temb)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                cache["attn"] = self.attn1(hidden_states=norm_hs, encoder_hidden_states=norm_ehs,
+                                           image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
+                maps["mlp"] = maps["total"]
+            attn_hs, attn_ehs = cache["attn"]
+            hidden_states = hidden_states + gate_msa * attn_hs
+            encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_ehs
+            norm_hs, norm_ehs, gate_ff, enc_gate_ff = self.norm2(hidden_states, encoder_hidden_states, temb)
+            x = torch.cat([norm_ehs, norm_hs], dim=1)
+            current["module"] = "mlp"
+            if current["type"] == "full":
+                force_init(dic, current, x)
+                cache["mlp"] = self.ff(x)
+            else:
+                idx, fresh = cache_cutfresh(dic, x, current)
+                update_cache(idx, self.ff(fresh), dic, current)
+            ff_output = cache["mlp"]
+            hidden_states = hidden_states + gate_ff * ff_output[:, text:]
+            encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :text]
+            return hidden_states, encoder_hidden_states
 
         return forward
 

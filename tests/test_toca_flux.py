@@ -11,7 +11,7 @@ import tgate_fx
 from oracle_toca_flux import FluxToCaOracle, fresh_ratio_scheduler
 from tgate_fx import TGateConfig, ToCaConfig
 from tgate_fx.methods.toca.config import fresh_count, fresh_ratio, step_kinds
-from tgate_fx.tiny_extra import tiny_chroma, tiny_flux, tiny_qwenimage, tiny_sd3
+from tgate_fx.tiny_extra import tiny_chroma, tiny_cogvideox, tiny_flux, tiny_qwenimage, tiny_sd3
 
 pytestmark = pytest.mark.e2e
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -178,6 +178,31 @@ def test_qwenimage_equals_the_flux_rules_on_its_blocks(settings, true_cfg):
     assert torch.equal(got, expected)
     plain, _ = build()
     assert not torch.equal(got, final_latents(plain, call, 10))
+
+
+@pytest.mark.parametrize("settings,layers", [({}, 1), ({"ratio": 0.5}, 2)], ids=["defaults, 1 block", "ratio 0.5, 2 blocks"])
+def test_cogvideox_equals_the_chosen_rules_on_its_blocks(settings, layers):
+    """CogVideoX (CFG as one batch of 2): the joint attention cached, its one MLP over the joined text and video
+    tokens refreshed on the top-k of them (tgate_fx's choice, documented in docs/toca.md)."""
+    config = ToCaConfig(**settings)
+    build = lambda: tiny_cogvideox(num_layers=layers)
+    steps = 10
+    pipe, call = build()
+    oracle = FluxToCaOracle(pipe.transformer, num_steps=steps, **_oracle_settings(config.resolved("flux")))
+    try:
+        expected = pipe(**call, num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        oracle.close()
+    assert "ToCa" in oracle.steps
+    pipe, call = build()
+    tgate_fx.optimize(pipe, toca=config)
+    got = pipe(**call, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    assert tgate_fx.get_runtime(pipe).last_plan.cfg
+    assert torch.equal(got, expected)
+    plain, _ = build()
+    assert not torch.equal(got, plain(**call, num_inference_steps=steps, output_type="latent",
+                                      generator=torch.Generator().manual_seed(0)).frames)
 
 
 # --- graphs ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio
 
-__all__ = ["DOUBLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
+__all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
 
 # The double-stream blocks the FLUX rules serve, by class: (image attention output, text attention output,
 # image MLP, text MLP, whether the joint sequence has the text tokens first). SD3's, Qwen-Image's and
@@ -53,6 +53,39 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # attention and output projection. A partial step reads "attn" (the double stream's attention) from the
 # cache; the single stream's attention is read inside its refresh.
 FLUX_GROUPS = ("attn", "mlp", "single_attn", "single_out")
+
+
+# Blocks with a joint attention (an image and a text output) and ONE MLP over the joined text and image
+# tokens (CogVideoX): (attention module, MLP module). No official counterpart; chosen: the attention is
+# cached as FLUX's double-stream blocks cache theirs, and the MLP refreshes the top-k tokens of the joined
+# sequence, scored by the whole map (the attention each token receives), with one counter and one k, at
+# the double-stream ratio (every block of the model is one of these).
+JOINT_SEQUENCE_LAYOUTS = {"CogVideoXBlock": ("attn1", "ff")}
+
+
+def _annotate_joint_sequence(regions: Regions, block: str, layout, text_input, core_of, first_in, tag, info) -> None:
+    attn_path, mlp_path = (f"{block}.{name}" for name in layout)
+    core = core_of(attn_path)
+    outputs = regions.values_leaving(attn_path)
+    text = text_input.meta["val"].shape[1] if text_input is not None else None
+    by_stream = {("txt" if n.meta["val"].shape[1] == text else "img"): n for n in outputs}
+    if len(outputs) != 2 or set(by_stream) != {"txt", "img"}:
+        raise ValueError(f"ToCa expects {attn_path} to return an image and a text output ({text} text tokens), "
+                         f"found {[tuple(n.meta['val'].shape) for n in outputs]}")
+    members = set(regions.nodes_of(mlp_path))
+    sources = {a for n in members for a in n.all_input_nodes if a not in members and a.op == "call_function"}
+    if len(sources) != 1:
+        raise ValueError(f"ToCa expects {mlp_path} to read one input (the joined tokens), found {len(sources)}")
+    source = sources.pop()
+    if core.meta["val"].shape[2] != source.meta["val"].shape[1]:
+        raise ValueError(f"ToCa expects {attn_path} to attend over the tokens {mlp_path} reads")
+    mlp = regions.output_of(mlp_path)
+    tag(by_stream["img"], "attn", block, "attn_img", **info)
+    tag(by_stream["txt"], "attn", block, "attn_txt", **info)
+    tag(mlp, "mlp", block, "mlp", **info)
+    tag(core, "tokens", block, "score_tokens", core=core.name, text=text, columns={"mlp": None}, **info)
+    tag(first_in(mlp_path), "tokens", block, "mlp_tokens", source=source.name, output=mlp.name, module="mlp",
+        score="score_mlp", **info)
 
 
 def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, inside, residual) -> None:
@@ -86,6 +119,10 @@ def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, insi
     for layer, block in enumerate(double):
         info = {"layer": layer, "depth": len(double), "block": block, "stream": "double"}
         kind = regions.modules[block].rsplit(".", 1)[-1]
+        if kind in JOINT_SEQUENCE_LAYOUTS:
+            _annotate_joint_sequence(regions, block, JOINT_SEQUENCE_LAYOUTS[kind], text_input, core_of, first_in,
+                                     tag, info)
+            continue
         if kind not in DOUBLE_STREAM_LAYOUTS:
             raise ValueError(f"ToCa (FLUX rules) has no layout for the double-stream block {block} ({kind})")
         img_attn_path, txt_attn_path, img_mlp_path, txt_mlp_path, text_first = DOUBLE_STREAM_LAYOUTS[kind]
