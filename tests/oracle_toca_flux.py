@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusers.models.transformers.transformer_flux as flux_module
+import diffusers.models.transformers.transformer_hunyuan_video as hunyuan_module
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 
 
@@ -137,22 +138,24 @@ class FluxToCaOracle:
         self.steps = []  # the type of each step, for the tests
         self.hook = transformer.register_forward_pre_hook(self._pre_hook)
         self._dispatch = flux_module.dispatch_attention_fn  # the same function in every module below
-        for module in (flux_module, qwen_module):
+        for module in (flux_module, qwen_module, hunyuan_module):
             module.dispatch_attention_fn = self._attention
         self._sdpa = F.scaled_dot_product_attention  # SD3's processor calls it directly
         F.scaled_dot_product_attention = self._sdpa_attention
         self.chroma = type(transformer).__name__.startswith("Chroma")
         for layer, block in enumerate(transformer.transformer_blocks):
             kind = {"JointTransformerBlock": self._joint, "QwenImageTransformerBlock": self._qwen,
-                    "CogVideoXBlock": self._cogvideox}.get(
+                    "CogVideoXBlock": self._cogvideox, "HunyuanVideoTransformerBlock": self._hunyuan}.get(
                 type(block).__name__, self._double)
             block.forward = types.MethodType(kind(layer), block)
         for layer, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
-            block.forward = types.MethodType(self._single(layer), block)
+            single = self._hunyuan_single if type(block).__name__ == "HunyuanVideoSingleTransformerBlock" else \
+                self._single
+            block.forward = types.MethodType(single(layer), block)
 
     def close(self):
         self.hook.remove()
-        for module in (flux_module, qwen_module):
+        for module in (flux_module, qwen_module, hunyuan_module):
             module.dispatch_attention_fn = self._dispatch
         F.scaled_dot_product_attention = self._sdpa
         for block in [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", ())]:
@@ -383,6 +386,93 @@ class FluxToCaOracle:
             hidden_states = hidden_states + gate_ff * ff_output[:, text:]
             encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :text]
             return hidden_states, encoder_hidden_states
+
+        return forward
+
+    def _hunyuan(self, layer):
+        """HunyuanVideo's double-stream block under FLUX's rules: image tokens first, the text mask in the map."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, freqs_cis=None, *args,
+                    **kwargs):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+            norm_ehs, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
+                                                                                          emb=temb)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            image = hidden_states.shape[1]
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                cache["attn"] = self.attn(hidden_states=norm_hs, encoder_hidden_states=norm_ehs,
+                                          attention_mask=attention_mask, image_rotary_emb=freqs_cis)
+                maps["img_mlp"], maps["txt_mlp"] = maps["total"][:, :image], maps["total"][:, image:]
+            attn_output, context_attn_output = cache["attn"]
+            hidden_states = hidden_states + attn_output * gate_msa.unsqueeze(1)
+            encoder_hidden_states = encoder_hidden_states + context_attn_output * c_gate_msa.unsqueeze(1)
+            for stream, norm, ff, shift, scale, gate in (
+                    ("img_mlp", self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
+                    ("txt_mlp", self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp, c_gate_mlp)):
+                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
+                current["module"] = stream
+                if current["type"] == "full":
+                    force_init(dic, current, x)
+                    cache[stream] = ff(norm(x) * (1 + scale[:, None]) + shift[:, None])
+                else:
+                    idx, fresh = cache_cutfresh(dic, x, current)
+                    update_cache(idx, ff(norm(fresh) * (1 + scale[:, None]) + shift[:, None]), dic, current)
+                x = x + gate.unsqueeze(1) * cache[stream]
+                if stream == "img_mlp":
+                    hidden_states = x
+                else:
+                    encoder_hidden_states = x
+            return hidden_states, encoder_hidden_states
+
+        return forward
+
+    def _hunyuan_single(self, layer):
+        """HunyuanVideo's single-stream block under FLUX's single-stream rules (image tokens first; its
+        attention returns the image and the text rows apart, joined again)."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None,
+                    *args, **kwargs):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "single_stream", layer
+            text = encoder_hidden_states.shape[1]
+            x = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+            cache = dic["cache"]["single_stream"].setdefault(layer, {})
+            norm_x, gate = self.norm(x, emb=temb)
+            if current["type"] == "full":
+                mlp = self.act_mlp(self.proj_mlp(norm_x))
+                cache["mlp"] = mlp
+                current["module"] = "attn"
+                oracle.pending_map = dic["attn_map"]["single_stream"].setdefault(layer, {})
+                attn_output, context_attn_output = self.attn(
+                    hidden_states=norm_x[:, :-text], encoder_hidden_states=norm_x[:, -text:],
+                    attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+                attn = torch.cat([attn_output, context_attn_output], dim=1)
+                force_init(dic, current, attn)
+                cache["attn"] = attn
+                current["module"] = "mlp"
+                output = self.proj_out(torch.cat([attn, mlp], dim=2))
+                force_init(dic, current, output)
+                current["module"] = "total"
+                cache["total"] = output
+            else:
+                current["module"] = "mlp"
+                idx, fresh = cache_cutfresh(dic, x, current)
+                mlp_fresh = self.act_mlp(self.proj_mlp(self.norm(fresh, emb=temb)[0]))
+                update_cache(idx, mlp_fresh, dic, current)
+                attn = cache["attn"]
+                fake_fresh_attn = torch.gather(attn, 1, idx.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
+                current["module"] = "total"
+                fresh_out = self.proj_out(torch.cat([fake_fresh_attn, mlp_fresh], dim=2))
+                update_cache(idx, fresh_out, dic, current)
+                output = cache["total"]
+            x = gate.unsqueeze(1) * output + x
+            return x[:, :-text], x[:, -text:]
 
         return forward
 

@@ -11,7 +11,7 @@ import tgate_fx
 from oracle_toca_flux import FluxToCaOracle, fresh_ratio_scheduler
 from tgate_fx import TGateConfig, ToCaConfig
 from tgate_fx.methods.toca.config import fresh_count, fresh_ratio, step_kinds
-from tgate_fx.tiny_extra import tiny_chroma, tiny_cogvideox, tiny_flux, tiny_qwenimage, tiny_sd3
+from tgate_fx.tiny_extra import tiny_chroma, tiny_cogvideox, tiny_flux, tiny_hunyuanvideo, tiny_qwenimage, tiny_sd3
 
 pytestmark = pytest.mark.e2e
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -201,6 +201,28 @@ def test_cogvideox_equals_the_chosen_rules_on_its_blocks(settings, layers):
     assert tgate_fx.get_runtime(pipe).last_plan.cfg
     assert torch.equal(got, expected)
     plain, _ = build()
+    assert not torch.equal(got, plain(**call, num_inference_steps=steps, output_type="latent",
+                                      generator=torch.Generator().manual_seed(0)).frames)
+
+
+@pytest.mark.parametrize("settings", [{}, {"ratio": 0.5, "interval": 3}], ids=["defaults", "ratio 0.5"])
+def test_hunyuanvideo_equals_the_flux_rules_on_its_blocks(settings):
+    """HunyuanVideo (a double- and a single-stream block, image tokens first, a text mask, embedded guidance)."""
+    config = ToCaConfig(**settings)
+    steps = 10
+    pipe, call = tiny_hunyuanvideo()
+    oracle = FluxToCaOracle(pipe.transformer, num_steps=steps, **_oracle_settings(config.resolved("flux")))
+    try:
+        expected = pipe(**call, num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        oracle.close()
+    assert "ToCa" in oracle.steps
+    pipe, call = tiny_hunyuanvideo()
+    tgate_fx.optimize(pipe, toca=config)
+    got = pipe(**call, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    assert torch.equal(got, expected)
+    plain, _ = tiny_hunyuanvideo()
     assert not torch.equal(got, plain(**call, num_inference_steps=steps, output_type="latent",
                                       generator=torch.Generator().manual_seed(0)).frames)
 

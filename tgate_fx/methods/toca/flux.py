@@ -47,6 +47,8 @@ DOUBLE_STREAM_LAYOUTS = {
     "QwenImageTransformerBlock": ("attn.to_out", "attn.to_add_out", "img_mlp", "txt_mlp", True),
     "HunyuanVideoTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", False),
 }
+# Single-stream blocks (FLUX's, Chroma's, HunyuanVideo's) are found by their list, single_transformer_blocks;
+# the order of the text and image tokens in them does not matter to the rules (one score over all tokens).
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # What a full step records: the double stream's attention outputs and MLP outputs, the single stream's
@@ -86,6 +88,20 @@ def _annotate_joint_sequence(regions: Regions, block: str, layout, text_input, c
     tag(core, "tokens", block, "score_tokens", core=core.name, text=text, columns={"mlp": None}, **info)
     tag(first_in(mlp_path), "tokens", block, "mlp_tokens", source=source.name, output=mlp.name, module="mlp",
         score="score_mlp", **info)
+
+
+def _single_attention(regions: Regions, path: str) -> fx.Node:
+    """A single-stream block's attention output over all its tokens: the module's output, or (HunyuanVideo,
+    whose attention returns the image and the text rows apart) the one concatenation of its outputs."""
+    leaving = regions.values_leaving(path)
+    if len(leaving) == 1:
+        return leaving[0]
+    joins = {u for n in leaving for u in n.users if u.target is torch.ops.aten.cat.default
+             and all(n in u.all_input_nodes for n in leaving)}
+    if len(joins) != 1:
+        raise ValueError(f"ToCa expects {path} to output its tokens once, or in parts joined once; "
+                         f"found {len(leaving)} outputs and {len(joins)} joins")
+    return joins.pop()
 
 
 def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, inside, residual) -> None:
@@ -155,7 +171,7 @@ def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, insi
                 module=module, score="score_" + module, **info)
     for layer, block in enumerate(single):
         info = {"layer": layer, "depth": len(single), "block": block, "stream": "single"}
-        attn, out = regions.output_of(f"{block}.attn"), regions.output_of(f"{block}.proj_out")
+        attn, out = _single_attention(regions, f"{block}.attn"), regions.output_of(f"{block}.proj_out")
         core = core_of(f"{block}.attn")
         tag(attn, "single_attn", block, "attn", **info)
         tag(out, "single_out", block, "total", **info)

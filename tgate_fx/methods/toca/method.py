@@ -58,7 +58,8 @@ NAME = "toca"
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux",
               "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "flux",
-              "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux"}
+              "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux",
+              "HunyuanVideoTransformer3DModel": "flux"}
 
 
 def _in(node: fx.Node, scope: str) -> bool:
@@ -95,9 +96,9 @@ class ToCa(Method):
             raise TypeError(f"ToCa cannot apply to {type(denoiser).__name__}: it follows the official rules for "
                             "PixArt (PixArtTransformer2DModel, PixArt-alpha and -sigma), DiT "
                             "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
-                            "ChromaTransformer2DModel; and the joint blocks of SD3Transformer2DModel, "
-                            "QwenImageTransformer2DModel and CogVideoXTransformer3DModel, with FLUX's double-stream "
-                            "rules) transformer blocks only")
+                            "ChromaTransformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
+                            "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
+                            "HunyuanVideoTransformer3DModel) transformer blocks only")
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
