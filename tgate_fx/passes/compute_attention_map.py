@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..core.graph_passes import GraphPass, PassResult, first_user
-from .restrict_to_tokens import call_with_meta
+from ..core.graph_passes import new_node
 
 __all__ = ["ComputeAttentionMap"]
 
@@ -50,20 +50,20 @@ class ComputeAttentionMap(GraphPass):
                 scale = 1.0 / q.meta["val"].shape[-1] ** 0.5  # as the official code (and d ** -0.5 may differ by an ulp)
             anchor = first_user(core)
             with graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(core):
-                keys_t = call_with_meta(graph, aten.transpose.int, (k, -2, -1), like=core)
+                keys_t = new_node(graph, aten.transpose.int, (k, -2, -1), like=core)
                 if self.scale_logits:
-                    logits = call_with_meta(graph, aten.matmul.default, (q, keys_t), like=core)
-                    logits = call_with_meta(graph, aten.mul.Tensor, (logits, scale), like=core)
+                    logits = new_node(graph, aten.matmul.default, (q, keys_t), like=core)
+                    logits = new_node(graph, aten.mul.Tensor, (logits, scale), like=core)
                 else:
-                    scaled = call_with_meta(graph, aten.mul.Tensor, (q, scale), like=core)
-                    logits = call_with_meta(graph, aten.matmul.default, (scaled, keys_t), like=core)
+                    scaled = new_node(graph, aten.mul.Tensor, (q, scale), like=core)
+                    logits = new_node(graph, aten.matmul.default, (scaled, keys_t), like=core)
                 if mask is not None:
                     if mask.meta["val"].dtype == torch.bool:
-                        logits = call_with_meta(graph, aten.masked_fill.Scalar,
-                                                (logits, call_with_meta(graph, aten.logical_not.default, (mask,),
+                        logits = new_node(graph, aten.masked_fill.Scalar,
+                                                (logits, new_node(graph, aten.logical_not.default, (mask,),
                                                                         like=core), float("-inf")), like=core)
                     else:
-                        logits = call_with_meta(graph, aten.add.Tensor, (logits, mask), like=core)
-                probs = call_with_meta(graph, aten._softmax.default, (logits, -1, False), like=core)
-                self.maps.append(call_with_meta(graph, aten.mean.dim, (probs, [1]), like=core))
+                        logits = new_node(graph, aten.add.Tensor, (logits, mask), like=core)
+                probs = new_node(graph, aten._softmax.default, (logits, -1, False), like=core)
+                self.maps.append(new_node(graph, aten.mean.dim, (probs, [1]), like=core))
         return PassResult(graph_module, bool(self.cores))

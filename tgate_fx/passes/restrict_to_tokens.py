@@ -30,16 +30,14 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from ..core.meta import TAG
-from ..core.graph_passes import GraphPass, PassResult, first_user
+from ..core.graph_passes import GraphPass, PassResult, first_user, new_node
 
-__all__ = ["RestrictToTokens", "TokenRegion", "call_with_meta"]
+__all__ = ["RestrictToTokens", "TokenRegion"]
 
 aten = torch.ops.aten
 _SHAPED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 class TokenRegion(NamedTuple):
@@ -53,27 +51,6 @@ class TokenRegion(NamedTuple):
     output: fx.Node
     index: fx.Node
     gathered: tuple[fx.Node, ...] = ()
-
-
-def call_with_meta(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None,
-                   like: fx.Node | None = None) -> fx.Node:
-    """``target(*args, **kwargs)`` as a node at the graph's insertion point, with ``meta["val"]`` and ``like``'s provenance.
-
-    The value is computed in the fake mode of the tensor arguments (of ``like``'s value for a factory with none).
-    """
-    kwargs = kwargs or {}
-    node = graph.call_function(target, args, kwargs)
-    vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    leaves = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    if not leaves and like is not None and isinstance(like.meta.get("val"), torch.Tensor):
-        leaves = [like.meta["val"]]  # a factory (rand, zeros): its value must live in the graph's fake mode
-    with detect_fake_mode(leaves) or torch._subclasses.FakeTensorMode():
-        node.meta["val"] = target(*vals[0], **vals[1])
-    if like is not None:
-        for key in _PROVENANCE:
-            if key in like.meta:
-                node.meta[key] = like.meta[key]
-    return node
 
 
 def _region(source: fx.Node, output: fx.Node) -> list[fx.Node]:
@@ -151,9 +128,9 @@ class RestrictToTokens(GraphPass):
                 env: dict[fx.Node, fx.Node] = {}
                 token_dim: dict[fx.Node, int] = {}
                 for value in (source, *gathered):
-                    wide = call_with_meta(graph, aten.unsqueeze.default, (index, -1), like=value)
-                    wide = call_with_meta(graph, aten.expand.default, (wide, [b, k, _shape(value)[2]]), like=value)
-                    env[value] = call_with_meta(graph, aten.gather.default, (value, 1, wide), like=value)
+                    wide = new_node(graph, aten.unsqueeze.default, (index, -1), like=value)
+                    wide = new_node(graph, aten.expand.default, (wide, [b, k, _shape(value)[2]]), like=value)
+                    env[value] = new_node(graph, aten.gather.default, (value, 1, wide), like=value)
                     token_dim[env[value]] = 1
                 for node in region:
                     if node.op != "call_function":
@@ -172,7 +149,7 @@ class RestrictToTokens(GraphPass):
                                 shape = _token_shape(list(args[1]), _shape(inp), dim, n, k, node.name)
                             args = (args[0], shape, *args[2:])
                     kwargs = fx.node.map_arg(node.kwargs, lambda a: env.get(a, a))
-                    new = call_with_meta(graph, node.target, args, kwargs, like=node)
+                    new = new_node(graph, node.target, args, like=node, kwargs=kwargs)
                     if TAG in node.meta:
                         new.meta[TAG] = {key: v for key, v in node.meta[TAG].items() if key != "value"}
                     if isinstance(new.meta["val"], torch.Tensor):

@@ -25,20 +25,27 @@ class GraphPass(PassBase):
         graph_module.graph.lint()
 
 
-def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node) -> fx.Node:
-    """Create ``target(*args)`` with ``meta["val"]`` and the provenance of ``like``.
+def new_node(graph: fx.Graph, target: Any, args: tuple, like: fx.Node | None = None,
+             kwargs: dict | None = None) -> fx.Node:
+    """Create ``target(*args, **kwargs)`` at the graph's insertion point, with ``meta["val"]`` and the
+    provenance of ``like``.
 
-    The value is computed on fake tensors, so shapes and dtypes are exactly
-    what the operator produces; the node inherits ``like``'s module stack and
-    stack trace, so it reads as part of the code it replaces.
+    The value is computed on fake tensors (in the fake mode of the tensor arguments, or of ``like``'s value
+    for a factory with none), so shapes and dtypes are exactly what the operator produces; the node inherits
+    ``like``'s module stack and stack trace, so it reads as part of the code it replaces.
     """
-    node = graph.call_function(target, args)
-    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-    with detect_fake_mode(list(torch.utils._pytree.tree_leaves(vals))) or torch._subclasses.FakeTensorMode():
-        node.meta["val"] = target(*vals)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    leaves = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    if not leaves and like is not None and isinstance(like.meta.get("val"), torch.Tensor):
+        leaves = [like.meta["val"]]  # a factory (rand, zeros): its value must live in the graph's fake mode
+    with detect_fake_mode(leaves) or torch._subclasses.FakeTensorMode():
+        node.meta["val"] = target(*vals[0], **vals[1])
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
     return node
 
 
