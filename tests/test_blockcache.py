@@ -194,9 +194,6 @@ def test_refusals(monkeypatch):
     with pytest.warns(InertMethodWarning, match="one transformer block"):
         tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=10.0))
     torch.testing.assert_close(_generate(pipe, call), baseline, rtol=0, atol=0)
-    pipe, _ = tiny_extra.tiny_flux()
-    with pytest.raises(ValueError, match="does not compose"):
-        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(), toca=tgate_fx.ToCaConfig())
     for bad in (-0.1, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="threshold"):
             BlockCacheConfig(threshold=bad)
@@ -288,5 +285,42 @@ def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(famil
     with _spy(BlockCache, "decide", ours):
         got = pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}).frames
     assert "skip" in ours
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, plain)
+
+
+# --- composed with ToCa ------------------------------------------------------------------------------------------
+
+
+def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
+    """FLUX: the official flux-ToCa rules (the eager oracle's block forwards) inside diffusers' FirstBlockCache
+    hook: a skipped block runs no ToCa forward, so its caches, scores and counters keep their last values, as
+    the variants' do."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks import first_block_cache
+    from oracle_toca_flux import FluxToCaOracle
+
+    steps = 10
+    pipe, call = tiny_extra.tiny_flux()
+    kw = dict(output_type="latent", num_inference_steps=steps, **call)
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    oracle = FluxToCaOracle(pipe.transformer, num_steps=steps)  # its block forwards first: the hook wraps them
+    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+    decisions: list[bool] = []
+    try:
+        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions):
+            expected = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+        registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
+        oracle.close()
+    assert not all(decisions) and "ToCa" in oracle.steps
+    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert [d == "compute" for d in ours] == decisions
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, plain)

@@ -92,8 +92,8 @@ def optimize(
     * ``optimize(pipe, todo=ToDoConfig(factor=2))``: ToDo alone (composes with both others);
     * ``optimize(pipe, toca=ToCaConfig())``: ToCa with the official defaults of the denoiser's family
       (PixArt, DiT); with ``tgate=TGateConfig(gate_step, 1, 1, 0)`` T-GATE owns cross-attention after its gate;
-    * ``optimize(pipe, blockcache=BlockCacheConfig(threshold=0.05))``: First Block Cache (every transformer;
-      alone for now), as diffusers' ``FirstBlockCacheConfig`` hook;
+    * ``optimize(pipe, blockcache=BlockCacheConfig(threshold=0.05))``: First Block Cache (every transformer),
+      as diffusers' ``FirstBlockCacheConfig`` hook; it composes with T-GATE and ToCa;
     * ``optimize(pipe, methods=[TGateConfig(...), DeepCacheConfig(...)])``: the same as a list.
 
     The denoiser (``pipe.unet`` or ``pipe.transformer``) stays the user's own

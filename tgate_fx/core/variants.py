@@ -292,10 +292,12 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
     gm.recompile()
     _LazyGraphModule.force_recompile(gm)  # the code now, at build time, not at the first step that runs it
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if io.reads or io.writes:  # the variant's calling convention includes the transforms' caches
-        kept = {n.name for n in placeholders}
+    kept = {n.name for n in placeholders}
+    if io.reads or io.writes or any(k.input_name() not in kept for k in resolved.reads):
+        # the calling convention: the transforms' caches too, and no read a transform left unused
         resolved = Resolved(resolved.spec, resolved.records + tuple((k, False) for k in io.writes),
-                            resolved.reads + tuple(k for k in io.reads if k.input_name() in kept),
+                            tuple(k for k in resolved.reads if k.input_name() in kept)
+                            + tuple(k for k in io.reads if k.input_name() in kept),
                             resolved.skipped, resolved.transforms)
     return Variant(resolved.spec, resolved, gm, [n.name for n in placeholders],
                    {n.name: n.meta["val"] for n in placeholders})

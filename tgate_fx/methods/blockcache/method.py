@@ -35,9 +35,8 @@ A graph whose streams leave the head through anything but the blocks (an
 operation between two blocks, a skip connection into the final layers) is
 refused: there, skipping the blocks would not be what the hook does.
 
-Composition (with T-GATE; a method with its own graph pass, ToCa or ToDo, is
-refused for now): the other methods' rewrites of a step apply to its head and to
-both alternatives (a block the step skips runs none of them, as a skipped
+Composition (T-GATE, ToCa): the other methods' rewrites of a step apply to its
+head and to both alternatives (a block the step skips runs none of them, as a skipped
 block's attention processors do not run in eager code). At the other
 methods' barriers (T-GATE's gate and the step after it, where a CFG batch is
 halved) every block runs, and the head residual is taken there.
@@ -294,16 +293,6 @@ class BlockCache(Method):
         if len(self.blocks) < 2:
             return [_INERT] * ctx.num_steps
         return [_BARRIER if step in ctx.barriers else _STEP for step in range(ctx.num_steps)]
-
-    def compose(self, others: list[Method]) -> None:
-        """Methods that only record and reuse values (T-GATE) compose; a method with its own graph pass
-        (token-wise rewrites inside the blocks, ToCa, ToDo) is refused: that composition is not yet checked
-        against an eager oracle."""
-        for other in others:
-            if type(other).transform_pass is not Method.transform_pass:
-                raise ValueError(f"the block cache does not compose with {other.title} yet: {other.title} rewrites "
-                                 "the blocks with its own graph pass, and that composition is not checked against "
-                                 "an eager oracle yet; apply them one at a time")
 
     def decide(self, step: int, caches: dict, labels: tuple[str, ...] = (COMPUTE, SKIP)) -> str:
         """``"compute"`` or ``"skip"``, as diffusers' ``FBCHeadBlockHook`` decides, with its arithmetic.
