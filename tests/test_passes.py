@@ -214,9 +214,10 @@ def test_passes_reject_nodes_of_another_graph(captured):
 def test_fidelity_graphs_do_no_cross_attention_work(family):
     """After the gate no variant reads the text for attention: no K/V projection, no cross SDPA, no text input."""
     import tgate_fx
-    from conftest import latents, shared_optimized
+    from conftest import latents
+    from tgate_fx.tiny import tiny_pipeline
 
-    pipe = tgate_fx.optimize(shared_optimized(family), gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)
+    pipe = tgate_fx.optimize(tiny_pipeline(family), gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)
     latents(pipe, num_inference_steps=6)
     runtime = tgate_fx.get_runtime(pipe)
     fidelity = [(c, v) for c in runtime.captures for v in c.variants.values() if v.name in ("fi_record", "fi_reuse")]
