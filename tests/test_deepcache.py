@@ -21,6 +21,8 @@ pytest.importorskip("tgate")
 
 from reference_deepcache import deepcache_latents, tgate_deepcache_latents  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 8
 
 # (family, cache_interval, cache_branch_id): branch 0 is the published default; 1-5 cut deeper.

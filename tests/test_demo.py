@@ -7,6 +7,8 @@ from PIL import Image
 
 from tgate_fx.cli import main
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 FAST = ["--steps", "4", "--gate-step", "2", "--sp-interval", "1", "--warm-up", "1", "--repeats", "1"]
 
 

@@ -12,6 +12,8 @@ from conftest import eager_denoiser, latents
 from oracle import run_oracle
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 TOL = 1e-5
 
 # (family, settings, call overrides). Published defaults first, then variations

@@ -27,6 +27,8 @@ from tgate_fx import DeepCacheConfig, Plan, TGateConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 from tgate_fx.export.bundle import PLAN_FILE, WEIGHTS_FILE  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 # "default": the default settings (sp reuse before the gate) at 11 steps, one
 # step after the gate. "reuse": self-attention reuse on both sides of the
 # gate at 6 steps; its plan uses every kind of variant but sp_reuse.

@@ -88,6 +88,7 @@ def _eager_macs(denoiser, args, kwargs):
     return totals["layers"], totals["sdpa"], flops.get_total_flops() // 2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "lcm_sdxl", "pixart_alpha"])
 def test_count_macs_matches_eager_hooks(family):
     denoiser, call = _tiny_denoiser_and_call(family)
@@ -107,6 +108,7 @@ def test_count_macs_matches_eager_hooks(family):
     assert counted.by_role["self"] + counted.by_role["cross"] + counted.by_role["outside"] == counted.total
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd21", "sdxl", "lcm_sdxl", "pixart_alpha", "pixart_sigma"])
 def test_arch_call_has_the_structure_of_the_pipeline_call(family):
     # The call Arch.make_call builds is the one the pipeline makes: same inputs, same shapes.

@@ -210,6 +210,7 @@ def test_passes_reject_nodes_of_another_graph(captured):
         ReplaceValuesWithCache([(node, "cache_x")])(copy_graph_module(capture.graph_module))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd15_controlnet"])
 def test_fidelity_graphs_do_no_cross_attention_work(family):
     """After the gate no variant reads the text for attention: no K/V projection, no cross SDPA, no text input."""

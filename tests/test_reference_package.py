@@ -14,6 +14,8 @@ from tgate_fx.tiny import tiny_pipeline
 
 tgate = pytest.importorskip("tgate")
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 CASES = [
     # family, loader, settings, lcm, steps
     ("sd15", "TgateSDLoader", dict(gate_step=10, sp_interval=5, fi_interval=1, warm_up=2), False, 25),

@@ -10,6 +10,8 @@ from tgate_fx.core.hook import bypassed
 from tgate_fx.core.runtime import DenoiserRuntime
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 SETTINGS = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
 
 

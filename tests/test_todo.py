@@ -65,6 +65,7 @@ CASES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,factors,mode,size", CASES,
                          ids=[f"{c[0]}-{''.join(map(str, c[1]))}-{c[2]}-{c[3][0]}x{c[3][1]}" for c in CASES])
 def test_todo_equals_eager_oracle(family, factors, mode, size):
@@ -93,6 +94,7 @@ def _sdpa_lengths(variant):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "pixart_alpha"])
 def test_factor_1_is_the_original_pipeline_bit_for_bit(family):
     pipe = tgate_fx.optimize(tiny_pipeline(family))
@@ -104,6 +106,7 @@ def test_factor_1_is_the_original_pipeline_bit_for_bit(family):
     assert torch.equal(latents(pipe, num_inference_steps=STEPS), plain)
 
 
+@pytest.mark.e2e
 def test_cross_attention_and_queries_untouched_in_the_graph():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=ToDoConfig(2, 2, 2, mode="avg_pool"))
     latents(pipe, num_inference_steps=STEPS)
@@ -124,6 +127,7 @@ def test_cross_attention_and_queries_untouched_in_the_graph():
     assert all(n.meta[TAG]["role"] == "self" and "val" in n.meta for n in pools)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_todo_with_tgate_equals_composed_oracle(family):
     """T-GATE oracle (caching processors) with the ToDo processor inside each self-attention's."""
@@ -155,6 +159,7 @@ def _with_inner(processor, inner):
     return processor
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,interval,branch", [("sd15", 3, 0), ("sdxl", 2, 1)])
 def test_todo_with_deepcache_equals_published_helper_on_todo_processors(family, interval, branch):
     pytest.importorskip("DeepCache")
@@ -196,6 +201,7 @@ ZERO_SCHEDULERS = [("sd15", "EulerDiscreteScheduler", {"timestep_spacing": "lins
                    ("pixart_alpha", "DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0})]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,scheduler,config", ZERO_SCHEDULERS, ids=[f"{c[0]}-{c[1]}" for c in ZERO_SCHEDULERS])
 def test_step_at_timestep_zero_is_not_downsampled_as_in_the_official_code(family, scheduler, config):
     import diffusers
@@ -238,6 +244,7 @@ def test_plan_without_timesteps_assumes_none_is_zero():
         tgate_fx.Plan(3, config, cfg=True, timesteps=[1, 0])
 
 
+@pytest.mark.e2e
 def test_grid_not_divisible_by_the_factor_is_refused():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=ToDoConfig(3))
     with pytest.raises(ValueError, match=r"16x16 token grid .* not divisible by its factor 3"):
@@ -259,6 +266,7 @@ def test_auto_factor_follows_the_official_demo():
     assert [auto_factor((px // 8) ** 2) for px in (512, 768, 1024, 1536, 2048)] == [1, 2, 2, 3, 4]
 
 
+@pytest.mark.e2e
 def test_all_three_methods_run_with_every_computed_self_attention_downsampled():
     """Graph side of the composition (numbers: the test against the published loader above): the three run
     (the runtime checks every cache read against the variant's shapes) and each variant's self-attention
@@ -284,6 +292,7 @@ ALL_THREE = [("sd15", (10, 1, 1, 0), (3, 0), 12, (2, 2, 1)), ("sd15", (4, 2, 2, 
              ("sdxl", (4, 1, 1, 0), (3, 0), 7, (1, 2, 1))]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,tgate,deepcache,steps,factors", ALL_THREE,
                          ids=[f"{c[0]}-{'-'.join(map(str, c[1] + c[2]))}-{''.join(map(str, c[4]))}"
                               for c in ALL_THREE])
@@ -336,6 +345,7 @@ def test_cli_flags_for_todo():
         methods_from_args(parser.parse_args(["--no-tgate", "--factor", "0"]))
 
 
+@pytest.mark.e2e
 def test_macs_count_what_todo_removes():
     """Per step, ToDo (factor 2 everywhere on tiny SD-1.5) removes 3/4 of every self-attention core and of
     the to_k/to_v projections, and nothing else; the attention core is counted apart."""
@@ -363,6 +373,7 @@ def test_macs_count_what_todo_removes():
     assert core_base - core_todo == 2 * removed_core > 0
 
 
+@pytest.mark.e2e
 def test_onnx_bundle_with_tgate_and_todo_matches_torch(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -17,6 +17,8 @@ from conftest import eager_denoiser, latents
 from tgate_fx import ToDoConfig
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 3
 CONFIG = ToDoConfig(2, 2)
 # ToDo alone, and composed with T-GATE (gate at step 2: the last step also drops the unconditional half)
