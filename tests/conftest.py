@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TGATE_FX_CAPTURE_CACHE", "0")
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
-from tgate_fx.tiny import FAMILIES, tiny_pipeline  # noqa: E402
+from tgate_fx.tiny import FAMILIES  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 
@@ -21,9 +21,6 @@ def latents(pipe, prompt=PROMPT, seed=0, **kwargs):
     """Final latents of one generation with a fixed seed."""
     call = {**pipe.tiny_call_kwargs, **kwargs}
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **call).images
-
-
-_SHARED: dict = {}
 
 
 @contextlib.contextmanager
@@ -41,20 +38,6 @@ def eager_denoiser(pipe):
             yield pipe
     finally:
         object.__setattr__(pipe, name, installed)
-
-
-def shared_optimized(family: str):
-    """One optimized tiny pipeline per family for the whole session.
-
-    Re-optimizing it with other settings keeps its captured graphs, so tests
-    that only change T-GATE settings do not pay for torch.export again.
-    Tests must set the settings they need with ``tgate_fx.optimize``.
-    """
-    import tgate_fx
-
-    if family not in _SHARED:
-        _SHARED[family] = tgate_fx.optimize(tiny_pipeline(family))
-    return _SHARED[family]
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.captured import normalize_call
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 
 def _capture(family):
     pipe = tiny_pipeline(family)

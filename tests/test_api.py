@@ -9,6 +9,8 @@ from tgate_fx import TGateConfig
 from tgate_fx.core.hook import installed_runtime
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"gate_step": 0}, ValueError, "gate_step must be an int >= 1, got 0"),

@@ -9,6 +9,8 @@ from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.captured import normalize_call, parameter_paths, signature_of
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "lcm_sdxl", "pixart_alpha", "sd15_controlnet"])
 def test_captured_graph_equals_eager_denoiser(family):

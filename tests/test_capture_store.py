@@ -11,6 +11,8 @@ from tgate_fx.core import capture_store
 from tgate_fx.core.capture_store import CaptureStore, default_store
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 SETTINGS = dict(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
 
 

@@ -8,6 +8,8 @@ import tgate_fx
 from conftest import latents
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 SETTINGS = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
 STEPS = 8  # variants: sp_compute, sp_record, sp_reuse(none here), gate, fi_reuse, fi_record
 

@@ -34,6 +34,7 @@ def _snapshot():
     return {k: dict(v) for k, v in counters.items() if v}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_distinct_region_compiles_once_and_the_second_generation_compiles_nothing(name):
     backend = CountingBackend()
@@ -63,6 +64,7 @@ def test_each_distinct_region_compiles_once_and_the_second_generation_compiles_n
     assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
 
 
+@pytest.mark.e2e
 def test_a_block_shared_by_variants_and_sites_has_one_code():
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), methods=METHODS["tgate"])
     runtime = tgate_fx.get_runtime(pipe)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import tgate_fx
-from conftest import latents, shared_optimized
+from conftest import latents
+from tgate_fx.tiny import tiny_pipeline
 from tgate_fx import DeepCacheConfig, TGateConfig
 from tgate_fx.core.analysis import TAG
 from tgate_fx.core.captured import parameter_paths
@@ -19,6 +20,8 @@ pytest.importorskip("DeepCache")
 pytest.importorskip("tgate")
 
 from reference_deepcache import deepcache_latents, tgate_deepcache_latents  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
 
 STEPS = 8
 
@@ -30,7 +33,7 @@ ALONE = [("sd15", 3, 0), ("sd15", 2, 1), ("sd15", 4, 5), ("sdxl", 3, 0), ("sdxl"
 @pytest.mark.parametrize("family,interval,branch", ALONE, ids=[f"{f}-{i}-{b}" for f, i, b in ALONE])
 def test_deepcache_equals_published_helper(family, interval, branch):
     expected = deepcache_latents(family, interval, branch, STEPS)
-    pipe = tgate_fx.optimize(shared_optimized(family), deepcache=DeepCacheConfig(interval, branch))
+    pipe = tgate_fx.optimize(tiny_pipeline(family), deepcache=DeepCacheConfig(interval, branch))
     got = latents(pipe, num_inference_steps=STEPS)
     assert torch.equal(got, expected), (got - expected).abs().max().item()
     plan = tgate_fx.get_runtime(pipe).last_plan
@@ -39,8 +42,7 @@ def test_deepcache_equals_published_helper(family, interval, branch):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_deepcache_interval_1_is_the_original_pipeline(family):
-    pipe = shared_optimized(family)
-    tgate_fx.restore(pipe)
+    pipe = tiny_pipeline(family)
     plain = latents(pipe, num_inference_steps=STEPS)
     tgate_fx.optimize(pipe, deepcache=DeepCacheConfig(cache_interval=1))
     assert torch.equal(latents(pipe, num_inference_steps=STEPS), plain)
@@ -55,7 +57,7 @@ COMPOSED = [("sd15", (10, 1, 1, 0), (3, 0), 25), ("sdxl", (10, 1, 1, 0), (3, 0),
                          ids=[f"{c[0]}-{'-'.join(map(str, c[1] + c[2]))}" for c in COMPOSED])
 def test_tgate_with_deepcache_equals_published_loader(family, tgate, deepcache, steps):
     expected = tgate_deepcache_latents(family, *tgate, *deepcache, steps)
-    pipe = tgate_fx.optimize(shared_optimized(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
+    pipe = tgate_fx.optimize(tiny_pipeline(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
     got = latents(pipe, num_inference_steps=steps)
     assert torch.equal(got, expected), (got - expected).abs().max().item()
 
@@ -76,7 +78,7 @@ def _unet_blocks(variant):
 
 
 def test_partial_steps_leave_no_deep_block_work():
-    pipe = tgate_fx.optimize(shared_optimized("sdxl"), deepcache=DeepCacheConfig(3, 0))
+    pipe = tgate_fx.optimize(tiny_pipeline("sdxl"), deepcache=DeepCacheConfig(3, 0))
     latents(pipe, num_inference_steps=4)
     graphs = tgate_fx.get_runtime(pipe).captures[0]
     variants = {v.name: v for v in graphs.variants.values()}
@@ -99,7 +101,7 @@ def test_partial_steps_leave_no_deep_block_work():
 
 
 def test_composed_variants_are_built_once_per_distinct_union():
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), tgate=TGateConfig(4, 1, 1, 0), deepcache=DeepCacheConfig(3, 0))
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), tgate=TGateConfig(4, 1, 1, 0), deepcache=DeepCacheConfig(3, 0))
     latents(pipe, num_inference_steps=10)
     runtime = tgate_fx.get_runtime(pipe)
     names = [s.variant.name for s in runtime.last_plan.steps]
@@ -113,14 +115,13 @@ def test_composed_variants_are_built_once_per_distinct_union():
 
 
 def test_deepcache_on_a_transformer_is_refused_by_optimize():
-    pipe = shared_optimized("pixart_alpha")
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"))
     with pytest.raises(TypeError, match="DeepCache needs a UNet"):
         tgate_fx.optimize(pipe, deepcache=DeepCacheConfig())
-    tgate_fx.optimize(pipe)  # leave it as the other tests expect it
 
 
 def test_branch_beyond_the_unet_is_refused():
-    pipe = tgate_fx.optimize(shared_optimized("sd15"))
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"))
     with pytest.raises(ValueError, match="cache_branch_id=30 points at down block 10, but this UNet has"):
         tgate_fx.optimize(pipe, deepcache=DeepCacheConfig(cache_interval=2, cache_branch_id=30))
     assert [m.name for m in tgate_fx.get_runtime(pipe).methods] == ["tgate"]  # left as it was
@@ -131,7 +132,7 @@ def test_methods_rewriting_the_same_node_differently_are_refused():
     from tgate_fx.core.plan import VariantSpec
     from tgate_fx.core.variants import resolve
 
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), gate_step=2)
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2)
     latents(pipe, num_inference_steps=3)
     graphs = tgate_fx.get_runtime(pipe).captures[0]
     graph = graphs.capture.graph_module.graph
@@ -150,7 +151,7 @@ def test_methods_rewriting_the_same_node_differently_are_refused():
 
 
 def test_optimize_keywords():
-    pipe = shared_optimized("sd15")
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"))
     runtime = tgate_fx.get_runtime(tgate_fx.optimize(pipe, methods=[DeepCacheConfig(2), TGateConfig(3)]))
     assert [m.name for m in runtime.methods] == ["tgate", "deepcache"]
     runtime = tgate_fx.get_runtime(tgate_fx.optimize(pipe, deepcache=DeepCacheConfig(2)))
@@ -164,7 +165,6 @@ def test_optimize_keywords():
         tgate_fx.optimize(pipe, gate_step=3, methods=[TGateConfig()])
     with pytest.raises(TypeError, match="deepcache must be a DeepCacheConfig"):
         tgate_fx.optimize(pipe, deepcache=3)
-    tgate_fx.optimize(pipe)
 
 
 def _published_step_macs(family, settings, deepcache, steps):
@@ -172,7 +172,6 @@ def _published_step_macs(family, settings, deepcache, steps):
     import tgate
 
     from reference_deepcache import TGATE_DEEPCACHE_LOADERS
-    from tgate_fx.tiny import tiny_pipeline
 
     reference = getattr(tgate, TGATE_DEEPCACHE_LOADERS[family])(tiny_pipeline(family), *deepcache)
     unet, per_call, handles = reference.unet, [], []
@@ -205,7 +204,7 @@ def test_each_step_computes_what_the_published_code_computes(family):
 
     tgate, deepcache, steps = (4, 1, 1, 0), (3, 0), 10
     expected = _published_step_macs(family, tgate, deepcache, steps)
-    pipe = tgate_fx.optimize(shared_optimized(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
+    pipe = tgate_fx.optimize(tiny_pipeline(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache))
     with tgate_fx.get_runtime(pipe).tracing() as trace:
         latents(pipe, num_inference_steps=steps)
     got = [count_macs(variant).total for _, _, variant in trace]

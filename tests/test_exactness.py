@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import tgate_fx
-from conftest import eager_denoiser, latents, shared_optimized
+from conftest import eager_denoiser, latents
 from oracle import run_oracle
 from tgate_fx.tiny import FAMILIES, tiny_pipeline
+
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
 
 TOL = 1e-5
 
@@ -57,7 +59,7 @@ def _steps(overrides):
 def test_optimized_equals_oracle(family, settings, overrides):
     fam = FAMILIES[family]
     overrides = {"num_inference_steps": _steps(overrides), **overrides}
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     call = {**pipe.tiny_call_kwargs, **overrides}
     cfg = fam.cfg and call.get("guidance_scale", 1.0) > 1.0
 
@@ -79,7 +81,7 @@ def test_optimized_equals_oracle(family, settings, overrides):
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "lcm_sdxl", "sd15_controlnet"])
 def test_nothing_cached_equals_original(family):
     """gate_step = num_steps, sp_interval = fi_interval = 1: no reuse, so bit-exact with the original."""
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     steps = 4 if family.startswith("lcm") else 8
     tgate_fx.optimize(pipe, gate_step=steps, sp_interval=1, fi_interval=1, warm_up=0)
     optimized = latents(pipe, num_inference_steps=steps)

@@ -21,10 +21,13 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import tgate_fx  # noqa: E402
-from conftest import eager_denoiser, latents, shared_optimized  # noqa: E402
+from conftest import eager_denoiser, latents  # noqa: E402
+from tgate_fx.tiny import tiny_pipeline  # noqa: E402
 from tgate_fx import DeepCacheConfig, Plan, TGateConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 from tgate_fx.export.bundle import PLAN_FILE, WEIGHTS_FILE  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
 
 # "default": the default settings (sp reuse before the gate) at 11 steps, one
 # step after the gate. "reuse": self-attention reuse on both sides of the
@@ -51,7 +54,7 @@ def bundle(family: str, setting: str, tmp_path_factory) -> str:
     """Export (once per session) the bundle of ``family`` for ``setting`` ("plain" = no T-GATE)."""
     key = (family, setting)
     if key not in _BUNDLES:
-        pipe = shared_optimized(family)
+        pipe = tgate_fx.optimize(tiny_pipeline(family))
         call = dict(pipe.tiny_call_kwargs)
         height, width = call.pop("height"), call.pop("width")
         out = str(tmp_path_factory.mktemp(f"{family}_{setting}"))
@@ -91,7 +94,7 @@ def _diff(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_tgate_matches_torch_tgate(family, setting, tmp_path_factory):
     config, steps = SETTINGS[setting]
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     tgate_fx.optimize(pipe, config=config)
     ref = latents(pipe, num_inference_steps=steps)
     torch_plan = tgate_fx.get_runtime(pipe).last_plan
@@ -114,7 +117,7 @@ def test_onnx_tgate_matches_torch_tgate(family, setting, tmp_path_factory):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_onnx_composed_methods_match_torch(family, setting, tmp_path_factory):
     methods, steps = COMPOSED[setting]
-    pipe = tgate_fx.optimize(shared_optimized(family), methods=methods)
+    pipe = tgate_fx.optimize(tiny_pipeline(family), methods=methods)
     with tgate_fx.get_runtime(pipe).tracing() as trace:
         ref = latents(pipe, num_inference_steps=steps)
     directory = bundle(family, setting, tmp_path_factory)
@@ -139,7 +142,7 @@ def test_plain_export_matches_plain_pipeline(tmp_path_factory):
         plan = json.load(f)
     assert plan["methods"] == {}
     assert [v for c in plan["captures"].values() for v in c["variants"]] == ["full"]
-    pipe = shared_optimized("sd15")
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"))
     with eager_denoiser(pipe):
         ref = latents(pipe, num_inference_steps=4)
         with onnx_denoiser(pipe, directory):
@@ -154,7 +157,7 @@ def test_deployment_without_torch_denoiser_weights(tmp_path_factory, tmp_path):
     from diffusers import DiffusionPipeline
 
     config, steps = SETTINGS["reuse"]
-    pipe = shared_optimized("sd15")
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"))
     tgate_fx.optimize(pipe, config=config)
     ref = latents(pipe, num_inference_steps=steps)
     directory = bundle("sd15", "reuse", tmp_path_factory)
@@ -174,7 +177,7 @@ def test_bundle_stores_the_weights_once(tmp_path_factory):
     """All variants together take at most 1.1x one model's weights. (On the 4 MB sd15 toy the five
     graphs' structure alone, ~150 KB each, is 17% of the weights; this model has 4x the weights.)"""
     directory = bundle("sd15_wide", "default", tmp_path_factory)
-    unet = shared_optimized("sd15_wide").unet
+    unet = tiny_pipeline("sd15_wide").unet
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     assert len([f for f in os.listdir(directory) if f.endswith(".onnx")]) == 5
@@ -198,7 +201,7 @@ def test_bundle_layout(tmp_path_factory):
     for file in files:
         onnx.checker.check_model(os.path.join(directory, file))  # by path: external data checked too
 
-    unet = shared_optimized("sd15").unet
+    unet = tiny_pipeline("sd15").unet
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     assert plan["denoiser"]["weight_bytes"] == weight_bytes
     assert os.path.getsize(os.path.join(directory, WEIGHTS_FILE)) <= 1.02 * weight_bytes
@@ -233,7 +236,7 @@ def test_bundle_layout(tmp_path_factory):
 def test_sdxl_bundle_records_what_the_pipeline_reads(tmp_path_factory):
     directory = bundle("sdxl", "reuse", tmp_path_factory)
     denoiser = OnnxDenoiser.from_dir(directory)
-    unet = shared_optimized("sdxl").unet
+    unet = tiny_pipeline("sdxl").unet
     assert denoiser.add_embedding.linear_1.in_features == unet.add_embedding.linear_1.in_features
     assert denoiser.config.addition_time_embed_dim == unet.config.addition_time_embed_dim
     assert denoiser.dtype == unet.dtype and denoiser.device == torch.device("cpu")
@@ -241,7 +244,7 @@ def test_sdxl_bundle_records_what_the_pipeline_reads(tmp_path_factory):
 
 def test_wrong_shapes_name_expected_and_actual(tmp_path_factory):
     directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
-    pipe = shared_optimized("pixart_alpha")
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"))
     with onnx_denoiser(pipe, directory):
         with pytest.raises(ValueError, match=r"hidden_states: expected \[2, 4, 16, 16\] float32, got \[2, 4, 32, 32\]"):
             latents(pipe, num_inference_steps=6, height=64, width=64)
@@ -278,7 +281,7 @@ def test_plan_and_files_that_disagree_are_refused(tmp_path_factory, tmp_path):
 
 def test_bundle_runs_only_its_stored_schedule(tmp_path_factory, tmp_path):
     directory = bundle("pixart_alpha", "reuse", tmp_path_factory)
-    pipe = shared_optimized("pixart_alpha")
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"))
     # The runner follows the stored steps; another step count is refused, saying what to do.
     with onnx_denoiser(pipe, directory):
         with pytest.raises(ValueError, match=r"8 steps.*stores \(6 steps.*num_inference_steps=8"):
@@ -327,7 +330,7 @@ def test_cli_exports_tiny_sd(tmp_path):
 
 def test_dynamo_exporter(tmp_path):
     pytest.importorskip("onnxscript")
-    pipe = shared_optimized("pixart_alpha")
+    pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"))
     call = dict(pipe.tiny_call_kwargs)
     height, width = call.pop("height"), call.pop("width")
     config, steps = SETTINGS["reuse"]

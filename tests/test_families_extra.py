@@ -18,6 +18,8 @@ from tgate_fx.methods import TGate, TGateConfig
 from tgate_fx.tiny_extra import (tiny_animatediff, tiny_hunyuandit, tiny_kandinsky22, tiny_ltx, tiny_sana, tiny_svd,
                                  tiny_wan)
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 SVD_SETTINGS = [dict(gate_step=6, sp_interval=1, fi_interval=1, warm_up=6),  # nothing cached
                 dict(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)]
 

@@ -14,6 +14,8 @@ import tgate_fx.core.hook
 from conftest import eager_denoiser, latents
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 3
 NOTHING_CACHED = dict(gate_step=STEPS, sp_interval=1, fi_interval=1, warm_up=STEPS)
 

@@ -13,6 +13,8 @@ from tgate_fx.accounting.inspection import NodeKey, diff_variants, inspect_arch,
 from tgate_fx.core.plan import Plan
 from tgate_fx.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 # Every variant of the reference schedule appears: 0 sp_compute, 1-2 sp_record, 3 sp_reuse, 4 gate,
 # 5 and 7 fi_reuse, 6 fi_record.
 CONFIG = TGateConfig(gate_step=5, sp_interval=2, fi_interval=2, warm_up=1)

@@ -88,6 +88,7 @@ def _eager_macs(denoiser, args, kwargs):
     return totals["layers"], totals["sdpa"], flops.get_total_flops() // 2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "lcm_sdxl", "pixart_alpha"])
 def test_count_macs_matches_eager_hooks(family):
     denoiser, call = _tiny_denoiser_and_call(family)
@@ -107,6 +108,7 @@ def test_count_macs_matches_eager_hooks(family):
     assert counted.by_role["self"] + counted.by_role["cross"] + counted.by_role["outside"] == counted.total
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd21", "sdxl", "lcm_sdxl", "pixart_alpha", "pixart_sigma"])
 def test_arch_call_has_the_structure_of_the_pipeline_call(family):
     # The call Arch.make_call builds is the one the pipeline makes: same inputs, same shapes.
@@ -154,6 +156,7 @@ def published_results(graphs):
     return out
 
 
+@pytest.mark.e2e  # the tests of the full-size captures below: their export is most of the fast subset's time
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_table(published_results, name):
     result = published_results[name]
@@ -163,6 +166,7 @@ def test_published_table(published_results, name):
     assert isinstance(result.baseline, int) and isinstance(result.total, int)
 
 
+@pytest.mark.e2e
 def test_sdxl_per_evaluation_matches_reference_arithmetic(published_results):
     # tgate-reference.md: 2.989T per batch-1 evaluation, cross-attention projections 0.261T,
     # self-attention projections 0.470T; 20 x 2.989 - 10 x 0.470 + 15 x (2.989 - 0.261) = 95.99T.
@@ -182,6 +186,7 @@ def test_sdxl_per_evaluation_matches_reference_arithmetic(published_results):
     assert [s.batch for s in result.steps] == [2] * 10 + [1] * 15
 
 
+@pytest.mark.e2e
 def test_plan_macs_breakdowns_add_up(published_results):
     for result in published_results.values():
         assert result.total == sum(s.macs for s in result.steps) == sum(p.macs for p in result.phases())
@@ -193,6 +198,7 @@ def test_plan_macs_breakdowns_add_up(published_results):
         assert payload["baseline_macs"] == result.baseline and payload["tgate_macs"] == result.total
 
 
+@pytest.mark.e2e
 def test_pixart_cross_reuse_also_drops_the_caption_projection(published_results):
     # After the gate nothing reads the text, so the caption MLP goes with the cross-attention.
     result = published_results["pixart_alpha"]
@@ -201,6 +207,7 @@ def test_pixart_cross_reuse_also_drops_the_caption_projection(published_results)
     assert result.per_eval.total - fi.total > result.per_eval.by_role["cross"]
 
 
+@pytest.mark.e2e
 def test_sdxl_deepcache_reproduces_the_published_figure(graphs):
     """DeepCache's published SD-XL figure (57.888T, calflops, 1024^2, 25 steps) is its branch 1.
 
@@ -222,6 +229,7 @@ def test_sdxl_deepcache_reproduces_the_published_figure(graphs):
     assert arch.num_steps == 25
 
 
+@pytest.mark.e2e
 def test_plan_macs_needs_a_capture_per_batch(graphs):
     one = graphs["lcm_sdxl"](1)
     plan = Plan(4, TGateConfig(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0), cfg=True)
@@ -258,6 +266,7 @@ def _run_cli(argv):
     return macs_cli.run(parser.parse_args(argv))
 
 
+@pytest.mark.e2e
 def test_macs_cli(monkeypatch, capsys, graphs, published_results):
     # The CLI captures through archs.ArchGraphs; hand it the module's captures instead of exporting again.
     monkeypatch.setattr(archs, "ArchGraphs", lambda arch, progress=None: graphs[arch.name])

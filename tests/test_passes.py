@@ -210,13 +210,15 @@ def test_passes_reject_nodes_of_another_graph(captured):
         ReplaceValuesWithCache([(node, "cache_x")])(copy_graph_module(capture.graph_module))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd15_controlnet"])
 def test_fidelity_graphs_do_no_cross_attention_work(family):
     """After the gate no variant reads the text for attention: no K/V projection, no cross SDPA, no text input."""
     import tgate_fx
-    from conftest import latents, shared_optimized
+    from conftest import latents
+    from tgate_fx.tiny import tiny_pipeline
 
-    pipe = tgate_fx.optimize(shared_optimized(family), gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)
+    pipe = tgate_fx.optimize(tiny_pipeline(family), gate_step=3, sp_interval=2, fi_interval=2, warm_up=1)
     latents(pipe, num_inference_steps=6)
     runtime = tgate_fx.get_runtime(pipe)
     fidelity = [(c, v) for c in runtime.captures for v in c.variants.values() if v.name in ("fi_record", "fi_reuse")]

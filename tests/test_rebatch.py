@@ -41,6 +41,7 @@ def _sample_arg(denoiser) -> str:
     return next(iter(inspect.signature(denoiser.forward).parameters))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart_alpha", "dit", "sd15_controlnet"])
 def test_specialised_graphs_are_the_static_exports(family):
     """The graph of each batch size, specialised from one trace, is the graph a static export of that batch gives."""
@@ -57,6 +58,7 @@ def test_specialised_graphs_are_the_static_exports(family):
     assert not captures.fallbacks
 
 
+@pytest.mark.e2e
 def test_one_export_serves_the_cfg_and_the_post_gate_batch(monkeypatch):
     expected = latents(tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS), num_inference_steps=4)
     exports = _counting_exports(monkeypatch)
@@ -70,6 +72,7 @@ def test_one_export_serves_the_cfg_and_the_post_gate_batch(monkeypatch):
     assert len(runtime.captures) == 4 and len(exports) == 1
 
 
+@pytest.mark.e2e
 def test_a_new_process_serves_a_new_batch_size_from_the_store(tmp_path, monkeypatch):
     monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "1")
     monkeypatch.setenv("TGATE_FX_CACHE_DIR", str(tmp_path))
@@ -109,6 +112,7 @@ def test_a_graph_that_does_not_specialise_is_exported_on_its_own_and_never_run_w
     assert [b for b, _ in captures.fallbacks] == [4]
 
 
+@pytest.mark.e2e
 def test_check_refuses_a_graph_that_differs_from_the_denoiser():
     denoiser, call = _first_call("sd15")
     capture = BatchCaptures(denoiser, "sample", store=None)(call)
@@ -134,6 +138,7 @@ def test_the_probe_batch_divides_no_dimension():
     assert probe_batch({0, 1}) == 11
 
 
+@pytest.mark.e2e
 def test_a_check_passed_in_one_process_is_not_repeated_by_the_next(tmp_path, monkeypatch):
     monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "1")
     monkeypatch.setenv("TGATE_FX_CACHE_DIR", str(tmp_path))

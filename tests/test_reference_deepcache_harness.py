@@ -17,6 +17,8 @@ tgate = pytest.importorskip("tgate")
 
 from reference_deepcache import deepcache_latents, tgate_deepcache_latents  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 6
 FAMILIES = ["sd15", "sdxl"]
 

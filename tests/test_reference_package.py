@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import tgate_fx
-from conftest import PROMPT, latents, shared_optimized
+from conftest import PROMPT, latents
+from tgate_fx.tiny import tiny_pipeline
 
 tgate = pytest.importorskip("tgate")
+
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
 
 CASES = [
     # family, loader, settings, lcm, steps
@@ -27,14 +30,12 @@ CASES = [
 
 @pytest.mark.parametrize("family,loader,settings,lcm,steps", CASES, ids=[c[0] for c in CASES])
 def test_matches_published_tgate(family, loader, settings, lcm, steps):
-    from tgate_fx.tiny import tiny_pipeline
-
     reference = getattr(tgate, loader)(tiny_pipeline(family))
     call = dict(reference.tiny_call_kwargs)
     call.pop("max_sequence_length", None)  # the reference's copied __call__ predates it (its default is 120)
     expected = reference.tgate(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
                                output_type="latent", lcm=lcm, **settings, **call).images
-    pipe = tgate_fx.optimize(shared_optimized(family), **settings)
+    pipe = tgate_fx.optimize(tiny_pipeline(family), **settings)
     got = latents(pipe, num_inference_steps=steps,
                   **({"max_sequence_length": 120} if "max_sequence_length" in pipe.tiny_call_kwargs else {}))
     assert torch.equal(got, expected)

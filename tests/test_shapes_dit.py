@@ -5,6 +5,8 @@ import torch
 
 from tgate_fx.shapes import DIT_PIPELINE_PATH, data, dit, evaluate, evaluator, load_dit_pipeline
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 _CAPTIONS = ["a red circle in the top left on a blue background",
              "a yellow triangle in the centre on a black background"]
 

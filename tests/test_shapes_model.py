@@ -6,6 +6,8 @@ import torch
 import tgate_fx
 from tgate_fx.shapes import PIPELINE_PATH, data, evaluator, load_pipeline, model
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 _CAPTIONS = ["a red circle in the top left on a blue background",
              "a yellow triangle in the centre on a black background"]
 

@@ -119,6 +119,7 @@ DIT_CASES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,settings,steps,call", PIXART_CASES + DIT_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(PIXART_CASES + DIT_CASES)])
 def test_toca_equals_eager_oracle(family, settings, steps, call):
@@ -142,6 +143,7 @@ RANDOM_CASES = [("pixart_alpha", {"score": "random"}, 12, {}),
                 ("dit", {"score": "random"}, 12, {})]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,settings,steps,call", RANDOM_CASES, ids=[f"{c[0]}-{i}" for i, c in
                                                                           enumerate(RANDOM_CASES)])
 def test_random_score_equals_eager_oracle_from_the_same_generator(family, settings, steps, call):
@@ -169,6 +171,7 @@ def test_random_score_equals_eager_oracle_from_the_same_generator(family, settin
     assert torch.isfinite(other).all()
 
 
+@pytest.mark.e2e
 def test_mixed_step_runs_layer_0_full_only():
     pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig())
     config = tgate_fx.get_runtime(pipe).method_config("toca")
@@ -182,6 +185,7 @@ def test_mixed_step_runs_layer_0_full_only():
 # --- composition -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("gate,steps", [(4, 10), (7, 12)])
 def test_toca_with_tgate_equals_composed_oracles(gate, steps):
     """T-GATE's gate (cross-attention cached, CFG dropped after it) with ToCa on self-attention and MLP: the T-GATE
@@ -199,6 +203,7 @@ def test_toca_with_tgate_equals_composed_oracles(gate, steps):
     assert any(s.variant.name.startswith("fi_record+toca_partial") for s in plan.steps)
 
 
+@pytest.mark.e2e
 def test_toca_with_tgate_reusing_self_attention_is_refused():
     # both methods would rewrite self-attention's output: the first call refuses, naming both, before any step runs
     pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig(),
@@ -210,6 +215,7 @@ def test_toca_with_tgate_reusing_self_attention_is_refused():
 # --- graphs, compile, errors -----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_partial_graph_gathers_k_tokens_and_skips_self_attention():
     pipe = tgate_fx.optimize(tiny_pipeline("pixart_alpha"), toca=ToCaConfig())
     with tgate_fx.get_runtime(pipe).tracing() as trace:
@@ -232,6 +238,7 @@ def test_partial_graph_gathers_k_tokens_and_skips_self_attention():
     assert {k.slot for k in variant.records} == {"cross", "mlp", "score", "count_cross", "count_mlp"}
 
 
+@pytest.mark.e2e
 def test_each_variant_compiles_once_and_a_second_generation_compiles_nothing():
     from torch._dynamo.utils import counters
 
@@ -248,6 +255,7 @@ def test_each_variant_compiles_once_and_a_second_generation_compiles_nothing():
     assert torch.equal(first, second)
 
 
+@pytest.mark.e2e
 def test_unsupported_denoiser_is_refused():
     with pytest.raises(TypeError, match="ToCa cannot apply to UNet2DConditionModel"):
         tgate_fx.optimize(tiny_pipeline("sd15"), toca=ToCaConfig())

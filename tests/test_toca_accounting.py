@@ -12,6 +12,8 @@ from tgate_fx.accounting.report import cache_memory
 from tgate_fx.core.method import TRANSFORM
 from tgate_fx.methods.toca.config import fresh_count, fresh_ratio
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 8
 
 

@@ -17,6 +17,8 @@ from tgate_fx import TGateConfig, ToCaConfig  # noqa: E402
 from tgate_fx.export import OnnxDenoiser, export_onnx  # noqa: E402
 from tgate_fx.tiny import tiny_pipeline  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
+
 STEPS = 8  # PixArt N=3 at 8 steps: full, partial x3, mixed, partial, full, partial
 TOCA = ToCaConfig()  # export_onnx fills the family defaults from the denoiser, as optimize does
 CASES = {

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import tgate_fx
-from conftest import eager_denoiser, latents, shared_optimized
+from conftest import eager_denoiser, latents
+from tgate_fx.tiny import tiny_pipeline
 from oracle import OracleDenoiser
 from oracle_todo import install_todo
 from tgate_fx import DeepCacheConfig, TGateConfig, ToDoConfig
@@ -64,10 +65,11 @@ CASES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,factors,mode,size", CASES,
                          ids=[f"{c[0]}-{''.join(map(str, c[1]))}-{c[2]}-{c[3][0]}x{c[3][1]}" for c in CASES])
 def test_todo_equals_eager_oracle(family, factors, mode, size):
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     call = {"height": size[0], "width": size[1]}
     expected, state = _oracle_latents(pipe, factors, mode, **call)
     assert any(kv < n for n, kv in state.calls), "the oracle downsampled nothing: the case tests nothing"
@@ -92,9 +94,10 @@ def _sdpa_lengths(variant):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "pixart_alpha"])
 def test_factor_1_is_the_original_pipeline_bit_for_bit(family):
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     with eager_denoiser(pipe):
         plain = latents(pipe, num_inference_steps=STEPS)
     tgate_fx.optimize(pipe, todo=ToDoConfig(factor=1, factor_depth2=1, factor_deeper=1))
@@ -103,8 +106,9 @@ def test_factor_1_is_the_original_pipeline_bit_for_bit(family):
     assert torch.equal(latents(pipe, num_inference_steps=STEPS), plain)
 
 
+@pytest.mark.e2e
 def test_cross_attention_and_queries_untouched_in_the_graph():
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=ToDoConfig(2, 2, 2, mode="avg_pool"))
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=ToDoConfig(2, 2, 2, mode="avg_pool"))
     latents(pipe, num_inference_steps=STEPS)
     graphs = tgate_fx.get_runtime(pipe).captures[0]
     (variant,) = [v for v in graphs.variants.values()]
@@ -123,13 +127,14 @@ def test_cross_attention_and_queries_untouched_in_the_graph():
     assert all(n.meta[TAG]["role"] == "self" and "val" in n.meta for n in pools)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_todo_with_tgate_equals_composed_oracle(family):
     """T-GATE oracle (caching processors) with the ToDo processor inside each self-attention's."""
     settings = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=0)
     steps = 6
     factors = (2, 2, 1)
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     installed = getattr(pipe, "unet")
     oracle = OracleDenoiser(_denoiser(pipe), cfg=True, **settings)
     _, undo = install_todo(oracle.denoiser, factors, "nearest",
@@ -154,6 +159,7 @@ def _with_inner(processor, inner):
     return processor
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,interval,branch", [("sd15", 3, 0), ("sdxl", 2, 1)])
 def test_todo_with_deepcache_equals_published_helper_on_todo_processors(family, interval, branch):
     pytest.importorskip("DeepCache")
@@ -161,7 +167,7 @@ def test_todo_with_deepcache_equals_published_helper_on_todo_processors(family, 
 
     steps = 5
     factors = (2, 2, 1)
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     denoiser = _denoiser(pipe)
     with eager_denoiser(pipe):
         _, undo = install_todo(denoiser, factors, "max_pool")
@@ -195,11 +201,12 @@ ZERO_SCHEDULERS = [("sd15", "EulerDiscreteScheduler", {"timestep_spacing": "lins
                    ("pixart_alpha", "DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0})]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,scheduler,config", ZERO_SCHEDULERS, ids=[f"{c[0]}-{c[1]}" for c in ZERO_SCHEDULERS])
 def test_step_at_timestep_zero_is_not_downsampled_as_in_the_official_code(family, scheduler, config):
     import diffusers
 
-    pipe = shared_optimized(family)
+    pipe = tgate_fx.optimize(tiny_pipeline(family))
     factors = (2, 2, 1)
     steps = 4
     with _scheduler(pipe, getattr(diffusers, scheduler), **config):
@@ -237,8 +244,9 @@ def test_plan_without_timesteps_assumes_none_is_zero():
         tgate_fx.Plan(3, config, cfg=True, timesteps=[1, 0])
 
 
+@pytest.mark.e2e
 def test_grid_not_divisible_by_the_factor_is_refused():
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=ToDoConfig(3))
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=ToDoConfig(3))
     with pytest.raises(ValueError, match=r"16x16 token grid .* not divisible by its factor 3"):
         latents(pipe, num_inference_steps=STEPS)
 
@@ -258,11 +266,12 @@ def test_auto_factor_follows_the_official_demo():
     assert [auto_factor((px // 8) ** 2) for px in (512, 768, 1024, 1536, 2048)] == [1, 2, 2, 3, 4]
 
 
+@pytest.mark.e2e
 def test_all_three_methods_run_with_every_computed_self_attention_downsampled():
     """Graph side of the composition (numbers: the test against the published loader above): the three run
     (the runtime checks every cache read against the variant's shapes) and each variant's self-attention
     computed there reads N / 4 keys/values."""
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), tgate=TGateConfig(4, 2, 2, 0), deepcache=DeepCacheConfig(2, 0),
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), tgate=TGateConfig(4, 2, 2, 0), deepcache=DeepCacheConfig(2, 0),
                              todo=ToDoConfig(2, 2))
     latents(pipe, num_inference_steps=6)
     runtime = tgate_fx.get_runtime(pipe)
@@ -283,6 +292,7 @@ ALL_THREE = [("sd15", (10, 1, 1, 0), (3, 0), 12, (2, 2, 1)), ("sd15", (4, 2, 2, 
              ("sdxl", (4, 1, 1, 0), (3, 0), 7, (1, 2, 1))]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family,tgate,deepcache,steps,factors", ALL_THREE,
                          ids=[f"{c[0]}-{'-'.join(map(str, c[1] + c[2]))}-{''.join(map(str, c[4]))}"
                               for c in ALL_THREE])
@@ -309,7 +319,7 @@ def test_all_three_methods_equal_the_published_tgate_deepcache_with_official_tod
     finally:
         undo()
         reference.deepcache.disable()
-    pipe = tgate_fx.optimize(shared_optimized(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache),
+    pipe = tgate_fx.optimize(tiny_pipeline(family), tgate=TGateConfig(*tgate), deepcache=DeepCacheConfig(*deepcache),
                              todo=ToDoConfig(*factors))
     with tgate_fx.get_runtime(pipe).tracing() as trace:
         got = latents(pipe, num_inference_steps=steps)
@@ -335,6 +345,7 @@ def test_cli_flags_for_todo():
         methods_from_args(parser.parse_args(["--no-tgate", "--factor", "0"]))
 
 
+@pytest.mark.e2e
 def test_macs_count_what_todo_removes():
     """Per step, ToDo (factor 2 everywhere on tiny SD-1.5) removes 3/4 of every self-attention core and of
     the to_k/to_v projections, and nothing else; the attention core is counted apart."""
@@ -344,7 +355,7 @@ def test_macs_count_what_todo_removes():
     from tgate_fx.methods import as_methods
 
     config = ToDoConfig(2, 2, 2)
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), todo=config)
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), todo=config)
     latents(pipe, num_inference_steps=2)
     graphs = next(g for g in tgate_fx.get_runtime(pipe).captures
                   if g.capture.graph_module.graph.find_nodes(op="placeholder", target="sample")[0]
@@ -362,13 +373,14 @@ def test_macs_count_what_todo_removes():
     assert core_base - core_todo == 2 * removed_core > 0
 
 
+@pytest.mark.e2e
 def test_onnx_bundle_with_tgate_and_todo_matches_torch(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from tgate_fx.export import OnnxDenoiser, export_onnx
 
     methods, steps = [TGateConfig(3, 2, 2, 0), ToDoConfig(2, 2, mode="avg_pool")], 5
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), methods=methods)
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), methods=methods)
     ref = latents(pipe, num_inference_steps=steps)
     call = dict(pipe.tiny_call_kwargs)
     export_onnx(pipe, str(tmp_path), call.pop("height"), call.pop("width"), num_inference_steps=steps,

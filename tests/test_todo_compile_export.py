@@ -13,9 +13,11 @@ import torch
 from torch._dynamo.utils import counters
 
 import tgate_fx
-from conftest import eager_denoiser, latents, shared_optimized
+from conftest import eager_denoiser, latents
 from tgate_fx import ToDoConfig
 from tgate_fx.tiny import tiny_pipeline
+
+pytestmark = pytest.mark.e2e  # builds tiny pipelines and runs them end to end
 
 STEPS = 3
 CONFIG = ToDoConfig(2, 2)
@@ -60,7 +62,7 @@ def test_todo_compiles_each_variant_once_and_nothing_in_a_second_generation(meth
         assert _snapshot() == {}, "the second generation must not compile or recompile anything"
         assert not torch.equal(first, second)
     # the eager backend runs the same aten graphs: equal to the uncompiled runtime (same seeded weights)
-    reference = tgate_fx.optimize(shared_optimized("sd15"), **METHODS[methods])
+    reference = tgate_fx.optimize(tiny_pipeline("sd15"), **METHODS[methods])
     with _ending_at_zero(reference):
         assert torch.equal(first, latents(reference, num_inference_steps=STEPS))
 
@@ -71,7 +73,7 @@ def test_todo_onnx_bundle_matches_torch(methods, tmp_path):
     pytest.importorskip("onnxruntime")
     from tgate_fx.export import OnnxDenoiser, export_onnx
 
-    pipe = tgate_fx.optimize(shared_optimized("sd15"), **METHODS[methods])
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **METHODS[methods])
     with _ending_at_zero(pipe):
         ref = latents(pipe, num_inference_steps=STEPS)
         call = dict(pipe.tiny_call_kwargs)
