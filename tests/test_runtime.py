@@ -112,10 +112,20 @@ def test_the_denoiser_stays_the_users_module():
     assert pipe.config.unet == ("diffusers", "UNet2DConditionModel")
 
 
+def test_called_outside_a_pipeline_call_the_steps_are_the_schedulers():
+    """Outside ``__call__`` the pipeline's ``_num_timesteps`` is the last call's (2, tiny_pipeline's calibration
+    run): the generation has the scheduler's 8 steps, not 2 (it used to restart after 2 calls)."""
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=6, sp_interval=1, fi_interval=1, warm_up=0)
+    assert pipe._num_timesteps == 2
+    pipe.scheduler.set_timesteps(8)
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32)
+    for t in pipe.scheduler.timesteps[:3]:
+        pipe.unet(sample, t, text)
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert plan.num_steps == 8 and tgate_fx.get_runtime(pipe).generations._generation.step == 3
+
+
 def test_return_dict_and_positional_calls():
-    # Called outside a pipeline call, the runtime takes the step count from the pipeline's `_num_timesteps` (left
-    # at 2 by tiny_pipeline's calibration run) before the scheduler's 8 timesteps: gate_step=2 fits either count
-    # (with a pipeline shared between tests, an earlier 8-step generation used to decide it).
     pipe = tgate_fx.optimize(tiny_pipeline("sd15"), gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
     unet = pipe.unet
     sample = torch.randn(2, 4, 16, 16)

@@ -281,9 +281,12 @@ class GenerationTracker:
     def _scheduler_timesteps(self, pipe):
         return getattr(getattr(pipe, "scheduler", None), "timesteps", None)
 
-    def steps_in_generation(self, pipe=None) -> int:
+    def steps_in_generation(self, pipe=None, in_call: bool = True) -> int:
+        """The steps of the generation starting now: the pipeline's ``num_timesteps`` while its ``__call__``
+        runs (``in_call``; outside it, that count is the last call's), else the scheduler's timesteps after
+        its begin index."""
         pipe = pipe if pipe is not None else self._pipeline()
-        if isinstance(getattr(type(pipe), "num_timesteps", None), property):
+        if in_call and isinstance(getattr(type(pipe), "num_timesteps", None), property):
             steps = getattr(pipe, "_num_timesteps", None)
             if steps:
                 return int(steps)
@@ -394,7 +397,7 @@ class GenerationTracker:
                 self._switch_cfg(gen, cfg, call[self.sample_arg].shape[0])
             return gen, self._role(gen, call, local)
         self._generation = None
-        num_steps, cfg = self.steps_in_generation(pipe), self.detect_cfg(call, pipe, local)
+        num_steps, cfg = self.steps_in_generation(pipe, in_call=bool(local)), self.detect_cfg(call, pipe, local)
         split = cfg and self.split_cfg and self._split_role(call, local) is not None
         if cfg and not split:
             if self._split_role(call, local) is not None:
