@@ -324,3 +324,47 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
     assert [d == "compute" for d in ours] == decisions
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, plain)
+
+
+# --- FORA: a fixed interval ----------------------------------------------------------------------------------
+
+
+def test_fora_interval_equals_the_hook_forced_to_that_schedule():
+    """interval=3: every block runs at steps 0, 3, 6, ... and the cached residual is added at the others,
+    whatever the residual; the oracle is diffusers' hook with its decision replaced by that schedule."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks import first_block_cache
+
+    pipe, call = tiny_extra.tiny_flux(true_cfg_scale=4.0)  # two calls a step, each with its own state
+    plain = _generate(pipe, call)
+    calls = []
+    original = first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def every_third(self, residual):
+        calls.append(None)
+        return (len(calls) - 1) // 2 % 3 == 0
+
+    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=0.0))
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+    first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = every_third
+    try:
+        expected = _generate(pipe, call)
+    finally:
+        first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = original
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+        registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(interval=3))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        got = _generate(pipe, call)
+    assert ours == [("compute" if step % 3 == 0 else "skip") for step in range(STEPS) for _ in range(2)]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, plain)
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    graphs = tgate_fx.get_runtime(pipe).captures[0]
+    macs = tgate_fx.plan_macs(graphs, tgate_fx.Plan(STEPS, tgate_fx.get_runtime(pipe).methods, cfg=False))
+    assert macs.total < macs.baseline  # the schedule is fixed: the skipped steps are counted as skipped
+    assert [s.methods["blockcache"].label for s in plan.steps] == ["bc_compute", "bc_skip", "bc_skip"] * 2
+    with pytest.raises(ValueError, match="interval"):
+        BlockCacheConfig(interval=0)

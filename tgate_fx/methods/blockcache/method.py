@@ -74,6 +74,12 @@ _STEP = MethodStep("bc", choice=_CHOICE, columns=(("blockcache", "choice"),))
 _BARRIER = MethodStep("bc_barrier", choice=Choice(_CHOICE.head, _CHOICE.alternatives[:1]),
                       columns=(("blockcache", "compute (barrier)"),))
 _INERT = MethodStep("bc_full", columns=(("blockcache", "one block: full"),))
+# FORA: the step's alternative is fixed by the schedule (the head still runs: its output is what the
+# cached residual is added to).
+_FORA_COMPUTE = MethodStep("bc_compute", choice=Choice(_CHOICE.head, _CHOICE.alternatives[:1]),
+                           columns=(("blockcache", "compute"),))
+_FORA_SKIP = MethodStep("bc_skip", choice=Choice(_CHOICE.head, _CHOICE.alternatives[1:]),
+                        columns=(("blockcache", "skip"),))
 # Cross-attention (Wan, LTX) and joint attention feed their streams through these; a residual
 # addition is followed through dtype casts and views back to the block's input.
 _PASS_THROUGH = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.type_as.default,
@@ -292,7 +298,15 @@ class BlockCache(Method):
     def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
         if len(self.blocks) < 2:
             return [_INERT] * ctx.num_steps
-        return [_BARRIER if step in ctx.barriers else _STEP for step in range(ctx.num_steps)]
+        interval = self.config.interval
+        if interval is None:
+            return [_BARRIER if step in ctx.barriers else _STEP for step in range(ctx.num_steps)]
+        out, anchor = [], 0
+        for step in range(ctx.num_steps):
+            if step in ctx.barriers:
+                anchor = step
+            out.append(_FORA_COMPUTE if (step - anchor) % interval == 0 else _FORA_SKIP)
+        return out
 
     def decide(self, step: int, caches: dict, labels: tuple[str, ...] = (COMPUTE, SKIP)) -> str:
         """``"compute"`` or ``"skip"``, as diffusers' ``FBCHeadBlockHook`` decides, with its arithmetic.
@@ -304,8 +318,8 @@ class BlockCache(Method):
                  ("residual", "fresh", "snap_" + IMAGE, "snap_" + TEXT, "res_" + IMAGE, "res_" + TEXT)}
         residual = caches[keys[IMAGE]] - caches[keys["image_in"]]
         previous = caches.get(state["residual"])
-        compute = True
-        if previous is not None and SKIP in labels:
+        compute = COMPUTE in labels
+        if previous is not None and labels == (COMPUTE, SKIP):
             absmean = (residual - previous).abs().mean()
             previous_absmean = previous.abs().mean()
             compute = (absmean / previous_absmean).item() > self.config.threshold
@@ -325,4 +339,6 @@ class BlockCache(Method):
         return SKIP
 
     def describe(self) -> str:
+        if self.config.interval is not None:
+            return f"interval={self.config.interval} (FORA)"
         return f"threshold={self.config.threshold}"
