@@ -330,7 +330,7 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
 
 
 def test_fora_interval_equals_the_hook_forced_to_that_schedule():
-    """interval=3: every block runs at steps 0, 3, 6, ... and the cached residual is added at the others,
+    """fora_interval=3: every block runs at steps 0, 3, 6, ... and the cached residual is added at the others,
     whatever the residual; the oracle is diffusers' hook with its decision replaced by that schedule."""
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
     from diffusers.hooks import first_block_cache
@@ -354,7 +354,7 @@ def test_fora_interval_equals_the_hook_forced_to_that_schedule():
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
         registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
         registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
-    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(interval=3))
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(fora_interval=3))
     ours: list[str] = []
     with _spy(BlockCache, "decide", ours):
         got = _generate(pipe, call)
@@ -366,5 +366,5 @@ def test_fora_interval_equals_the_hook_forced_to_that_schedule():
     macs = tgate_fx.plan_macs(graphs, tgate_fx.Plan(STEPS, tgate_fx.get_runtime(pipe).methods, cfg=False))
     assert macs.total < macs.baseline  # the schedule is fixed: the skipped steps are counted as skipped
     assert [s.methods["blockcache"].label for s in plan.steps] == ["bc_compute", "bc_skip", "bc_skip"] * 2
-    with pytest.raises(ValueError, match="interval"):
-        BlockCacheConfig(interval=0)
+    with pytest.raises(ValueError, match="fora_interval"):
+        BlockCacheConfig(fora_interval=0)

@@ -24,18 +24,18 @@ class BlockCacheConfig:
             (of each stream) is added to the first block's output instead.
             Otherwise they run, and their residual is stored. ``0`` never skips.
             diffusers' default is ``0.05``.
-        interval: ``None`` (the threshold decides), or FORA's fixed schedule: the blocks after
-            the first run at every ``interval``-th step (counted from the first step, and from every
+        fora_interval: ``None`` (the threshold decides), or FORA's fixed schedule: the blocks after
+            the first run at every ``fora_interval``-th step (counted from the first step, and from every
             step where another method asks for a refresh, e.g. T-GATE's gate) and are skipped at the
             others, whatever the residual; ``threshold`` is then not read. ``1`` skips nothing.
     """
 
     threshold: float = 0.05
-    interval: int | None = None
+    fora_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if self.interval is not None:
-            check_int("interval", self.interval, 1)
+        if self.fora_interval is not None:
+            check_int("fora_interval", self.fora_interval, 1)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not math.isfinite(self.threshold) or self.threshold < 0:
             raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold!r}")

@@ -298,7 +298,7 @@ class BlockCache(Method):
     def schedule(self, ctx: ScheduleContext) -> list[MethodStep]:
         if len(self.blocks) < 2:
             return [_INERT] * ctx.num_steps
-        interval = self.config.interval
+        interval = self.config.fora_interval
         if interval is None:
             return [_BARRIER if step in ctx.barriers else _STEP for step in range(ctx.num_steps)]
         out, anchor = [], 0
@@ -339,6 +339,6 @@ class BlockCache(Method):
         return SKIP
 
     def describe(self) -> str:
-        if self.config.interval is not None:
-            return f"interval={self.config.interval} (FORA)"
+        if self.config.fora_interval is not None:
+            return f"fora_interval={self.config.fora_interval}"
         return f"threshold={self.config.threshold}"
