@@ -77,6 +77,9 @@ _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "fl
                 "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo"}
 _JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow", "kandinsky22"}
 _NO_CROSS = {"cogvideox", "lumina2", "hidream"}
+# T-GATE's joint-attention rule: the double-stream blocks of these (HunyuanVideo's, AuraFlow's and Kandinsky's
+# added K/V are refused).
+_TGATE_JOINT_SERVES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage"}
 
 
 def _refusals() -> dict:
@@ -87,7 +90,8 @@ def _refusals() -> dict:
         if family not in _TOCA_SERVES:
             out[family, "toca"] = _TOCA_RULES.format(cls=cls)
         if family in _JOINT_FAMILIES:
-            out[family, "tgate"] = _JOINT.format(name="T-GATE", cls=cls)
+            if family not in _TGATE_JOINT_SERVES:
+                out[family, "tgate"] = _JOINT.format(name="T-GATE", cls=cls)
             if family == "hunyuanvideo":
                 out[family, "todo"] = _VIDEO_TODO.format(cls=cls)
             else:

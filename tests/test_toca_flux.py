@@ -259,7 +259,7 @@ def test_a_pixart_config_is_refused_on_flux():
         tgate_fx.optimize(pipe, toca=ToCaConfig(family="pixart"))
 
 
-def test_tgate_on_flux_is_refused_with_the_joint_attention_reason():
+def test_tgate_with_toca_on_flux_is_refused_at_optimize():
     pipe, _ = tiny_flux()
-    with pytest.raises(Exception, match="added keys/values"):
+    with pytest.raises(ValueError, match="T-GATE's joint-attention rule and ToCa"):
         tgate_fx.optimize(pipe, tgate=TGateConfig(gate_step=2), toca=ToCaConfig())

@@ -107,9 +107,9 @@ def test_a_method_that_rewrites_nothing_says_so_at_optimize_and_in_the_report():
 # them at optimize, for the reason that holds (they were refused as "not a text-conditioned denoiser with
 # diffusers Attention modules", or accepted and crashed at the first call).
 REFUSALS = {
-    ("flux", "tgate"): "T-GATE cannot apply to FluxTransformer2DModel: its conditioning enters attention as added keys",
     ("flux", "todo"): "ToDo cannot apply to FluxTransformer2DModel: its attention adds the conditioning's keys",
-    ("chroma", "tgate"): "T-GATE cannot apply to ChromaTransformer2DModel: its conditioning enters attention as added",
+    ("hunyuanvideo", "tgate"): "T-GATE cannot apply to HunyuanVideoTransformer3DModel: its conditioning enters "
+                               "attention as added keys/values .* in blocks its joint-attention rule does not know",
     ("hidream", "tgate"): "T-GATE cannot apply to HiDreamImageTransformer2DModel: it caches cross-attention .* none "
                           "of its attention modules is one .HiDreamAttention",
     ("hidream", "todo"): "ToDo cannot apply to HiDreamImageTransformer2DModel: none of its attention modules is a cross",

@@ -145,6 +145,8 @@ def optimize(
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     denoiser = _denoiser_of(pipe)
     chosen = [method.bind(denoiser) for method in chosen]  # raises for a denoiser a method cannot serve
+    for method in chosen:  # again, now that each knows the denoiser
+        method.compose([m for m in chosen if m is not method])
     for method in chosen:
         reason = method.inert_reason(denoiser)
         if reason:

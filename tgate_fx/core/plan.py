@@ -40,11 +40,15 @@ class VariantSpec:
         head: For the head of a choice step, the method that chooses (else ``""``): the graph computes only
             what that method records there (its prediction output is ``None``); the other methods'
             rewrites apply to what that computes.
+        chooser: For an alternative of a choice step, the method that chose it (else ``""``): its reads of
+            the head's values stand for the other methods' reads of the same nodes (the head ran their
+            rewrites, so it holds what they read).
     """
 
     name: str
     rewrites: frozenset[Rewrite] = frozenset()
     head: str = ""
+    chooser: str = ""
 
     def groups(self, action: str) -> tuple[str, ...]:
         """``method:group`` of the rewrites with ``action``, sorted."""
@@ -183,7 +187,7 @@ class Plan:
             chooser = choosers[0]
             made = methods[chooser].choice
             choice = PlannedChoice(chooser, VariantSpec(name + "~head", rewrites | made.head, head=chooser),
-                                   tuple((label, VariantSpec(name + "~" + label, rewrites | alt))
+                                   tuple((label, VariantSpec(name + "~" + label, rewrites | alt, chooser=chooser))
                                          for label, alt in made.alternatives))
             return StepPlan(i, choice.alternatives[0][1], self.cfg and not drops, drops, methods, choice)
         return StepPlan(i, VariantSpec(name, rewrites), self.cfg and not drops, drops, methods)

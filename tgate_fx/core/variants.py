@@ -96,20 +96,27 @@ def _live(graph: fx.Graph, cut: set[fx.Node], roots: list[fx.Node] | None = None
 
 
 def _targets(graph: fx.Graph, spec: VariantSpec) -> list[tuple[fx.Node, CacheKey, Rewrite]]:
-    targets = []
+    targets: dict[tuple[fx.Node, Rewrite], CacheKey] = {}
     owner: dict[fx.Node, tuple[CacheKey, Rewrite]] = {}
     for rewrite in sorted(spec.rewrites, key=str):
         for node, key in tagged_nodes(graph, rewrite.method, rewrite.group):
             if node in owner:
                 other_key, other = owner[node]
                 pair = {other.action, rewrite.action}
+                if pair == {REUSE} and spec.chooser in (other.method, rewrite.method) and other.method != rewrite.method:
+                    # an alternative of a choice step: the chooser's read of the head's value stands
+                    if rewrite.method == spec.chooser:
+                        del targets[node, other]
+                        owner[node] = (key, rewrite)
+                        targets[node, rewrite] = key
+                    continue
                 if other.method != rewrite.method and pair not in ({RECORD}, {RECORD, REUSE}):
                     raise ValueError(
                         f"methods {other.method!r} and {rewrite.method!r} cannot be composed: both rewrite node "
                         f"{node.name} ({other.action} of {other_key.site!r} vs {rewrite.action} of {key.site!r})")
             owner.setdefault(node, (key, rewrite))
-            targets.append((node, key, rewrite))
-    return targets
+            targets[node, rewrite] = key
+    return [(node, key, rewrite) for (node, rewrite), key in targets.items()]
 
 
 def resolve(graph: fx.Graph, spec: VariantSpec, available: Iterable[CacheKey] | None = None) -> Resolved:

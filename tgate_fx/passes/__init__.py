@@ -5,8 +5,9 @@ pipelines or methods. The passes every variant runs (records, cache reads, clean
 from .cache_tokens import CacheTokens, CountReset, ScoreSite, TokenRefresh
 from .compute_attention_map import ComputeAttentionMap
 from .downsample_key_values import DownsampleKeyValues
+from .restrict_queries import QueryRows, RestrictQueries
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
 from .token_math import TokenSelection
 
-__all__ = ["CacheTokens", "ComputeAttentionMap", "CountReset", "DownsampleKeyValues", "RestrictToTokens", "ScoreSite",
+__all__ = ["CacheTokens", "ComputeAttentionMap", "CountReset", "DownsampleKeyValues", "QueryRows", "RestrictQueries", "RestrictToTokens", "ScoreSite",
            "TokenRefresh", "TokenRegion", "TokenSelection"]

@@ -13,6 +13,11 @@ step (tested against it for thousands of settings):
 * after it, cross-attention is reused and the unconditional half dropped;
   self-attention is recorded where ``step % fi_interval == 0``, reused otherwise.
 
+Joint attention (SD3 / SD3.5, FLUX's double-stream blocks, Qwen-Image): the
+text tokens' keys and values and each block's text-stream output are recorded
+at the gate and reused after it, as cross-attention is, and the attention then
+runs on the image queries only (:mod:`.joint`).
+
 Barriers: the gate step (every site is recorded there) and the step after it
 (the batch halves), so that a composed method computes everything on both,
 as the reference ``tgate/SD_DeepCache.py`` restarts DeepCache there.
@@ -24,18 +29,28 @@ import torch.fx as fx
 
 from ...core.analysis import (Regions, cross_attention_modules, describe_attention,
                               is_text_conditioned, joint_attention_modules)
-from ...core.method import CFG_MEAN, RECORD, REUSE, Method, MethodStep, Rewrite, ScheduleContext
+from ...core.method import CFG_MEAN, RECORD, REUSE, TRANSFORM, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from .config import TGateConfig
+from .joint import JOINT_BLOCKS, JOINT_KV, JOINT_QUERY, JOINT_TEXT, annotate_joint, joint_pass
 
 __all__ = ["CROSS", "SELF", "TGate"]
 
 SELF = "self"
 CROSS = "cross"
 NAME = "tgate"
+# What the gate records and the steps after it reuse, besides self-attention: cross-attention, or (a denoiser
+# with joint attention, see bind) the text tokens' keys, values and text stream.
+GATED = (CROSS,)
+GATED_JOINT = (JOINT_KV, JOINT_TEXT)
+
+
 def _rewrites(reuse=(), record=(), cfg_mean=False) -> frozenset[Rewrite]:
-    return frozenset([Rewrite(NAME, g, REUSE) for g in reuse]
-                     + [Rewrite(NAME, g, RECORD, CFG_MEAN if cfg_mean else None) for g in record])
+    rewrites = [Rewrite(NAME, g, REUSE) for g in reuse] + [Rewrite(NAME, g, RECORD, CFG_MEAN if cfg_mean else None)
+                                                           for g in record]
+    if JOINT_TEXT in reuse:  # the text rows of the joint attention are then not read: image queries only
+        rewrites.append(Rewrite(NAME, JOINT_QUERY, TRANSFORM))
+    return frozenset(rewrites)
 
 
 def _action(rewrites: frozenset[Rewrite], group: str) -> str:
@@ -50,37 +65,52 @@ class TGate(Method):
     config_class = TGateConfig
     title = "T-GATE"
 
+    joint = False  # set by bind: the denoiser's conditioning enters joint attention (columns of the plan)
+
     def bind(self, denoiser) -> "TGate":
         name = type(denoiser).__name__
         joint = joint_attention_modules(denoiser)
         if joint:
-            raise TypeError(
-                f"T-GATE cannot apply to {name}: its conditioning enters attention as added "
-                f"keys/values ({joint[0]}{' and others' if len(joint) > 1 else ''}: joint attention as in SD3 and "
-                "Flux, or Kandinsky's added K/V), so there is no separate cross-attention to cache and dropping the "
-                "unconditional branch after the gate would lose the conditioning. "
-                + ("DeepCache applies to this UNet: optimize(pipe, deepcache=DeepCacheConfig())."
-                   if hasattr(denoiser, "up_blocks") else "No method of tgate_fx applies to it yet."))
+            blocks = dict(denoiser.named_modules())
+            unserved = [p for p in joint if not (p.startswith("transformer_blocks.") and p.count(".") == 2
+                                                 and p.endswith(".attn")
+                                                 and type(blocks[p.rsplit(".", 1)[0]]).__name__ in JOINT_BLOCKS)]
+            if unserved:
+                raise TypeError(
+                    f"T-GATE cannot apply to {name}: its conditioning enters attention as added keys/values "
+                    f"({unserved[0]}{' and others' if len(unserved) > 1 else ''}), in blocks its joint-attention rule "
+                    f"does not know (it serves {', '.join(sorted(JOINT_BLOCKS))}: SD3 / SD3.5, FLUX, Chroma, "
+                    "Qwen-Image). "
+                    + ("DeepCache applies to this UNet: optimize(pipe, deepcache=DeepCacheConfig())."
+                       if hasattr(denoiser, "up_blocks") else
+                       "The block cache may: optimize(pipe, blockcache=BlockCacheConfig())."))
+            bound = TGate(self.config)
+            bound.joint = True
+            return bound
         if not cross_attention_modules(denoiser):
             raise TypeError(
                 f"T-GATE cannot apply to {name}: it caches cross-attention (keys and values from the text), and none "
                 f"of its attention modules is one ({describe_attention(denoiser)}). "
-                + ("Its text tokens enter attention together with the image tokens (joint attention, as in "
-                   "CogVideoX, Lumina2, HiDream and Flux's single-stream blocks), so there is no cross-attention "
-                   "output to cache." if is_text_conditioned(denoiser) else "It is not text-conditioned (class labels or no conditioning); for DiT use "
+                + ("Its text tokens enter attention together with the image tokens in one sequence (joint "
+                   "attention, as in CogVideoX, Lumina2 and HiDream), with no text stream of their own to cache." if is_text_conditioned(denoiser) else "It is not text-conditioned (class labels or no conditioning); for DiT use "
                    "ToCa: optimize(pipe, toca=ToCaConfig())."))
         return self
 
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
         key = tag_key(NAME)
         by_name = {n.name: n for n in graph_module.graph.nodes}
-        if not any(site.role == CROSS for site in regions.attention):
+        joint = annotate_joint(regions, key)
+        unreadable = [reason for path, reason in regions.unreadable.items() if path not in joint]
+        if unreadable:
+            raise ValueError(unreadable[0])
+        sites = [s for s in regions.sites if s.path not in joint]  # a joint block's attention is not self-attention
+        if not joint and not any(site.role == CROSS for site in sites):
             raise ValueError(
-                "T-GATE found no cross-attention (keys/values from encoder_hidden_states) in this denoiser's "
-                f"graph ({len(regions.attention)} attention sites, roles "
-                f"{sorted({s.role for s in regions.attention})}): after the gate it would drop the conditioning. "
-                "T-GATE needs a text-conditioned denoiser with cross-attention")
-        for site in regions.attention:
+                "T-GATE found no cross-attention (keys/values from encoder_hidden_states) and no joint attention "
+                f"in this denoiser's graph ({len(sites)} attention sites, roles {sorted({s.role for s in sites})}): "
+                "after the gate it would drop the conditioning. T-GATE needs a text-conditioned denoiser with "
+                "cross-attention or an MMDiT's joint attention")
+        for site in sites:
             if site.role in (SELF, CROSS):
                 by_name[site.value].meta[key] = {"group": site.role, "site": site.path, "slot": "out"}
 
@@ -106,6 +136,7 @@ class TGate(Method):
 
     def _step(self, cur: int, cfg: bool) -> MethodStep:
         c = self.config
+        gated = GATED_JOINT if self.joint else GATED
         if cur < c.gate_step - 1:
             phase = "semantics-planning"
             if cur < c.warm_up:
@@ -116,15 +147,27 @@ class TGate(Method):
                 label, rewrites = "sp_reuse", _rewrites(reuse=[SELF])
             drops = False
         elif cur == c.gate_step - 1:
-            phase, label, rewrites, drops = "gate", "gate", _rewrites(record=[SELF, CROSS], cfg_mean=cfg), False
+            phase, label, rewrites, drops = "gate", "gate", _rewrites(record=[SELF, *gated], cfg_mean=cfg), False
         else:
             phase, drops = "fidelity-improving", True
             if cur % c.fi_interval == 0:
-                label, rewrites = "fi_record", _rewrites(reuse=[CROSS], record=[SELF])
+                label, rewrites = "fi_record", _rewrites(reuse=gated, record=[SELF])
             else:
-                label, rewrites = "fi_reuse", _rewrites(reuse=[CROSS, SELF])
-        columns = (("cross-attn", _action(rewrites, CROSS)), ("self-attn", _action(rewrites, SELF)))
+                label, rewrites = "fi_reuse", _rewrites(reuse=[*gated, SELF])
+        conditioning = (("text stream", _action(rewrites, JOINT_TEXT)) if self.joint
+                        else ("cross-attn", _action(rewrites, CROSS)))
+        columns = (conditioning, ("self-attn", _action(rewrites, SELF)))
         return MethodStep(label, rewrites, drops, phase, columns)
+
+    def compose(self, others: list[Method]) -> None:
+        # ToCa caches the same joint attention per token (its cores, scores and outputs): the two rules rewrite
+        # the same nodes, with no published semantics for both at once.
+        if self.joint and any(o.name == "toca" for o in others):
+            raise ValueError("T-GATE's joint-attention rule and ToCa rewrite the same joint attention of this "
+                             "MMDiT; use one of them (each composes with the block cache)")
+
+    def transform_pass(self, nodes: list, option, caches):
+        return joint_pass(nodes, tag_key(NAME))
 
     def describe(self) -> str:
         c = self.config
