@@ -12,8 +12,8 @@ from .._checks import check_int
 __all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "step_kinds", "step_weighted"]
 
 # Literal annotations: the CLI offers their values as the flags' choices.
-Family = Literal["pixart", "dit", "flux"]
-Schedule = Literal["ToCa", "ToCa-ddim50", "ToCa-ddpm250", "ToCa-flux", "constant"]
+Family = Literal["pixart", "dit", "flux", "opensora"]
+Schedule = Literal["ToCa", "ToCa-ddim50", "ToCa-ddpm250", "ToCa-flux", "ToCa-opensora", "constant"]
 Score = Literal["attention", "random"]
 Compat = Literal["official", "clean"]
 FAMILIES, SCHEDULES, SCORES, COMPAT = (get_args(t) for t in (Family, Schedule, Score, Compat))
@@ -23,11 +23,16 @@ _DEFAULTS = {
     "pixart": (3, 0.30, "ToCa", 0.4, 4),
     "dit": (3, 0.07, "ToCa-ddim50", 0.6, 2),
     "flux": (4, 0.10, "ToCa-flux", 0.0, 1),  # flux-ToCa's cache_init (mode "ToCa"): no spatial bonus
+    # Open-Sora's inference defaults (fresh_threshold 3, fresh_ratio 0.1); its bonus call is commented out
+    "opensora": (3, 0.10, "ToCa-opensora", 0.0, 1),
 }
+# Each family's own ratio schedule (the others fit none but theirs; "constant" fits every family).
+_OWN_SCHEDULES = {"flux": "ToCa-flux", "opensora": "ToCa-opensora"}
+# Open-Sora's "ToCa" ratio schedule: module_weight 1.5, module_time_weight 0.33; every other weight is 0.
+_OPENSORA_WEIGHTS = (1.5, 0.33)
 # flux-ToCa's "ToCa" ratio schedule: (step_weight, layer_weight, stream_weight); the double stream's factor is
 # 1 - stream_weight, the single stream's 1 + stream_weight.
 _FLUX_WEIGHTS = (0.0, 0.5, 0.6)
-_FLUX_SCHEDULES = ("ToCa-flux", "constant")
 # The official weights of each ratio schedule: (step_weight, layer_weight, module_weight, module_time_weight,
 # the module whose factor is reduced).
 _WEIGHTS = {
@@ -54,16 +59,22 @@ class ToCaConfig:
             the tokens; the double-stream blocks reuse the attention and refresh the image and the text
             MLP, each stream with its own scores and k; the single-stream blocks refresh the MLP branch
             and the output projection over text and image tokens, with the attention from the cache;
-            one step kind for every layer); ``None``: from the denoiser.
+            one step kind for every layer) or ``"opensora"`` (the official Open-Sora code, on LTX-Video's
+            blocks: self-attention, cross-attention and MLP each on its own cycle; the cross-attention map's
+            entropy scores the tokens, the two CFG halves sharing one selection; a partial step reuses both
+            attentions and refreshes the MLP on the top-k tokens); ``None``: from the denoiser.
         interval: The full-step interval N (``fresh_threshold``): full when ``s % T == 0`` with
             ``T = round(N / sf)`` (PixArt, DiT); FLUX: full at steps 0, 1, 2 (step 0 only with
-            ``ratio=0``) and then every N-th step (``cal_type``'s counter). Default 3 (PixArt; DiT with
-            DDIM-50), 4 for ``"ToCa-ddpm250"`` and FLUX.
+            ``ratio=0``) and then every N-th step (``cal_type``'s counter); Open-Sora: all modules full at
+            steps 0, 1, 2, then self-attention and MLP every N steps, cross-attention every 2N (the official
+            constant cycles 3 and 6; ``interval=1`` computes everything), N also dividing the staleness
+            term. Default 3 (PixArt; DiT with DDIM-50; Open-Sora), 4 for ``"ToCa-ddpm250"`` and FLUX.
         ratio: The fresh ratio R: about ``R * N_tokens`` tokens are recomputed per module on a
             partial step, scaled by the schedule. Default 0.30 (PixArt), 0.07 (DiT), 0.10 (FLUX). ``0``
             is FORA (caches only; the official interval then has no step weighting and no DiT window).
         schedule: The ratio schedule: ``"ToCa"`` (PixArt), ``"ToCa-ddim50"`` (DiT default),
-            ``"ToCa-ddpm250"`` (DiT with DDPM-250), ``"ToCa-flux"`` (FLUX, the official FLUX code's
+            ``"ToCa-ddpm250"`` (DiT with DDPM-250), ``"ToCa-opensora"`` (Open-Sora: ``R * 1.495`` for the
+            MLP, ``R * -0.005``, i.e. none, for cross-attention), ``"ToCa-flux"`` (FLUX, the official FLUX code's
             ``"ToCa"``: ``R * (1.5 - layer / 27) * (0.4 double | 1.6 single)``, layers counted per
             stream) or ``"constant"`` (R everywhere).
         score: ``"attention"`` (the published score: PixArt the entropy of the cross-attention map,
@@ -129,8 +140,10 @@ class ToCaConfig:
             raise ValueError(f"ToCa needs a family ({FAMILIES}) to fill its defaults, got {family!r}")
         interval, ratio, schedule, bonus, grid = _DEFAULTS[family]
         schedule = self.schedule or schedule
-        if (family == "flux") != (schedule == "ToCa-flux") and schedule != "constant":
-            allowed = _FLUX_SCHEDULES if family == "flux" else tuple(x for x in SCHEDULES if x != "ToCa-flux")
+        own = _OWN_SCHEDULES.get(family)
+        fits = schedule == "constant" or (schedule == own if own else schedule not in _OWN_SCHEDULES.values())
+        if not fits:
+            allowed = (own, "constant") if own else tuple(x for x in SCHEDULES if x not in _OWN_SCHEDULES.values())
             raise ValueError(f"ToCa schedule {schedule!r} does not fit family {family!r}; use one of {allowed}")
         if self.interval is None and schedule == "ToCa-ddpm250":
             interval = 4
@@ -181,6 +194,8 @@ def step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int] = frozens
     """
     if c.family == "flux":
         return _flux_step_kinds(c, num_steps, barriers)
+    if c.family == "opensora":
+        return _opensora_step_kinds(c, num_steps, barriers)
     kinds, threshold = [], None
     for i in range(num_steps):
         s = official_step(c.family, i, num_steps)
@@ -218,9 +233,33 @@ def _flux_step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int]) ->
     return kinds
 
 
+def cross_interval(c: ToCaConfig) -> int:
+    """Open-Sora: the cross-attention's cycle, twice the interval (the official constants are 3 for
+    self-attention and MLP, 6 for cross-attention; tied to ``interval`` here, so that ``interval=1`` computes
+    everything)."""
+    return 1 if c.interval == 1 else 2 * c.interval
+
+
+def _opensora_step_kinds(c: ToCaConfig, num_steps: int, barriers: frozenset[int]) -> list[str]:
+    """Open-Sora's ``global_force_fresh`` with its per-module cycles: every module is full at steps 0, 1, 2;
+    then self-attention and MLP every ``interval`` steps, cross-attention every :func:`cross_interval` steps.
+    ``"full"``: every module; ``"cross_cached"``: self-attention and MLP full, cross-attention (and the score) from
+    the cache; ``"partial"``: the MLP refreshed on the top-k tokens, the rest from the cache. Steps in
+    ``barriers`` are full."""
+    kinds = []
+    for i in range(num_steps):
+        if i <= 2 or i in barriers or i % cross_interval(c) == 0:
+            kinds.append("full")
+        elif i % c.interval == 0:
+            kinds.append("cross_cached")
+        else:
+            kinds.append("partial")
+    return kinds
+
+
 def step_weighted(c: ToCaConfig) -> bool:
     """Whether the fresh ratio depends on the step (else every partial step has the same k: one graph)."""
-    return c.schedule not in ("constant", "ToCa-flux")
+    return c.schedule not in ("constant", "ToCa-flux", "ToCa-opensora")
 
 
 def fresh_ratio(c: ToCaConfig, s: int, num_steps: int, layer: int, module: str, depth: int = 28) -> float:
@@ -231,6 +270,9 @@ def fresh_ratio(c: ToCaConfig, s: int, num_steps: int, layer: int, module: str, 
     """
     if c.schedule == "constant":
         ratio = c.ratio
+    elif c.schedule == "ToCa-opensora":  # R * lf * sf * mf * tf with lf = sf = tf = 1
+        mw, mtw = _OPENSORA_WEIGHTS
+        ratio = c.ratio * ((1 - (1 - mtw) * mw) if module == "cross" else (1 + mtw * mw))
     elif c.schedule == "ToCa-flux":
         sw, lw, stw = _FLUX_WEIGHTS
         last = 27 if c.compat == "official" else max(depth - 1, 1)

@@ -59,7 +59,7 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux",
               "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "flux",
               "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux",
-              "HunyuanVideoTransformer3DModel": "flux"}
+              "HunyuanVideoTransformer3DModel": "flux", "LTXVideoTransformer3DModel": "opensora"}
 
 
 def _in(node: fx.Node, scope: str) -> bool:
@@ -76,6 +76,26 @@ def _residual(ff: str, out: fx.Node) -> fx.Node:
     if add.target is not torch.ops.aten.add.Tensor or len(residual) != 1:
         raise ValueError(f"ToCa expects {ff}'s gated output to be added to the residual stream")
     return residual[0]
+
+
+def _opensora_rewrites(kind: str, full, partial) -> list[Rewrite]:
+    """Open-Sora's modules at a step of ``kind``: full records self-attention, cross-attention and MLP and
+    scores the tokens; ``"cross_cached"`` records self-attention and MLP (counters reset), with
+    cross-attention from its cache; partial reads both attentions and refreshes the MLP."""
+    groups = [g + suffix for suffix in ("0", "") for g in ("attn", "cross", "mlp", "tokens")]
+    rewrites = []
+    for g in groups:
+        module = g.rstrip("0")
+        if kind == "full":
+            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=full) if module == "tokens" else Rewrite(NAME, g, RECORD))
+        elif kind == "cross_cached":
+            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=("reset", full[1])) if module == "tokens"
+                            else Rewrite(NAME, g, REUSE if module == "cross" else RECORD))
+        elif module == "tokens":  # the MLP's refresh writes its cache
+            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=partial))
+        elif module != "mlp":
+            rewrites.append(Rewrite(NAME, g, REUSE))
+    return rewrites
 
 
 class ToCa(Method):
@@ -98,7 +118,8 @@ class ToCa(Method):
                             "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
                             "ChromaTransformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
                             "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
-                            "HunyuanVideoTransformer3DModel) transformer blocks only")
+                            "HunyuanVideoTransformer3DModel) and Open-Sora (with its rules the blocks of "
+                            "LTXVideoTransformer3DModel) transformer blocks only")
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
@@ -118,7 +139,7 @@ class ToCa(Method):
         sites = {s.path: s for s in regions.attention}
         by_name = {n.name: n for n in graph_module.graph.nodes}
         nodes = [n for n in graph_module.graph.nodes if n.op == "call_function"]
-        cross = c.family == "pixart"
+        cross = c.family in ("pixart", "opensora")
 
         def core_of(path: str) -> fx.Node:
             cores = [n for n in nodes if n.target is SDPA and _in(n, path)]
@@ -132,7 +153,7 @@ class ToCa(Method):
             if attn1 not in sites or sites[attn1].role != "self":
                 raise ValueError(f"ToCa expects self-attention at {attn1}")
             if cross and (attn2 not in sites or sites[attn2].role != "cross"):
-                raise ValueError(f"ToCa (PixArt) expects cross-attention at {attn2}")
+                raise ValueError(f"ToCa ({c.family}) expects cross-attention at {attn2}")
             ff_out = regions.output_of(ff)
             ff_first = next(n for n in nodes if _in(n, ff))
             info = {"layer": layer, "depth": len(blocks), "block": block}
@@ -176,7 +197,10 @@ class ToCa(Method):
                     rewrites.append(Rewrite(NAME, "tokens", TRANSFORM, option=full))
                 else:
                     rewrites += [Rewrite(NAME, "attn", REUSE), Rewrite(NAME, "tokens", TRANSFORM, option=partial)]
-            for suffix, layer_full in (("0", kind != "partial"), ("", kind == "full")) if c.family != "flux" else ():
+            if c.family == "opensora":  # each module on its own cycle, one kind for every layer
+                rewrites += _opensora_rewrites(kind, full, partial)
+            for suffix, layer_full in (("0", kind != "partial"), ("", kind == "full")) \
+                    if c.family not in ("flux", "opensora") else ():
                 modules = ("attn", "cross", "mlp") if c.family == "pixart" else ("attn", "mlp")
                 if layer_full:
                     rewrites += [Rewrite(NAME, m + suffix, RECORD) for m in modules]
@@ -184,11 +208,19 @@ class ToCa(Method):
                 else:
                     rewrites += [Rewrite(NAME, "attn" + suffix, REUSE),
                                  Rewrite(NAME, "tokens" + suffix, TRANSFORM, option=partial)]
-            label = {"full": "toca_full", "mixed": "toca_mixed", "partial": "toca_partial"}[kind]
-            if kind != "full":  # a partial step whose k depends on the step has its own graph
+            label = {"full": "toca_full", "mixed": "toca_mixed", "partial": "toca_partial",
+                     "cross_cached": "toca_cross_cached"}[kind]
+            if kind not in ("full", "cross_cached"):  # a partial step whose k depends on the step has its own graph
                 label += "_" + hashlib.sha1(repr(partial).encode()).hexdigest()[:6]
             out.append(MethodStep(label, frozenset(rewrites), phase="", columns=(("toca", kind),)))
         return out
+
+    def compose(self, others: list[Method]) -> None:
+        # Open-Sora's rules reuse cross-attention from ToCa's own cache on partial steps, where T-GATE reads it
+        # from its gate's: two reads of one value, with no published semantics for both.
+        if self.config.family == "opensora" and any(o.name == "tgate" for o in others):
+            raise ValueError("ToCa's Open-Sora rules and T-GATE both reuse the cross-attention of this video DiT; "
+                             "use one of them (each composes with the block cache)")
 
     def transform_pass(self, nodes: list, option, caches) -> CacheTokens:
         """The step's :class:`~tgate_fx.passes.CacheTokens`: on a full step the score sources and zero
@@ -202,30 +234,31 @@ class ToCa(Method):
             return flux_pass(c, NAME, nodes, option, caches, tag_key(NAME))
         by_name = {n.name: n for n in nodes[0].graph.nodes}
         tag_of = tag_key(NAME)
-        rule = "entropy" if c.family == "pixart" else "received"
+        cross_scored = c.family in ("pixart", "opensora")  # the cross-attention map's entropy scores the tokens
+        rule = "entropy" if cross_scored else "received"
         scores, resets, refreshes = [], [], []
         for node in nodes:  # graph order: a block's cross-attention before its MLP
             tag = node.meta[tag_of]
             slot = tag["slot"]
             key = lambda name: CacheKey(NAME, tag["site"], name)
             module = {"cross_tokens": "cross", "mlp_tokens": "mlp"}.get(slot)
-            if option[0] == "full":
+            if option[0] in ("full", "reset"):  # "reset" (Open-Sora): the MLP's counters, not the score
                 pairs = option[1]
-                if "core" in tag:
+                if "core" in tag and option[0] == "full":
                     scores.append(ScoreSite(by_name[tag["core"]], key("score"), rule, pairs))
                 if module:
                     tokens = by_name[tag["source"]].meta["val"].shape[1]
                     resets.append(CountReset(node, key("count_" + module), node.meta["val"].shape[0], tokens))
                 continue
             _, step, num_steps, pairs = option
-            if module is None:  # DiT's self-attention is read from its cache on partial steps
-                continue
+            if module is None or (module == "cross" and c.family == "opensora"):
+                continue  # read from the cache: DiT's self-attention; Open-Sora's cross-attention (k = 0)
             source, output = by_name[tag["source"]], by_name[tag["output"]]
             ratio = fresh_ratio(c, step, num_steps, tag["layer"], module, tag["depth"])
             pixart_cross = module == "cross" and c.family == "pixart"
             selection = TokenSelection(
                 interval=c.interval, cache_weight=c.cache_weight, random=c.score == "random",
-                add_one=c.family == "pixart", share_rows=pairs and (c.family == "pixart" or c.score == "random"),
+                add_one=cross_scored, share_rows=pairs and (cross_scored or c.score == "random"),
                 bonus_ratio=c.bonus_ratio, bonus_grid=c.bonus_grid)
             refreshes.append(TokenRefresh(
                 source, output, fresh_count(c, ratio, source.meta["val"].shape[1]), key(module),
