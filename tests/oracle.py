@@ -93,12 +93,26 @@ def caching_processor(state: _State, inner) -> CachingProcessor:
     return type(f"Caching{cls.__name__}", (CachingProcessor,), {"__call__": call})(state, inner)
 
 
-class OracleDenoiser(torch.nn.Module):
+class StandIn(torch.nn.Module):
+    """Stands in for a pipeline's denoiser: what it does not have itself (config, dtype, cache_context) is the
+    denoiser's."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["denoiser"], name)
+
+
+class OracleDenoiser(StandIn):
     """Stands in for ``pipe.unet``/``pipe.transformer`` for ONE generation."""
 
     def __init__(self, denoiser, *, cfg: bool, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
-        super().__init__()
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.cfg = cfg
         self.settings = (gate_step, sp_interval, fi_interval, warm_up)
         self.state = _State()
@@ -106,12 +120,6 @@ class OracleDenoiser(torch.nn.Module):
         self.original_processors = denoiser.attn_processors
         denoiser.set_attn_processor({name: caching_processor(self.state, processor)
                                      for name, processor in self.original_processors.items()})
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_modules"]["denoiser"], name)
 
     def close(self):
         self.denoiser.set_attn_processor(self.original_processors)
@@ -207,7 +215,7 @@ def _split_processor(state: _State, inner) -> _SplitCfgProcessor:
     return type(f"SplitCfg{cls.__name__}", (_SplitCfgProcessor,), {"__call__": call})(state, inner)
 
 
-class SplitCfgOracleDenoiser(torch.nn.Module):
+class SplitCfgOracleDenoiser(StandIn):
     """The reference semantics on a pipeline that runs CFG as two calls a step, conditional first (Wan).
 
     Before the gate both calls run, each with its own self-attention cache; at the gate step each
@@ -217,8 +225,7 @@ class SplitCfgOracleDenoiser(torch.nn.Module):
     """
 
     def __init__(self, denoiser, *, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int):
-        super().__init__()
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.settings = (gate_step, sp_interval, fi_interval, warm_up)
         self.state = _State()
         self.calls = 0
@@ -226,12 +233,6 @@ class SplitCfgOracleDenoiser(torch.nn.Module):
         self.original_processors = denoiser.attn_processors
         denoiser.set_attn_processor({name: _split_processor(self.state, processor)
                                      for name, processor in self.original_processors.items()})
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_modules"]["denoiser"], name)
 
     def close(self):
         self.denoiser.set_attn_processor(self.original_processors)

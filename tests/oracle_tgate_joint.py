@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import torch
 
-from oracle import reference_schedule
+from oracle import StandIn, reference_schedule
 from tgate_fx.core.hook import bypassed
 
 
-class JointTGateOracle(torch.nn.Module):
+class JointTGateOracle(StandIn):
     """Stands in for ``pipe.transformer`` for ONE generation. ``cfg``: ``None`` (no guidance), ``"batch"``
     (a ``[uncond, cond]`` batch) or ``"split"`` (two calls a step, conditional first)."""
 
     def __init__(self, denoiser, *, cfg: str | None, gate_step: int, sp_interval: int = 5, fi_interval: int = 1,
                  warm_up: int = 2):
-        super().__init__()
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.cfg = cfg
         self.settings = (gate_step, sp_interval, fi_interval, warm_up)
         self.calls = 0
@@ -57,12 +56,6 @@ class JointTGateOracle(torch.nn.Module):
             self._gate(block, f"{name}:text_out", first=True)
             if f"{name}.attn2" in modules:
                 self.handles.append(modules[f"{name}.attn2"].register_forward_hook(self._self_hook(f"{name}.attn2")))
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_modules"]["denoiser"], name)
 
     def close(self):
         for h in self.handles:

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
-from ..core.graph_passes import GraphPass, PassResult, new_node
+from ..core.graph_passes import GraphPass, PassResult, new_node, nodes_between
 
 __all__ = ["QueryRows", "RestrictQueries"]
 
@@ -71,25 +71,6 @@ def _shape(node) -> tuple[int, ...]:
 
 def _first(val):
     return val[0] if isinstance(val, (tuple, list)) else val
-
-
-def _between(source: fx.Node, target: fx.Node) -> list[fx.Node]:
-    """Nodes on a path from ``source`` to ``target`` (``source`` excluded, ``target`` included), in graph order."""
-    above, stack = set(), [target]
-    while stack:
-        n = stack.pop()
-        if n in above or n is source:
-            continue
-        above.add(n)
-        stack.extend(n.all_input_nodes)
-    below, stack = set(), [source]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in below:
-                below.add(u)
-                stack.append(u)
-    return [n for n in target.graph.nodes if n in above and n in below]
 
 
 def _rows_shape(shape: list, in_shape: tuple[int, ...], dim: int, total: int, length: int, where: str) -> list:
@@ -202,9 +183,7 @@ class RestrictQueries(GraphPass):
                 raise ValueError(f"{join.name} joins {len(parts)} parts; cannot keep part {keep}")
             start, length, total = sum(sizes[:keep]), sizes[keep], sum(sizes)
             query = core.args[0]
-            region = _between(join, query)
-            if query is not join and join not in {a for n in region for a in n.all_input_nodes}:
-                raise ValueError(f"{core.name}'s query is not computed from {join.name}")
+            region = [] if query is join else nodes_between(join, query)
             rows = _Rows(graph, start, length, total)
             rows.env[join], rows.dim[parts[keep]] = parts[keep], dim
             with graph.inserting_before(core):

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from ..core.meta import TAG
-from ..core.graph_passes import GraphPass, PassResult, first_user, new_node
+from ..core.graph_passes import GraphPass, PassResult, first_user, new_node, nodes_between
 
 __all__ = ["RestrictToTokens", "TokenRegion"]
 
@@ -51,26 +51,6 @@ class TokenRegion(NamedTuple):
     output: fx.Node
     index: fx.Node
     gathered: tuple[fx.Node, ...] = ()
-
-
-def _region(source: fx.Node, output: fx.Node) -> list[fx.Node]:
-    below, stack = set(), [source]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in below:
-                below.add(u)
-                stack.append(u)
-    above, stack = set(), [output]
-    while stack:
-        n = stack.pop()
-        if n in above:
-            continue
-        above.add(n)
-        stack.extend(n.all_input_nodes)
-    if output not in below:
-        raise ValueError(f"{output.name} is not computed from {source.name}: no region to restrict")
-    return [n for n in output.graph.nodes if n in below and n in above]
 
 
 def _shape(node) -> tuple[int, ...]:
@@ -121,7 +101,7 @@ class RestrictToTokens(GraphPass):
                 if len(_shape(side)) != 3 or _shape(side)[:2] != (b, n):
                     raise ValueError(f"gathered value {side.name} {_shape(side)} is not (B, N, C) with the "
                                      f"source's B = {b} and N = {n}")
-            region = _region(source, output)
+            region = nodes_between(source, output)
             anchor = first_user(output)
             ctx = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(output)
             with ctx:

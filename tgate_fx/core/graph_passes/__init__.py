@@ -10,7 +10,7 @@ function traced into the graph) and :func:`first_user` are the base every
 pass, here and in :mod:`tgate_fx.passes`, is built on.
 """
 
-from .base import GraphPass, PassResult, first_user, new_node
+from .base import GraphPass, PassResult, first_user, new_node, nodes_between
 from .inline import call_traced
 from .drop_prediction import DropPrediction
 from .eliminate_dead_code import EliminateDeadCode
@@ -19,4 +19,4 @@ from .remove_unused_inputs import RemoveUnusedInputs
 from .replace_values_with_cache import ReplaceValuesWithCache
 
 __all__ = ["DropPrediction", "EliminateDeadCode", "ExposeValues", "GraphPass", "PassResult", "RemoveUnusedInputs", "ReplaceValuesWithCache",
-           "call_traced", "first_user", "new_node"]
+           "call_traced", "first_user", "new_node", "nodes_between"]

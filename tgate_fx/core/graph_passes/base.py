@@ -10,7 +10,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
-__all__ = ["GraphPass", "PassResult", "first_user", "new_node"]
+__all__ = ["GraphPass", "PassResult", "first_user", "new_node", "nodes_between"]
 
 
 class GraphPass(PassBase):
@@ -62,3 +62,27 @@ def first_user(node: fx.Node) -> fx.Node | None:
             return cur
         cur = cur.next
     return None
+
+
+def nodes_between(source: fx.Node, target: fx.Node) -> list[fx.Node]:
+    """The nodes on a path from ``source`` to ``target`` (``source`` excluded, ``target`` included), in graph order.
+
+    Raises:
+        ValueError: if ``target`` is not computed from ``source``.
+    """
+    below, stack = set(), [source]
+    while stack:
+        for u in stack.pop().users:
+            if u not in below:
+                below.add(u)
+                stack.append(u)
+    if target not in below:
+        raise ValueError(f"{target.name} is not computed from {source.name}: no region to restrict")
+    above, stack = set(), [target]
+    while stack:
+        n = stack.pop()
+        if n in above:
+            continue
+        above.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in target.graph.nodes if n in below and n in above]

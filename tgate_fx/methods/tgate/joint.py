@@ -81,7 +81,7 @@ def annotate_joint(regions: Regions, key: str) -> list[str]:
                              f"{', '.join(sorted(JOINT_BLOCKS))}")
         attn = f"{block}.attn"
         members = set(nodes_of[block])
-        cores = [n for n in nodes_of[block] if n.target is SDPA and n in set(regions.nodes_of(attn))]
+        cores = [n for n in regions.nodes_of(attn) if n.target is SDPA]
         if len(cores) != 1:
             raise ValueError(f"T-GATE expects one attention core in {attn}, found {len(cores)}")
         core = cores[0]
