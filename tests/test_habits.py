@@ -108,11 +108,13 @@ def _sd3_pipeline():
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
 
 
-def test_joint_attention_models_are_refused_by_optimize():
+def test_joint_attention_models_get_tgates_joint_rule_at_optimize():
+    # SD3's joint attention has no cross-attention: optimize(pipe) installs T-GATE's joint-attention rule
+    # (exactness: tests/test_tgate_joint.py; joint blocks the rule does not know are refused there)
     pipe = _sd3_pipeline()
-    with pytest.raises(TypeError, match="no separate cross-attention to cache.*No method of tgate_fx applies"):
-        tgate_fx.optimize(pipe)
-    assert tgate_fx.core.hook.installed_runtime(pipe.transformer) is None  # nothing installed
+    tgate_fx.optimize(pipe)
+    runtime = tgate_fx.core.hook.installed_runtime(pipe.transformer)
+    assert [(m.name, m.joint) for m in runtime.methods] == [("tgate", True)]
 
 
 def test_a_denoiser_without_cross_attention_is_refused_at_its_first_call():
