@@ -42,10 +42,15 @@ class OpenSoraToCaOracle:
         self.cache, self.cmap, self.counter = {}, {}, {}
         self.log = []  # (step, layer, {"attn": full?, "cross": full?, "mlp": k or "full"})
         self.originals = []
-        for layer, block in enumerate(denoiser.transformer_blocks):
+        for layer, block in enumerate(getattr(denoiser, self.blocks)):
             self.originals.append((block, block.forward))
             block.forward = types.MethodType(self._forward(layer), block)
-        self.hook = denoiser.register_forward_pre_hook(lambda module, args: setattr(self, "step", self.step + 1))
+        self.hook = denoiser.register_forward_pre_hook(lambda module, args: self._count())
+
+    blocks = "transformer_blocks"  # the denoiser's block list
+
+    def _count(self):
+        self.step += 1
 
     def close(self):
         self.hook.remove()

@@ -74,7 +74,7 @@ _CLASS = {
 _UNETS = {"sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet", "t2i_adapter", "kandinsky22",
           "animatediff", "svd"}
 _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "flux_true_cfg", "flux_kontext", "chroma",
-                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx"}
+                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan"}
 _JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow", "kandinsky22"}
 _NO_CROSS = {"cogvideox", "lumina2", "hidream"}
 # T-GATE's joint-attention rule: the double-stream blocks of these (HunyuanVideo's, AuraFlow's and Kandinsky's

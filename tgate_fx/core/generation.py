@@ -240,7 +240,8 @@ class GenerationTracker:
         with_timesteps: Call ``plan_for(num_steps, cfg, timesteps)`` instead, with
             :meth:`timesteps_in_generation` (for methods whose schedule reads timesteps).
         split_cfg: Serve pipelines that run CFG as two denoiser calls per step (see the module
-            docstring); otherwise such a generation is refused.
+            docstring; their plans are made with ``plan_for(..., split=True)``); otherwise such a
+            generation is refused.
     """
 
     def __init__(self, plan_for: Callable[..., Plan], pipeline, sample_arg: str, *, with_timesteps: bool = False,
@@ -407,10 +408,11 @@ class GenerationTracker:
                                  "guidance")
             if call[self.sample_arg].shape[0] % 2:
                 self._split_refusal(call, local, pipe)
+        extra = {"split": True} if split else {}  # split_cfg's plan_for takes it
         if self.with_timesteps:
-            plan = self.plan_for(num_steps, cfg, self.timesteps_in_generation(num_steps, pipe, local))
+            plan = self.plan_for(num_steps, cfg, self.timesteps_in_generation(num_steps, pipe, local), **extra)
         else:
-            plan = self.plan_for(num_steps, cfg)
+            plan = self.plan_for(num_steps, cfg, **extra)
         if not split:
             self._check_batch(plan, call[self.sample_arg].shape[0])
         self._generation = _Generation(plan, timesteps, split=split,

@@ -184,6 +184,10 @@ class ScheduleContext:
             cache refreshed (this method computes everything there).
         drops_uncond: Steps at which another method of the plan drops the
             unconditional half of the CFG batch (the batch is halved there).
+        split: CFG runs as two denoiser calls a step (Wan's pipelines), each
+            call one half of the pair: a value a method shares across the
+            pair is one call's part, and the runtime keeps the mean of the
+            two calls' parts (see :meth:`~tgate_fx.core.variants.CacheIO.write`).
     """
 
     num_steps: int
@@ -191,12 +195,15 @@ class ScheduleContext:
     timesteps: tuple[float, ...] | None = None
     barriers: frozenset[int] = frozenset()
     drops_uncond: frozenset[int] = frozenset()
+    split: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
         if self.timesteps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"timesteps must have one value per step ({self.num_steps}), got {len(self.timesteps)}")
+        if self.split and not self.cfg:
+            raise ValueError("split=True (CFG as two calls a step) needs cfg=True")
 
     def pairs(self, step: int) -> bool:
         """Whether ``step`` runs the CFG batch as ``[uncond, cond]`` pairs (CFG on, and no other method dropped a half)."""

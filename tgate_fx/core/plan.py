@@ -132,6 +132,8 @@ class Plan:
             if unknown. Methods read them from the
             :class:`~tgate_fx.core.method.ScheduleContext` (ToDo's ``skip_timestep_zero``); each
             documents what it assumes without them.
+        split: CFG runs as two denoiser calls a step, not one batch (see
+            :attr:`~tgate_fx.core.method.ScheduleContext.split`).
 
     Every method is scheduled with one :class:`~tgate_fx.core.method.ScheduleContext`
     holding the *other* methods' barriers and the steps where they drop the
@@ -143,9 +145,10 @@ class Plan:
             number per step.
     """
 
-    def __init__(self, num_steps: int, methods: Any, cfg: bool, timesteps: Sequence[float] | None = None):
-        base = ScheduleContext(num_steps, bool(cfg), _timesteps(timesteps, num_steps))
-        self.num_steps, self.cfg, self.timesteps = num_steps, base.cfg, base.timesteps
+    def __init__(self, num_steps: int, methods: Any, cfg: bool, timesteps: Sequence[float] | None = None, *,
+                 split: bool = False):
+        base = ScheduleContext(num_steps, bool(cfg), _timesteps(timesteps, num_steps), split=bool(split))
+        self.num_steps, self.cfg, self.timesteps, self.split = num_steps, base.cfg, base.timesteps, base.split
         self.methods: list[Method] = as_methods(methods)
         for method in self.methods:
             method.validate(base)
@@ -157,7 +160,8 @@ class Plan:
         def schedules(drops: dict[str, frozenset[int]]) -> dict[str, list[MethodStep]]:
             out = {}
             for m in self.methods:
-                ctx = ScheduleContext(num_steps, self.cfg, self.timesteps, others(m.name, own), others(m.name, drops))
+                ctx = ScheduleContext(num_steps, self.cfg, self.timesteps, others(m.name, own), others(m.name, drops),
+                                      self.split)
                 out[m.name] = m.schedule(ctx)
                 if len(out[m.name]) != num_steps:
                     raise RuntimeError(f"method {m.name!r} scheduled {len(out[m.name])} steps for {num_steps}")
@@ -234,6 +238,7 @@ class Plan:
         return {
             "num_steps": self.num_steps,
             "cfg": self.cfg,
+            **({"split": True} if self.split else {}),
             "timesteps": list(self.timesteps) if self.timesteps is not None else None,
             "methods": {m.name: m.config.to_dict() for m in self.methods},
             "steps": [
@@ -253,7 +258,8 @@ class Plan:
 
     def __repr__(self) -> str:
         settings = ", ".join(m.describe() for m in self.methods)
-        return f"Plan(num_steps={self.num_steps}, {settings}, cfg={self.cfg})"
+        split = ", split=True" if self.split else ""
+        return f"Plan(num_steps={self.num_steps}, {settings}, cfg={self.cfg}{split})"
 
     def __str__(self) -> str:
         short = len(self.methods) == 1

@@ -112,10 +112,10 @@ class DenoiserRuntime:
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True, split_cfg=True)
 
-    def plan(self, num_steps: int, cfg: bool, timesteps=None) -> Plan:
-        """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known) under this
-        runtime's methods."""
-        return Plan(num_steps, self.methods, cfg, timesteps)
+    def plan(self, num_steps: int, cfg: bool, timesteps=None, *, split: bool = False) -> Plan:
+        """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known; ``split``: CFG
+        as two calls a step) under this runtime's methods."""
+        return Plan(num_steps, self.methods, cfg, timesteps, split=split)
 
     def method_config(self, method: str):
         """The config of ``method`` (``"tgate"``, ``"deepcache"``, ...)."""
@@ -265,8 +265,12 @@ class DenoiserRuntime:
             variant = graphs.variant(step.spec_of(spec), step.caches)
         for key, name in variant.cache_inputs.items():
             inputs[name] = _checked_cache(step.caches[key], variant, name)
+        if variant.call_means and step.role is None:
+            raise RuntimeError(f"variant {variant.name!r} writes {sorted(map(str, variant.call_means))} as one call's "
+                               "part of a split-CFG step, but this call is not one of a split-CFG step's two")
         outputs = self._runner(variant)(*(inputs[name] for name in variant.input_names))
-        step.record(variant.records, outputs[1:], graphs.mean_keys(spec) if step.role else frozenset())
+        means = graphs.mean_keys(spec) | variant.call_means if step.role else frozenset()
+        step.record(variant.records, outputs[1:], means)
         if self._trace is not None:
             self._trace.append((step.plan, graphs, variant))
         return outputs[0]

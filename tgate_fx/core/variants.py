@@ -62,7 +62,9 @@ class Resolved:
 
     Attributes:
         spec: The step's spec.
-        records: ``(cache key, cfg_mean)`` of each write, in graph order.
+        records: ``(cache key, cfg_mean)`` of each write, in graph order (a transform's writes after the
+            records; for them ``cfg_mean`` is :meth:`CacheIO.write`'s ``mean``: averaged by the runtime
+            across the calls of a split-CFG step, not in the graph).
         reads: Cache keys read, in graph order.
         skipped: ``(cache key, reason)`` of each rewrite not made.
         transforms: ``(method, option, keys of the nodes)`` of each transform, keys in graph order.
@@ -174,6 +176,8 @@ class Variant:
         resolved: How the spec's rewrites landed on the graph.
         graph_module: The rewritten graph; ``print(variant.graph_module.code)`` reads as Python.
         input_names: Placeholder names, in order.
+        call_means: Cache keys a transform wrote as one call's part of a mean over the two calls of a
+            split-CFG step (:meth:`CacheIO.write`); the runtime averages them.
     """
 
     spec: VariantSpec
@@ -182,6 +186,7 @@ class Variant:
     input_names: list[str]
     input_meta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     name: str = ""
+    call_means: frozenset[CacheKey] = frozenset()
 
     def __post_init__(self) -> None:
         self.name = self.name or self.spec.name
@@ -249,6 +254,7 @@ class CacheIO:
         self.graph = graph
         self.reads: dict[CacheKey, fx.Node] = {}
         self.writes: dict[CacheKey, fx.Node] = {}
+        self.means: set[CacheKey] = set()
 
     def read(self, key: CacheKey, val: torch.Tensor) -> fx.Node:
         """The value of cache ``key`` (``val``: its fake value, shape and dtype) at this point of the graph."""
@@ -264,9 +270,15 @@ class CacheIO:
             self.reads[key] = node
         return self.reads[key]
 
-    def write(self, key: CacheKey, node: fx.Node) -> None:
-        """Write ``node``'s value to cache ``key`` (a later write of the same key replaces it)."""
+    def write(self, key: CacheKey, node: fx.Node, mean: bool = False) -> None:
+        """Write ``node``'s value to cache ``key`` (a later write of the same key replaces it).
+
+        ``mean``: the value is one call's part of a value shared by the two calls of a split-CFG step
+        (:attr:`~tgate_fx.core.method.ScheduleContext.split`); the runtime stores the mean of the two calls'
+        values for both. A graph that runs outside split CFG must not write such a value.
+        """
         self.writes[key] = node
+        (self.means.add if mean else self.means.discard)(key)
 
 
 def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Method] = ()) -> Variant:
@@ -302,12 +314,12 @@ def build_variant(base: fx.GraphModule, resolved: Resolved, methods: Iterable[Me
     kept = {n.name for n in placeholders}
     if io.reads or io.writes or any(k.input_name() not in kept for k in resolved.reads):
         # the calling convention: the transforms' caches too, and no read a transform left unused
-        resolved = Resolved(resolved.spec, resolved.records + tuple((k, False) for k in io.writes),
+        resolved = Resolved(resolved.spec, resolved.records + tuple((k, k in io.means) for k in io.writes),
                             tuple(k for k in resolved.reads if k.input_name() in kept)
                             + tuple(k for k in io.reads if k.input_name() in kept),
                             resolved.skipped, resolved.transforms)
     return Variant(resolved.spec, resolved, gm, [n.name for n in placeholders],
-                   {n.name: n.meta["val"] for n in placeholders})
+                   {n.name: n.meta["val"] for n in placeholders}, call_means=frozenset(io.means))
 
 
 def _method_tag(key: str) -> bool:

@@ -39,14 +39,14 @@ from torch._guards import detect_fake_mode
 from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
 from .compute_attention_map import ComputeAttentionMap
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
-from .token_math import (TokenSelection, attention_entropy, attention_received, attention_received_mean,
+from .token_math import (TokenSelection, attention_entropy, attention_entropy_part, attention_received, attention_received_mean,
                          refreshed_counts, scatter_rows, scatter_tokens, select_tokens)
 
 __all__ = ["CacheTokens", "CountReset", "ScoreSite", "TokenRefresh"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-RULES = ("entropy", "received", "received_mean")
+RULES = ("entropy", "entropy_part", "received", "received_mean")
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,15 @@ class ScoreSite:
     """Write the score source of attention ``core`` to cache ``key``.
 
     ``rule``: ``"entropy"`` (:func:`~tgate_fx.passes.token_math.attention_entropy`, with ``pairs``),
+    ``"entropy_part"`` (:func:`~tgate_fx.passes.token_math.attention_entropy_part`: one half's part of a
+    pair's entropy, written with ``mean``),
     ``"received"`` (:func:`~tgate_fx.passes.token_math.attention_received`) or ``"received_mean"``
     (:func:`~tgate_fx.passes.token_math.attention_received_mean`). ``columns``: ``(start, stop)``, keep
     these key positions of a per-key score (``stop=None``: to the end), e.g. one stream of a joint
     attention. ``scale_logits``: the map scales the logits, not the queries (see
-    :class:`~tgate_fx.passes.ComputeAttentionMap`). Sites of one core with the same rule, pairing and
-    scaling share one map.
+    :class:`~tgate_fx.passes.ComputeAttentionMap`). ``mean``: the write is one call's part of a value
+    the runtime averages over the calls of a split-CFG step (:meth:`~tgate_fx.core.variants.CacheIO.write`).
+    Sites of one core with the same rule, pairing and scaling share one map.
     """
 
     core: fx.Node
@@ -68,11 +71,12 @@ class ScoreSite:
     pairs: bool = False
     columns: tuple[int, int | None] | None = None
     scale_logits: bool = False
+    mean: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"ScoreSite.rule must be one of {RULES}, got {self.rule!r}")
-        if self.columns is not None and self.rule == "entropy":
+        if self.columns is not None and self.rule.startswith("entropy"):
             raise ValueError("ScoreSite.columns selects keys; the entropy rule scores queries")
 
 
@@ -120,6 +124,8 @@ def _fake(like: fx.Node, shape, dtype: torch.dtype) -> torch.Tensor:
 def _score_of(amap: torch.Tensor, rule: str, pairs: bool) -> torch.Tensor:
     if rule == "entropy":
         return attention_entropy(amap, pairs)
+    if rule == "entropy_part":
+        return attention_entropy_part(amap)
     return attention_received(amap) if rule == "received" else attention_received_mean(amap)
 
 
@@ -150,7 +156,7 @@ class CacheTokens(GraphPass):
             if site.columns is not None:
                 with graph.inserting_before(score.next):  # traced nodes keep their order
                     score = call_traced(graph, _columns, score, *site.columns, like=site.core)
-            self.caches.write(site.key, score)
+            self.caches.write(site.key, score, mean=site.mean)
         for reset in self.resets:
             with graph.inserting_before(reset.like.next):  # before, not after: traced nodes keep their order
                 zeros = call_traced(graph, torch.zeros, [reset.batch, reset.tokens], like=reset.like,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenSelection", "attention_entropy", "attention_received", "attention_received_mean", "refreshed_counts",
+__all__ = ["TokenSelection", "attention_entropy", "attention_entropy_part", "attention_received", "attention_received_mean", "refreshed_counts",
            "scatter_rows", "scatter_tokens", "select_tokens", "spatial_bonus"]
 
 
@@ -52,6 +52,15 @@ def attention_entropy(amap: torch.Tensor, pairs: bool) -> torch.Tensor:
         half = amap.shape[0] // 2
         amap = torch.cat([amap[:half] * 0.5, amap[half:2 * half] * 0.5], -1)
     return -(amap * torch.log(amap + 1e-7)).sum(-1)
+
+
+def attention_entropy_part(amap: torch.Tensor) -> torch.Tensor:
+    """One sample's part of the entropy of a CFG pair's side-by-side map, for a pair whose halves run as two
+    calls: ``2 * -sum(c log(c + 1e-7))`` with ``c`` the halved head-mean map ``(B, Nq, Nk)``: ``(B, Nq)``. The
+    mean of the two halves' parts is the sum of their halves' entropies, :func:`attention_entropy`'s pair
+    score with each half summed on its own (x2 and /2 are exact in floating point)."""
+    half = amap * 0.5
+    return 2 * -(half * torch.log(half + 1e-7)).sum(-1)
 
 
 def attention_received(amap: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,10 @@ class ToCaConfig:
             the tokens; the double-stream blocks reuse the attention and refresh the image and the text
             MLP, each stream with its own scores and k; the single-stream blocks refresh the MLP branch
             and the output projection over text and image tokens, with the attention from the cache;
-            one step kind for every layer) or ``"opensora"`` (the official Open-Sora code, on LTX-Video's
-            blocks: self-attention, cross-attention and MLP each on its own cycle; the cross-attention map's
-            entropy scores the tokens, the two CFG halves sharing one selection; a partial step reuses both
+            one step kind for every layer) or ``"opensora"`` (the official Open-Sora code, on LTX-Video's and
+            Wan 2.1's blocks: self-attention, cross-attention and MLP each on its own cycle; the cross-attention map's
+            entropy scores the tokens, the two CFG halves sharing one selection, also when they run as two
+            calls a step (Wan: each call's half of the score is averaged across the calls); a partial step reuses both
             attentions and refreshes the MLP on the top-k tokens); ``None``: from the denoiser.
         interval: The full-step interval N (``fresh_threshold``): full when ``s % T == 0`` with
             ``T = round(N / sf)`` (PixArt, DiT); FLUX: full at steps 0, 1, 2 (step 0 only with

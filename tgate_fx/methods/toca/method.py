@@ -59,23 +59,42 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux",
               "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "flux",
               "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux",
-              "HunyuanVideoTransformer3DModel": "flux", "LTXVideoTransformer3DModel": "opensora"}
+              "HunyuanVideoTransformer3DModel": "flux", "LTXVideoTransformer3DModel": "opensora",
+              "WanTransformer3DModel": "opensora"}
+# The MLP of a block, by the block's class, where it is not ``ff`` (PixArt, DiT, LTX-Video).
+_MLP_OF = {"WanTransformerBlock": "ffn"}
 
 
 def _in(node: fx.Node, scope: str) -> bool:
     return any(_within(p, scope) for p, _ in (node.meta.get("nn_module_stack") or {}).values())
 
 
+_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _past_casts(node: fx.Node) -> fx.Node:
+    """``node``, or the value its one no-op cast (``aten.to`` to its own dtype: Wan's ``.float()`` in fp32)
+    passes on."""
+    users = [u for u in node.users if u.target not in _CHECKS]
+    if (len(users) == 1 and users[0].target is torch.ops.aten.to.dtype
+            and users[0].meta["val"].dtype == node.meta["val"].dtype):
+        return _past_casts(users[0])
+    return node
+
+
 def _residual(ff: str, out: fx.Node) -> fx.Node:
     """The residual stream the gated MLP output ``out`` is added to: the MLP's token source."""
-    gated = [u for u in out.users if u.target is torch.ops.aten.mul.Tensor]
+    gated = [u for u in _past_casts(out).users if u.target is torch.ops.aten.mul.Tensor]
     if len(gated) != 1 or len(gated[0].users) != 1:
         raise ValueError(f"ToCa expects {ff}'s output to be gated once, then added to the residual")
     add = next(iter(gated[0].users))
     residual = [a for a in add.args if isinstance(a, fx.Node) and a is not gated[0]]
     if add.target is not torch.ops.aten.add.Tensor or len(residual) != 1:
         raise ValueError(f"ToCa expects {ff}'s gated output to be added to the residual stream")
-    return residual[0]
+    stream = residual[0]
+    while stream.target is torch.ops.aten.to.dtype and stream.meta["val"].dtype == stream.args[0].meta["val"].dtype:
+        stream = stream.args[0]  # the stream before its no-op cast (its other users, e.g. the norm, cast it anew)
+    return stream
 
 
 def _opensora_rewrites(kind: str, full, partial) -> list[Rewrite]:
@@ -89,7 +108,7 @@ def _opensora_rewrites(kind: str, full, partial) -> list[Rewrite]:
         if kind == "full":
             rewrites.append(Rewrite(NAME, g, TRANSFORM, option=full) if module == "tokens" else Rewrite(NAME, g, RECORD))
         elif kind == "cross_cached":
-            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=("reset", full[1])) if module == "tokens"
+            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=("reset", *full[1:])) if module == "tokens"
                             else Rewrite(NAME, g, REUSE if module == "cross" else RECORD))
         elif module == "tokens":  # the MLP's refresh writes its cache
             rewrites.append(Rewrite(NAME, g, TRANSFORM, option=partial))
@@ -119,7 +138,7 @@ class ToCa(Method):
                             "ChromaTransformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
                             "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
                             "HunyuanVideoTransformer3DModel) and Open-Sora (with its rules the blocks of "
-                            "LTXVideoTransformer3DModel) transformer blocks only")
+                            "LTXVideoTransformer3DModel and WanTransformer3DModel) transformer blocks only")
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
@@ -132,9 +151,10 @@ class ToCa(Method):
         c = self._config()
         if c.family == "flux":
             return annotate_flux(graph_module, regions, tag_key(NAME), _in, _residual)
-        blocks = regions.children("", "transformer_blocks")
+        blocks = regions.children("", "transformer_blocks") or regions.children("", "blocks")  # Wan: blocks
         if not blocks:
-            raise ValueError("ToCa needs a transformer with transformer_blocks (PixArt, DiT); this graph has none")
+            raise ValueError("ToCa needs a transformer with transformer_blocks (PixArt, DiT, LTX-Video) or blocks "
+                             "(Wan); this graph has none")
         key = tag_key(NAME)
         sites = {s.path: s for s in regions.attention}
         by_name = {n.name: n for n in graph_module.graph.nodes}
@@ -149,7 +169,8 @@ class ToCa(Method):
 
         for layer, block in enumerate(blocks):
             suffix = "0" if layer == 0 else ""
-            attn1, attn2, ff = f"{block}.attn1", f"{block}.attn2", f"{block}.ff"
+            mlp = _MLP_OF.get(regions.modules[block].rsplit(".", 1)[-1], "ff")
+            attn1, attn2, ff = f"{block}.attn1", f"{block}.attn2", f"{block}.{mlp}"
             if attn1 not in sites or sites[attn1].role != "self":
                 raise ValueError(f"ToCa expects self-attention at {attn1}")
             if cross and (attn2 not in sites or sites[attn2].role != "cross"):
@@ -183,13 +204,19 @@ class ToCa(Method):
         sample alone (the batch holds no CFG pairs there)."""
         c = self._config()
         num_steps = ctx.num_steps
+        if ctx.split and c.family != "flux" and (c.family != "opensora" or c.score == "random"):
+            raise ValueError(f"ToCa ({c.family}, score={c.score!r}) shares one token selection between the two "
+                             "halves of a CFG pair, which this pipeline runs as two denoiser calls a step; only the "
+                             "Open-Sora rules with the attention score share it across the calls. Call it without "
+                             "guidance, or use score='attention'")
         kinds = step_kinds(c, num_steps, ctx.barriers)
         out = []
         for i, kind in enumerate(kinds):
             pairs = ctx.pairs(i)
             s = official_step(c.family, i, num_steps) if step_weighted(c) else None
-            full = ("full", pairs)
-            partial = ("partial", s, num_steps, pairs)
+            split = ctx.split and pairs  # the pair's halves are the step's two calls
+            full = ("full", pairs, split)
+            partial = ("partial", s, num_steps, pairs, split)
             rewrites = []
             if c.family == "flux":  # one kind for every layer (flux-ToCa's cal_type runs once per call)
                 if kind == "full":
@@ -236,6 +263,7 @@ class ToCa(Method):
         tag_of = tag_key(NAME)
         cross_scored = c.family in ("pixart", "opensora")  # the cross-attention map's entropy scores the tokens
         rule = "entropy" if cross_scored else "received"
+        split = option[-1]  # CFG as two calls a step: each call scores its half, the runtime averages
         scores, resets, refreshes = [], [], []
         for node in nodes:  # graph order: a block's cross-attention before its MLP
             tag = node.meta[tag_of]
@@ -245,12 +273,13 @@ class ToCa(Method):
             if option[0] in ("full", "reset"):  # "reset" (Open-Sora): the MLP's counters, not the score
                 pairs = option[1]
                 if "core" in tag and option[0] == "full":
-                    scores.append(ScoreSite(by_name[tag["core"]], key("score"), rule, pairs))
+                    scores.append(ScoreSite(by_name[tag["core"]], key("score"), "entropy_part", mean=True) if split
+                                  else ScoreSite(by_name[tag["core"]], key("score"), rule, pairs))
                 if module:
                     tokens = by_name[tag["source"]].meta["val"].shape[1]
                     resets.append(CountReset(node, key("count_" + module), node.meta["val"].shape[0], tokens))
                 continue
-            _, step, num_steps, pairs = option
+            _, step, num_steps, pairs, _ = option
             if module is None or (module == "cross" and c.family == "opensora"):
                 continue  # read from the cache: DiT's self-attention; Open-Sora's cross-attention (k = 0)
             source, output = by_name[tag["source"]], by_name[tag["output"]]
@@ -258,7 +287,7 @@ class ToCa(Method):
             pixart_cross = module == "cross" and c.family == "pixart"
             selection = TokenSelection(
                 interval=c.interval, cache_weight=c.cache_weight, random=c.score == "random",
-                add_one=cross_scored, share_rows=pairs and (cross_scored or c.score == "random"),
+                add_one=cross_scored, share_rows=pairs and not split and (cross_scored or c.score == "random"),
                 bonus_ratio=c.bonus_ratio, bonus_grid=c.bonus_grid)
             refreshes.append(TokenRefresh(
                 source, output, fresh_count(c, ratio, source.meta["val"].shape[1]), key(module),
