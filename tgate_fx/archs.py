@@ -386,8 +386,15 @@ class Arch:
 
     @property
     def latent_patch(self) -> int:
-        """Latent pixels per token side: FLUX packs 2 x 2 latents into a token, Wan and HunyuanVideo patch 2 x 2."""
-        return 2 if self.family in ("flux", *_VIDEO) else 1
+        """Latent pixels per token side: FLUX's pipeline packs 2 x 2 latents into a token; Wan and HunyuanVideo
+        patch them by their config's (spatial) patch size (2 in the published configs); 1 elsewhere."""
+        if self.family == "flux":
+            return 2
+        if self.family == "wan":
+            return int(self.config["patch_size"][-1])
+        if self.family == "hunyuanvideo":
+            return int(self.config["patch_size"])
+        return 1
 
     @property
     def latent_frames(self) -> int:
@@ -398,7 +405,9 @@ class Arch:
     def image_tokens(self) -> int:
         """Image (or video) tokens of the transformer families (latent frames x the latent grid in patches)."""
         side = self.vae_scale * self.latent_patch
-        return self.latent_frames * (self.height // side) * (self.width // side)
+        temporal = {"wan": lambda: int(self.config["patch_size"][0]),
+                    "hunyuanvideo": lambda: int(self.config["patch_size_t"])}.get(self.family, lambda: 1)()
+        return -(-self.latent_frames // temporal) * (self.height // side) * (self.width // side)
 
     @property
     def text_dim(self) -> int:
