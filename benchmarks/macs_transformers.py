@@ -162,14 +162,15 @@ def count_arch(name: str, log=print) -> tuple[list[dict], dict]:
                 captured = graphs(2 if arch.cfg else 1)
                 core = count_macs(captured.capture.graph_module, include_attention=True).total * row.steps
                 linear = count_macs(captured.capture.graph_module).total * row.steps
-                entry.update(settings="-", core=core, linear=linear, base_core=core, base_linear=linear)
+                entry.update(settings="-", core=core, linear=linear, base_core=core, base_linear=linear, peak=1.0)
                 baselines[row.steps] = (core, linear)
             else:
                 plan = Plan(row.steps, methods, cfg=arch.cfg)
                 core = plan_macs(graphs, plan, include_attention=True)
                 linear = plan_macs(graphs, plan)
                 entry.update(settings=_settings(methods), core=core.total, linear=linear.total,
-                             base_core=core.baseline, base_linear=linear.baseline)
+                             base_core=core.baseline, base_linear=linear.baseline,
+                             peak=max(st.macs for st in core.steps) / core.baseline_step.total)
         except (TypeError, ValueError) as e:
             entry.update(settings=_settings_safe(row.methods), refused=str(e))
         entry["seconds"] = time.perf_counter() - start
@@ -199,8 +200,9 @@ def _capture_times(lines: list[str]) -> dict[str, float]:
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
-    rows = ["| model | setting | steps | MACs (+ SDPA core) | speed-up | MACs (Linear + matmul) | speed-up | "
-            "official ToCa FLOPs (compression) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | setting | steps | MACs (+ SDPA core) | speed-up | MACs (no SDPA core) | speed-up | "
+            "costliest step / baseline step (+ core) | official ToCa FLOPs (compression) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, entries in results.items():
         for e in entries:
             arch, row = e["arch"], e["row"]
@@ -209,11 +211,12 @@ def table(results: dict[str, list[dict]]) -> list[str]:
                 flops, ratio = OFFICIAL_FLUX[row.official]
                 official = f"{row.official}: {flops:.2f}T ({ratio:.2f}x)"
             if "refused" in e:
-                rows.append(f"| {arch.name} | {row.label} | {row.steps} | refused: {e['refused']} | | | | {official} |")
+                reason = e["refused"].split(": ")[0].split(". ")[0]  # its first clause: the whole text is in the log
+                rows.append(f"| {arch.name} | {row.label} | {row.steps} | refused: {reason} | | | | | {official} |")
                 continue
             rows.append(f"| {arch.name} | {row.label} | {row.steps} | {format_macs(e['core'])} | "
                         f"{e['base_core'] / e['core']:.2f}x | {format_macs(e['linear'])} | "
-                        f"{e['base_linear'] / e['linear']:.2f}x | {official} |")
+                        f"{e['base_linear'] / e['linear']:.2f}x | {e['peak']:.3f} | {official} |")
     return rows
 
 
@@ -240,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         "published configs (`tgate_fx/archs.py`). 1T = 1e12 multiply-accumulates for the whole generation; "
         "speed-up = baseline / with the method, at the same step count. The official ToCa column is FLOPs "
         "(2 per MAC, attention included) and the FLOPs compression ratio of the flux-ToCa README; compare it "
-        "with the `+ SDPA core` columns.",
+        "with the `+ SDPA core` columns. `no SDPA core`: Linear + Conv + explicit matmuls (T-GATE's calflops "
+        "convention; ToCa's score map is an explicit matmul, so it is counted there too). `costliest step / "
+        "baseline step`: the most expensive step of the plan against one baseline step (above 1: the method adds "
+        "work on its full steps).",
         "",
         *(f"- {get_arch(n).describe()}; config: {get_arch(n).source}" for n in results),
         "",
