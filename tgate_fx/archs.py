@@ -1,13 +1,15 @@
 """Full-size denoiser architectures, built on the ``meta`` device: shapes and graphs, no weights.
 
 Each :class:`Arch` carries a published ``config.json`` (source cited next to
-it), the resolution and text length the T-GATE paper measures it at, its
-T-GATE defaults (``/work/shared/docs/tgate-reference.md``) and whether its
-pipeline runs classifier-free guidance. It builds the denoiser under
-``torch.device("meta")`` and the call a diffusers pipeline makes to it, so
-that :func:`tgate_fx.core.capture.capture_denoiser` can export SD-XL or PixArt in
-seconds on a laptop, and :mod:`tgate_fx.accounting.macs` can count what every T-GATE
-variant costs.
+it), the resolution and text length the T-GATE paper measures it at (for
+FLUX.1-dev, Wan 2.1 T2V 1.3B and HunyuanVideo, which it does not: their
+diffusers pipelines' defaults, frames included), its T-GATE defaults
+(``/work/shared/docs/tgate-reference.md``; none where none is published) and
+whether its pipeline runs classifier-free guidance. It builds the denoiser
+under ``torch.device("meta")`` and the call a diffusers pipeline makes to it,
+so that :func:`tgate_fx.core.capture.capture_denoiser` can export SD-XL,
+PixArt or FLUX.1-dev in seconds on a laptop, and
+:mod:`tgate_fx.accounting.macs` can count what every method's variants cost.
 
 Example::
 
@@ -18,6 +20,8 @@ Example::
     >>> graphs = ArchGraphs(arch)(batch_size=2)     # doctest: +SKIP
     >>> len(graphs.sites)                            # doctest: +SKIP
     140
+    >>> get_arch("wan21_t2v_1_3b").image_tokens     # 21 latent frames of 30 x 52 patches
+    32760
 """
 
 from __future__ import annotations
