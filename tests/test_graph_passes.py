@@ -256,6 +256,39 @@ def test_eliminate_dead_code_keeps_live_nodes_and_side_effects(captured):
     assert toy(torch.zeros(2))[0].tolist() == [1.0, 1.0]
 
 
+def test_eliminate_dead_code_drops_writes_into_a_dead_allocated_tensor():
+    # Wan's rotary embedding: out = empty_like(x); out[..., 0::2] = a; out[..., 1::2] = b. The writes live as long
+    # as out has a live reader; unread, out, its writes and what they read go (they kept whole blocks alive).
+    def toy(read_out: bool, write_input: bool = False):
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        half = graph.call_function(aten.slice.Tensor, (x, 0, 0, 2))
+        a = graph.call_function(aten.mul.Tensor, (half, 2))
+        out = graph.call_function(aten.empty_like.default, (x,))
+        graph.call_function(aten.copy_.default, (graph.call_function(aten.slice.Tensor, (out, 0, 0, None, 2)), a))
+        graph.call_function(aten.copy_.default, (graph.call_function(aten.slice.Tensor, (out, 0, 1, None, 2)), half))
+        if write_input:  # a write into the graph's input is a side effect: it stays
+            first = graph.call_function(aten.slice.Tensor, (a, 0, 0, 1))
+            graph.call_function(aten.copy_.default, (graph.call_function(aten.slice.Tensor, (x, 0, 0, 1)), first))
+        graph.output((graph.call_function(aten.add.Tensor, (out, 1)) if read_out else x,))
+        return fx.GraphModule(torch.nn.Module(), graph)
+
+    x = torch.arange(1.0, 5.0)
+    live = toy(read_out=True)
+    assert not EliminateDeadCode()(live).modified
+    live.recompile()
+    assert live(x.clone())[0].tolist() == [3.0, 2.0, 5.0, 3.0]
+    dead = toy(read_out=False)
+    assert EliminateDeadCode()(dead).modified
+    assert [n.op for n in dead.graph.nodes] == ["placeholder", "output"]
+    side = toy(read_out=False, write_input=True)
+    EliminateDeadCode()(side)
+    assert [n.target for n in side.graph.nodes if n.op == "call_function"] == [
+        aten.slice.Tensor, aten.mul.Tensor, aten.slice.Tensor, aten.slice.Tensor, aten.copy_.default]
+    side.recompile()
+    assert side(x.clone())[0].tolist() == [2.0, 2.0, 3.0, 4.0]  # x[0] = 2 * x[0]
+
+
 def test_remove_unused_inputs_drops_only_placeholders_nothing_reads(captured):
     block, call, capture = captured
     gm = copy_graph_module(capture.graph_module)

@@ -1,13 +1,15 @@
 """Full-size denoiser architectures, built on the ``meta`` device: shapes and graphs, no weights.
 
 Each :class:`Arch` carries a published ``config.json`` (source cited next to
-it), the resolution and text length the T-GATE paper measures it at, its
-T-GATE defaults (``/work/shared/docs/tgate-reference.md``) and whether its
-pipeline runs classifier-free guidance. It builds the denoiser under
-``torch.device("meta")`` and the call a diffusers pipeline makes to it, so
-that :func:`tgate_fx.core.capture.capture_denoiser` can export SD-XL or PixArt in
-seconds on a laptop, and :mod:`tgate_fx.accounting.macs` can count what every T-GATE
-variant costs.
+it), the resolution and text length the T-GATE paper measures it at (for
+FLUX.1-dev, Wan 2.1 T2V 1.3B and HunyuanVideo, which it does not: their
+diffusers pipelines' defaults, frames included), its T-GATE defaults
+(``/work/shared/docs/tgate-reference.md``; none where none is published) and
+whether its pipeline runs classifier-free guidance. It builds the denoiser
+under ``torch.device("meta")`` and the call a diffusers pipeline makes to it,
+so that :func:`tgate_fx.core.capture.capture_denoiser` can export SD-XL,
+PixArt or FLUX.1-dev in seconds on a laptop, and
+:mod:`tgate_fx.accounting.macs` can count what every method's variants cost.
 
 Example::
 
@@ -18,6 +20,8 @@ Example::
     >>> graphs = ArchGraphs(arch)(batch_size=2)     # doctest: +SKIP
     >>> len(graphs.sites)                            # doctest: +SKIP
     140
+    >>> get_arch("wan21_t2v_1_3b").image_tokens     # 21 latent frames of 30 x 52 patches
+    32760
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ from .methods import TGateConfig
 
 __all__ = ["ARCHS", "Arch", "ArchGraphs", "arch_from_pipeline", "get_arch"]
 
-# VAE downsampling of every model here (SD, SD-XL and PixArt VAEs have 4 blocks).
+# VAE downsampling of every model here (SD, SD-XL and PixArt VAEs have 4 blocks; FLUX's, Wan's and
+# HunyuanVideo's also scale by 8), and the video VAEs' temporal compression (Wan, HunyuanVideo: 4).
 _VAE_SCALE = 8
+_VAE_TEMPORAL = 4
+_FAMILIES = ("sd", "sdxl", "pixart", "dit", "flux", "wan", "hunyuanvideo")
+_VIDEO = ("wan", "hunyuanvideo")
 
 # --- published configs ------------------------------------------------------------------
 # Copied key for key from the models' ``config.json`` files. Where the
@@ -237,6 +245,77 @@ DIT_XL_2_256_TRANSFORMER = {
     "use_linear_projection": False,
 }
 
+# black-forest-labs/FLUX.1-dev, transformer/config.json
+# (https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json). The file holds
+# exactly FluxTransformer2DModel's constructor defaults (FLUX.1's 19 double- and 38 single-stream blocks of
+# width 24 x 128) with guidance_embeds on (FLUX.1-dev is guidance-distilled): diffusers'
+# scripts/convert_flux_to_diffusers.py builds FluxTransformer2DModel(in_channels=64, out_channels=None,
+# guidance_embeds=True) for a checkpoint with guidance weights (github:huggingface/diffusers at 58eb52c0).
+FLUX1_DEV_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "out_channels": None,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json
+# (https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json); read through
+# diffusers' scripts/convert_wan_to_diffusers.py, get_transformer_config("Wan-T2V-1.3B")["diffusers_config"],
+# the config that script writes (github:huggingface/diffusers at 58eb52c0). The keys it leaves out take
+# WanTransformer3DModel's defaults, written here: image_dim None (text to video), rope_max_seq_len 1024.
+WAN21_T2V_1_3B_TRANSFORMER = {
+    "_class_name": "WanTransformer3DModel",
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+
+# hunyuanvideo-community/HunyuanVideo, transformer/config.json
+# (https://huggingface.co/hunyuanvideo-community/HunyuanVideo/blob/main/transformer/config.json); read through
+# diffusers' scripts/convert_hunyuan_video_to_diffusers.py, TRANSFORMER_CONFIGS["HYVideo-T/2-cfgdistill"], the
+# config that script writes for the text-to-video checkpoint (github:huggingface/diffusers at 58eb52c0):
+# 20 double- and 40 single-stream blocks of width 24 x 128, a 2-layer token refiner, guidance embedded.
+HUNYUANVIDEO_TRANSFORMER = {
+    "_class_name": "HunyuanVideoTransformer3DModel",
+    "attention_head_dim": 128,
+    "guidance_embeds": True,
+    "image_condition_type": None,
+    "in_channels": 16,
+    "mlp_ratio": 4.0,
+    "num_attention_heads": 24,
+    "num_layers": 20,
+    "num_refiner_layers": 2,
+    "num_single_layers": 40,
+    "out_channels": 16,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "pooled_projection_dim": 768,
+    "qk_norm": "rms_norm",
+    "rope_axes_dim": [16, 56, 56],
+    "rope_theta": 256.0,
+    "text_embed_dim": 4096,
+}
+
 # T-GATE defaults of the published results (tgate-reference.md, "Defaults used in the published results").
 _SD_TGATE = TGateConfig(gate_step=10, sp_interval=5, fi_interval=1, warm_up=2)
 _PIXART_TGATE = TGateConfig(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
@@ -251,15 +330,20 @@ class Arch:
     Attributes:
         name: Registry name, e.g. ``"sdxl"``.
         family: ``"sd"`` (SD 1.x/2.x UNet), ``"sdxl"`` (UNet with text-time
-            conditioning), ``"pixart"`` (PixArt transformer) or ``"dit"`` (class-conditional
-            DiT transformer, no text); decides the call.
-        model_class: ``"UNet2DConditionModel"`` or ``"PixArtTransformer2DModel"``.
+            conditioning), ``"pixart"`` (PixArt transformer), ``"dit"`` (class-conditional
+            DiT transformer, no text), ``"flux"`` (FLUX.1: 2 x 2-packed latent tokens, T5 and
+            pooled CLIP embeddings, positions as ids), ``"wan"`` (Wan 2.1 video) or
+            ``"hunyuanvideo"`` (HunyuanVideo: Llama tokens with their mask, pooled CLIP); decides the call.
+        model_class: The diffusers class, e.g. ``"UNet2DConditionModel"`` or ``"FluxTransformer2DModel"``.
         config: The denoiser's ``config.json`` (excluded from hashing and equality).
         source: Where the config comes from.
         height, width: Image size in pixels.
+        frames: Video frames in pixels (``"wan"``, ``"hunyuanvideo"``: ``4 k + 1``, the VAE keeps the first
+            frame and compresses the others 4 to 1); 1 for images.
         text_tokens: Length of the text-encoder sequence the denoiser attends to.
         num_steps: Denoising steps of the published setting.
-        tgate: T-GATE settings of the published setting.
+        tgate: T-GATE settings of the published setting; ``None`` where none is published (the
+            method is then off unless asked for).
         cfg: Whether the pipeline runs classifier-free guidance (a 2B batch before the gate).
         vae_scale: Pixels per latent pixel.
     """
@@ -273,26 +357,67 @@ class Arch:
     width: int = 1024
     text_tokens: int = 77
     num_steps: int = 25
-    tgate: TGateConfig = _SD_TGATE
+    tgate: TGateConfig | None = _SD_TGATE
     cfg: bool = True
     vae_scale: int = _VAE_SCALE
+    frames: int = 1
 
     def __post_init__(self) -> None:
-        if self.family not in ("sd", "sdxl", "pixart", "dit"):
-            raise ValueError(f"family must be 'sd', 'sdxl', 'pixart' or 'dit', got {self.family!r}")
+        if self.family not in _FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(map(repr, _FAMILIES))}, got {self.family!r}")
+        for name in ("height", "width", "frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        multiple = self.vae_scale * self.latent_patch
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value % self.vae_scale:
-                raise ValueError(f"{name}={value} is not a multiple of the VAE scale {self.vae_scale}")
+            if value % multiple:
+                what = "the VAE scale" if self.latent_patch == 1 else \
+                    f"the VAE scale {self.vae_scale} times the {self.latent_patch} x {self.latent_patch} patch"
+                raise ValueError(f"{name}={value} is not a multiple of {multiple} ({what})")
+        if self.family in _VIDEO:
+            if (self.frames - 1) % _VAE_TEMPORAL:
+                raise ValueError(f"frames={self.frames} is not 4 k + 1 (the video VAE keeps the first frame and "
+                                 f"compresses the others {_VAE_TEMPORAL} to 1), e.g. 81 or 129")
+        elif self.frames != 1:
+            raise ValueError(f"frames={self.frames} given for the image architecture {self.name!r}; only "
+                             f"{', '.join(_VIDEO)} take frames")
 
-    def with_size(self, height: int | None = None, width: int | None = None) -> "Arch":
-        """The same architecture at another image size."""
-        return replace(self, height=height or self.height, width=width or self.width)
+    def with_size(self, height: int | None = None, width: int | None = None, frames: int | None = None) -> "Arch":
+        """The same architecture at another image size (and, for video, another number of frames)."""
+        return replace(self, height=height or self.height, width=width or self.width, frames=frames or self.frames)
+
+    @property
+    def latent_patch(self) -> int:
+        """Latent pixels per token side: FLUX's pipeline packs 2 x 2 latents into a token; Wan and HunyuanVideo
+        patch them by their config's (spatial) patch size (2 in the published configs); 1 elsewhere."""
+        if self.family == "flux":
+            return 2
+        if self.family == "wan":
+            return int(self.config["patch_size"][-1])
+        if self.family == "hunyuanvideo":
+            return int(self.config["patch_size"])
+        return 1
+
+    @property
+    def latent_frames(self) -> int:
+        """Frames of the latent video (1 for images)."""
+        return (self.frames - 1) // _VAE_TEMPORAL + 1 if self.family in _VIDEO else 1
+
+    @property
+    def image_tokens(self) -> int:
+        """Image (or video) tokens of the transformer families (latent frames x the latent grid in patches)."""
+        side = self.vae_scale * self.latent_patch
+        temporal = {"wan": lambda: int(self.config["patch_size"][0]),
+                    "hunyuanvideo": lambda: int(self.config["patch_size_t"])}.get(self.family, lambda: 1)()
+        return -(-self.latent_frames // temporal) * (self.height // side) * (self.width // side)
 
     @property
     def text_dim(self) -> int:
         """Width of the text embeddings the pipeline feeds the denoiser."""
-        key = "caption_channels" if self.family == "pixart" else "cross_attention_dim"
+        key = {"pixart": "caption_channels", "flux": "joint_attention_dim", "wan": "text_dim",
+               "hunyuanvideo": "text_embed_dim"}.get(self.family, "cross_attention_dim")
         return int(self.config[key])
 
     def build_denoiser(self, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
@@ -328,6 +453,10 @@ class Arch:
         def t(*shape, dt=dtype):
             return torch.empty(*shape, device=device, dtype=dt)
 
+        if self.family == "flux":
+            return self._flux_call(b, t)
+        if self.family in _VIDEO:
+            return self._video_call(b, t)
         if self.family == "dit":
             # DiTPipeline expands the step's timestep over the batch and passes class labels, no text.
             return {"hidden_states": t(b, c, h, w), "timestep": t(b, dt=torch.int64),
@@ -353,6 +482,32 @@ class Arch:
             call["added_cond_kwargs"] = {"text_embeds": t(b, pooled), "time_ids": t(b, time_ids)}
         return call
 
+    def _flux_call(self, b: int, t: Callable) -> dict[str, Any]:
+        # FluxPipeline: latents packed 2 x 2 into (B, tokens, 4 C); the step's timestep / 1000 and the
+        # guidance scale expanded over the batch (guidance only for a guidance-distilled model); positions as
+        # (tokens, 3) ids, shared by the batch; text from T5 (max_sequence_length) and a pooled CLIP vector.
+        call = {"hidden_states": t(b, self.image_tokens, int(self.config["in_channels"])),
+                "encoder_hidden_states": t(b, self.text_tokens, self.text_dim),
+                "pooled_projections": t(b, int(self.config["pooled_projection_dim"])),
+                "timestep": t(b), "img_ids": t(self.image_tokens, 3), "txt_ids": t(self.text_tokens, 3),
+                "guidance": t(b) if self.config.get("guidance_embeds") else None,
+                "joint_attention_kwargs": None}
+        return call
+
+    def _video_call(self, b: int, t: Callable) -> dict[str, Any]:
+        # WanPipeline and HunyuanVideoPipeline: latents (B, C, latent frames, h, w) and the step's timestep
+        # expanded over the batch. Wan passes the UMT5 tokens (padded to max_sequence_length, no mask);
+        # HunyuanVideo the Llama tokens with their mask (in the model's dtype), a pooled CLIP vector and the
+        # embedded guidance scale (guidance-distilled: one call a step, no CFG).
+        h, w = self.height // self.vae_scale, self.width // self.vae_scale
+        call = {"hidden_states": t(b, int(self.config["in_channels"]), self.latent_frames, h, w), "timestep": t(b),
+                "encoder_hidden_states": t(b, self.text_tokens, self.text_dim)}
+        if self.family == "wan":
+            return {**call, "attention_kwargs": None}
+        return {**call, "encoder_attention_mask": t(b, self.text_tokens),
+                "pooled_projections": t(b, int(self.config["pooled_projection_dim"])),
+                "guidance": t(b) if self.config.get("guidance_embeds") else None, "attention_kwargs": None}
+
     def capture(self, batch_size: int) -> CapturedGraphs:
         """Export the meta-device denoiser at ``batch_size`` and find its attention sites."""
         denoiser = self.build_denoiser()
@@ -362,7 +517,12 @@ class Arch:
     def describe(self) -> str:
         """One line: name, class, size, text length, CFG."""
         text = "class labels" if self.family == "dit" else f"{self.text_tokens} text tokens"
-        return f"{self.name}: {self.model_class}, {self.height}x{self.width}, {text}, CFG {'on' if self.cfg else 'off'}"
+        size = f"{self.height}x{self.width}"
+        if self.family in _VIDEO:
+            size += f", {self.frames} frames ({self.latent_frames} latent)"
+        if self.family in ("flux", *_VIDEO):
+            size += f", {self.image_tokens} image tokens"
+        return f"{self.name}: {self.model_class}, {size}, {text}, CFG {'on' if self.cfg else 'off'}"
 
 
 def _pixart_size_conditions(config: dict) -> bool:
@@ -393,6 +553,20 @@ ARCHS: dict[str, Arch] = {
         # ToCa's DiT setting: DDIM 50 steps with CFG (T-GATE does not apply: DiT has no cross-attention).
         Arch("dit_xl_2", "dit", "DiTTransformer2DModel", DIT_XL_2_256_TRANSFORMER,
              "facebook/DiT-XL-2-256 transformer/config.json", height=256, width=256, text_tokens=0, num_steps=50),
+        # The pipelines' defaults (diffusers 0.42: FluxPipeline, WanPipeline, HunyuanVideoPipeline): FLUX.1-dev
+        # 28 steps, 512 T5 tokens, guidance distilled (no CFG); Wan 2.1 480p (832 x 480, 81 frames), 50 steps,
+        # 512 UMT5 tokens, CFG (guidance 5.0, two denoiser calls a step: counted as the CFG batch, the same
+        # MACs); HunyuanVideo 720p (1280 x 720, 129 frames), 50 steps, 256 Llama tokens, guidance embedded (no
+        # CFG). None of them has a published T-GATE setting.
+        Arch("flux_dev", "flux", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER,
+             "black-forest-labs/FLUX.1-dev transformer/config.json", text_tokens=512, num_steps=28, tgate=None,
+             cfg=False),
+        Arch("wan21_t2v_1_3b", "wan", "WanTransformer3DModel", WAN21_T2V_1_3B_TRANSFORMER,
+             "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json", height=480, width=832, frames=81,
+             text_tokens=512, num_steps=50, tgate=None),
+        Arch("hunyuanvideo", "hunyuanvideo", "HunyuanVideoTransformer3DModel", HUNYUANVIDEO_TRANSFORMER,
+             "hunyuanvideo-community/HunyuanVideo transformer/config.json", height=720, width=1280, frames=129,
+             text_tokens=256, num_steps=50, tgate=None, cfg=False),
     ]
 }
 
@@ -481,8 +655,11 @@ class ArchGraphs:
                 self._captures = BatchCaptures(denoiser, next(iter(inspect.signature(denoiser.forward).parameters)))
             capture = self._captures(self.arch.make_call(batch_size))
             self._by_batch[batch_size] = graphs = CapturedGraphs.from_capture(capture)
-            self.progress(f"  {len(graphs.capture.graph_module.graph.nodes)} nodes, {len(graphs.sites)} attention "
-                          f"sites, {time.perf_counter() - start:.1f}s")
+            regions = graphs.regions  # .sites refuses a graph with unreadable sites (HunyuanVideo's joint attention)
+            unread = f" (and {len(regions.unreadable)} attention modules of another structure)" \
+                if regions.unreadable else ""
+            self.progress(f"  {len(graphs.capture.graph_module.graph.nodes)} nodes, {len(regions.sites)} attention "
+                          f"sites{unread}, {time.perf_counter() - start:.1f}s")
         return self._by_batch[batch_size]
 
     @property

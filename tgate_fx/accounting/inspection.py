@@ -277,6 +277,8 @@ def inspect_arch(arch: Any, plan: Plan | None = None, *, batch_size: int = 1, in
     arch = get_arch(arch) if isinstance(arch, str) else arch
     if not isinstance(arch, Arch):
         raise TypeError(f"arch must be an architecture name or an Arch, got {type(arch).__name__}")
+    if plan is None and arch.tgate is None:
+        raise ValueError(f"{arch.name} has no published T-GATE setting to inspect by default; pass a plan")
     plan = plan if plan is not None else Plan(arch.num_steps, arch.tgate, cfg=arch.cfg)
     graphs = graphs if graphs is not None else ArchGraphs(arch)
     return Inspection(f"{arch.describe()}\nconfig: {arch.source}", graphs, plan, batch_size=batch_size,

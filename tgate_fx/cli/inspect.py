@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local diffusers pipeline directory, or tiny-sd / tiny-<family> (tgate_fx.tiny)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=int, help="video frames, 4 k + 1 (video architectures with --arch)")
     add_plan_arguments(parser)
     parser.add_argument("--graph", metavar="VARIANT", help="print this variant's graph code only")
     parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print the nodes variant A has and B lacks, "
@@ -53,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.arch:
-            arch = get_arch(args.arch).with_size(args.height, args.width)
+            arch = get_arch(args.arch).with_size(args.height, args.width, args.frames)
         else:
+            if args.frames is not None:
+                raise ValueError("--frames is for --arch video architectures")
             arch = replace(arch_from_pipeline(load_model(args.model)[0], height=args.height, width=args.width),
                            source=args.model)
         plan = plan_from_args(args, arch)

@@ -17,6 +17,14 @@ Example::
     tgate-fx macs --arch sd15 --height 2048 --width 2048 --todo --no-tgate --factor auto --include-attention
     tgate-fx macs --arch pixart_alpha --toca --no-tgate --height 512 --width 512 --steps 20
     tgate-fx macs --arch dit_xl_2 --toca --no-tgate
+    tgate-fx macs --arch flux_dev --toca --include-attention
+    tgate-fx macs --arch flux_dev --toca --interval 5 --steps 50 --include-attention
+    tgate-fx macs --arch flux_dev --gate-step 10 --blockcache --fora-interval 3
+    tgate-fx macs --arch wan21_t2v_1_3b --blockcache --fora-interval 3 --frames 81
+    tgate-fx macs --arch hunyuanvideo --toca --blockcache --fora-interval 3
+
+An architecture with no published T-GATE setting (``flux_dev``,
+``wan21_t2v_1_3b``, ``hunyuanvideo``) has no method on by default: name one.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, help="denoising steps")
     group.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     group.add_argument("--include-attention", action="store_true",
-                       help="also count the SDPA core (Q K^T, A V); the paper's figures do not")
-    add_method_arguments(parser, notes={"tgate": "settings default to the architecture's published ones"})
+                       help="also count the SDPA core (Q K^T, A V); T-GATE's figures do not, ToCa's do")
+    add_method_arguments(parser, notes={"tgate": "settings default to the architecture's published ones; off "
+                                                 "by default where it has none"})
 
 
 def plan_from_args(args: argparse.Namespace, arch):
@@ -46,9 +55,14 @@ def plan_from_args(args: argparse.Namespace, arch):
 
     from ..methods import as_methods
 
-    methods = methods_from_args(args, {"tgate": arch.tgate})
+    methods = methods_from_args(args, {"tgate": arch.tgate} if arch.tgate is not None else {})
     if not methods:
-        raise ValueError("no method is on: keep T-GATE or add --deepcache")
+        from ..methods import METHODS
+
+        flags = ", ".join("--" + name.replace("_", "-") for name in METHODS)
+        raise ValueError(f"no method is on for {arch.name}: add one of {flags}"
+                         + ("" if arch.tgate is not None else " (it has no published T-GATE setting, so T-GATE "
+                                                               "is not on by default)"))
     denoiser = arch.build_denoiser()  # on the meta device: each method checks it and fills what it derives
     methods = [m.bind(denoiser) for m in as_methods(methods)]  # from it (ToCa's family defaults), as optimize does
     return Plan(args.steps if args.steps is not None else arch.num_steps, methods, cfg=arch.cfg)
@@ -61,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, choices=list(ARCHS), help="full-size architecture")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the architecture's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the architecture's)")
+    parser.add_argument("--frames", type=int, help="video frames, 4 k + 1 (video architectures; default: the "
+                                                    "architecture's, e.g. 81 for wan21_t2v_1_3b)")
     add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (baseline_macs, optimized_macs, per_method, phases, steps, ...)")
@@ -73,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.plan import Plan
 
     try:
-        arch = get_arch(args.arch).with_size(args.height, args.width)
+        arch = get_arch(args.arch).with_size(args.height, args.width, args.frames)
         plan = plan_from_args(args, arch)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -100,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         per_method["+".join(m.name for m in plan.methods)] = result.total
     if args.json:
         print(json.dumps({"arch": arch.name, "source": arch.source, "height": arch.height, "width": arch.width,
-                          "text_tokens": arch.text_tokens, **result.to_dict(),
+                          "frames": arch.frames, "text_tokens": arch.text_tokens, **result.to_dict(),
                           **({"per_method": per_method} if per_method else {}),
                           **({"attention_core": core} if core else {})}))
     else:
