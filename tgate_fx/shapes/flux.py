@@ -49,8 +49,8 @@ import torch
 
 from .model import LATENT_CHANNELS, LATENT_SIZE, MAX_LENGTH
 
-__all__ = ["make_pipeline", "make_scheduler", "make_text_encoders", "make_tokenizers", "make_transformer",
-           "pack_latents", "latent_image_ids", "text_ids"]
+__all__ = ["latent_image_ids", "make_pipeline", "make_scheduler", "make_text_encoders", "make_tokenizers",
+           "make_transformer", "noisy_latents", "pack_latents", "text_ids", "velocity"]
 
 TEXT_WIDTH = 64
 
@@ -100,6 +100,17 @@ def make_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t noise`` for per-sample ``t`` in [0, 1] (the scheduler's sigma, its timestep / 1000)."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The training target ``d x_t / d t = noise - x0``, which FlowMatchEulerDiscreteScheduler integrates."""
+    return noise - x0
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -304,9 +304,9 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
             # sigma = t, x_t = (1 - t) x0 + t noise, velocity dx_t/dt = noise - x0.
             t = torch.rand(batch_size, generator=g)
             noise = torch.randn(x0.shape, generator=g)
-            noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+            noisy = flux.noisy_latents(x0, noise, t)
             prediction = forward(denoiser, text_encoder, noisy, t, tokens, None, tokens_2)
-            per_sample = (prediction - flux.pack_latents(noise - x0)).pow(2).mean((1, 2))
+            per_sample = (prediction - flux.pack_latents(flux.velocity(x0, noise))).pow(2).mean((1, 2))
             loss = per_sample.mean()
         else:
             t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=g)
