@@ -17,7 +17,15 @@
 * :mod:`tgate_fx.shapes.evaluator`: a classifier that reads the attributes
   back from a picture, for text-alignment accuracy and a Fréchet distance.
 
-The shipped pipeline draws 32x32 pictures of captions such as
+The shipped FLUX testbed (:func:`load_flux_pipeline`) was trained by
+``python -m tgate_fx.shapes.train --model flux --out DIR --steps 10000 --lr 6e-4
+--checkpoint-every 2500 --threads 1 --vae-from tgate_fx/assets/shapes_dit/pipeline/vae
+--decoder-steps 0`` (46 min on one thread); at 20 Euler steps and true CFG 4.0
+the evaluator reads every attribute right on all 315 seen-caption and 180
+held-out-caption pictures (``python -m tgate_fx.shapes.evaluate --flux``;
+docs/quality.md has every testbed's figures).
+
+The shipped pipelines draw 32x32 pictures of captions such as
 ``"a red circle in the top left on a blue background"`` (see
 :func:`tgate_fx.shapes.data.combinations` for every valid caption).
 

@@ -43,6 +43,8 @@ predicts the velocity ``noise - x0``), integrated by
 
 Call it with ``height=width=32``, ``max_sequence_length=16`` (T5 pads to it)
 and true CFG; see :func:`tgate_fx.shapes.evaluate.call_kwargs`.
+The shipped weights (:func:`tgate_fx.shapes.load_flux_pipeline`) and how they
+were trained: ``tgate_fx/assets/shapes_flux/pipeline/training_log.json``.
 """
 
 from __future__ import annotations
