@@ -2,12 +2,14 @@
 
     python -m tgate_fx.shapes.evaluate                         # the shipped UNet pipeline
     python -m tgate_fx.shapes.evaluate --dit                   # the shipped DiT pipeline
+    python -m tgate_fx.shapes.evaluate --flux                  # the shipped FLUX pipeline
     python -m tgate_fx.shapes.evaluate --pipeline DIR --curve change.png
 
 * :func:`baseline_accuracy`: generate pictures of seen (``"train"``) or
   held-out captions with the model's conventional settings
   (:func:`call_kwargs`: 25 steps and guidance 7.5 for the UNet, 20 steps and
-  guidance 4.5 for PixArt) and read them back with the shipped evaluator;
+  guidance 4.5 for PixArt, 20 Euler steps and true CFG 4.0 for FLUX) and read
+  them back with the shipped evaluator;
 * :func:`attention_change`: the mean relative change
   ``||A_t - A_{t-1}|| / ||A_{t-1}||`` of every self-attention (``attn1``) and
   cross-attention (``attn2``) output between consecutive denoising steps, the
@@ -34,12 +36,28 @@ def denoiser_of(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def _is_flux(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "transformer", None) is not None
+
+
 def call_kwargs(pipe, steps: int | None = None, guidance: float | None = None) -> dict:
-    """The conventional call settings of the pipeline's family."""
+    """The conventional call settings of the pipeline's family.
+
+    ``guidance`` is ``guidance_scale`` for the UNet and PixArt, and
+    ``true_cfg_scale`` for FLUX (true classifier-free guidance against the
+    empty caption; the shapes FLUX transformer has no guidance embedding).
+    """
+    if _is_flux(pipe):
+        return {"num_inference_steps": steps or 20, "true_cfg_scale": 4.0 if guidance is None else guidance,
+                "negative_prompt": "", "height": 32, "width": 32, "max_sequence_length": 16}
     if getattr(pipe, "transformer", None) is not None:  # PixArt
         return {"num_inference_steps": steps or 20, "guidance_scale": 4.5 if guidance is None else guidance,
                 "clean_caption": False, "use_resolution_binning": False, "max_sequence_length": 16}
     return {"num_inference_steps": steps or 25, "guidance_scale": 7.5 if guidance is None else guidance}
+
+
+def _sampler_name(pipe) -> str:
+    return "flow-matching Euler" if _is_flux(pipe) else "DPM-Solver++"
 
 
 def _combos(split: str, every: int, per_combo: int) -> list[data.Combo]:
@@ -116,6 +134,9 @@ def attention_change(pipe, combos: list[data.Combo] | None = None, *, seed: int 
     mean runs over attention sites, pictures and CFG halves. Returns
     ``{"cross": [(step, change), ...], "self": [...], "sites": n}``.
     """
+    if _is_flux(pipe):
+        raise ValueError("attention_change measures attn1/attn2 of the UNet and PixArt testbeds; FluxPipeline's "
+                         "blocks have one joint attention and true CFG calls the transformer twice per step")
     combos = combos or data.combinations("held_out")
     net = denoiser_of(pipe)
     recorders = {"cross": ChangeRecorder(net, "attn2"), "self": ChangeRecorder(net, "attn1")}
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", default=None, help="pipeline directory (default: the shipped one)")
     parser.add_argument("--dit", action="store_true", help="the shipped DiT (PixArt) pipeline")
+    parser.add_argument("--flux", action="store_true", help="the shipped FLUX pipeline")
     parser.add_argument("--seen-every", type=int, default=1, help="every N-th of the 315 seen captions")
     parser.add_argument("--seen-per-combo", type=int, default=1)
     parser.add_argument("--held-out-per-combo", type=int, default=4, help="pictures of each of the 45 held-out captions")
@@ -165,14 +187,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", default=None, help="write the figures to this Markdown file")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.dit and args.flux:
+        parser.error("--dit and --flux name different shipped pipelines; give one")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import load_dit_pipeline, load_pipeline
+    from . import load_dit_pipeline, load_flux_pipeline, load_pipeline
 
-    pipe = (load_dit_pipeline if args.dit else load_pipeline)(path=args.pipeline)
+    pipe = (load_dit_pipeline if args.dit else load_flux_pipeline if args.flux else load_pipeline)(path=args.pipeline)
     kw = {k: v for k, v in call_kwargs(pipe, args.steps, args.guidance).items()}
     clf = evaluator.load_evaluator()
-    result: dict = {"pipeline": type(pipe).__name__, "settings": {k: kw[k] for k in ("num_inference_steps", "guidance_scale")}}
+    guidance_key = "true_cfg_scale" if _is_flux(pipe) else "guidance_scale"
+    result: dict = {"pipeline": type(pipe).__name__,
+                    "settings": {"num_inference_steps": kw["num_inference_steps"], "guidance_scale": kw[guidance_key],
+                                 "sampler": _sampler_name(pipe)}}
     start = time.time()
     for split, every, per_combo in (("train", args.seen_every, args.seen_per_combo),
                                     ("held_out", 1, args.held_out_per_combo)):
@@ -183,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.curve:
         curves = attention_change(pipe, seed=args.seed, **kw)
         result["attention_change"] = curves
-        name = "PixArt DiT" if getattr(pipe, "transformer", None) is not None else "UNet"
+        name = ("FLUX" if _is_flux(pipe) else "PixArt DiT" if getattr(pipe, "transformer", None) is not None
+                else "UNet")
         plot_change(curves, args.curve, f"Attention output change per step (shapes {name}, "
-                    f"{kw['num_inference_steps']} DPM-Solver++ steps, CFG {kw['guidance_scale']})")
+                    f"{kw['num_inference_steps']} {_sampler_name(pipe)} steps, CFG {kw[guidance_key]})")
         print(f"wrote {args.curve}")
     result["seconds"] = round(time.time() - start, 1)
     if args.json:
@@ -209,7 +237,8 @@ def _markdown(result: dict, args, argv: list[str]) -> str:
         f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}).",
         "",
-        f"{settings['num_inference_steps']} DPM-Solver++ steps, guidance {settings['guidance_scale']}; "
+        f"{settings['num_inference_steps']} {settings['sampler']} steps, "
+        f"{'true CFG' if result['pipeline'].startswith('Flux') else 'guidance'} {settings['guidance_scale']}; "
         "picture i from seed i. Accuracy: % of generated pictures whose attribute, read by the shipped "
         "evaluator (`tgate_fx.shapes.evaluator`), equals the caption's.",
         "",

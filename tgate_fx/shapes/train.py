@@ -2,6 +2,7 @@
 
     python -m tgate_fx.shapes.train --out DIR                  # UNet: StableDiffusionPipeline
     python -m tgate_fx.shapes.train --out DIR --model dit      # DiT: PixArtAlphaPipeline
+    python -m tgate_fx.shapes.train --out DIR --model flux --vae-from VAE_DIR --decoder-steps 0  # FluxPipeline
 
 Stages (progress is printed as it goes):
 
@@ -16,7 +17,15 @@ Stages (progress is printed as it goes):
    encoder + PixArt transformer, :mod:`tgate_fx.shapes.dit`) on the
    v-prediction objective over the scheduler's ``linear`` betas, with an EMA
    of the weights and caption dropout (an empty caption 10% of the time) so
-   that classifier-free guidance works. The v loss is not reweighted
+   that classifier-free guidance works. ``--model flux`` (CLIP and T5
+   encoders + FLUX transformer, :mod:`tgate_fx.shapes.flux`) trains on
+   FLUX's rectified-flow objective instead: ``t`` uniform in [0, 1],
+   ``x_t = (1 - t) x0 + t noise``, the target the velocity ``noise - x0``,
+   the transformer called as FluxPipeline calls it (latents packed into 2x2
+   patches, ``timestep`` = ``t``, i.e. the scheduler's timestep / 1000, the
+   pipeline's text and image RoPE ids, no T5 padding mask, both captions
+   dropped together), with the same EMA and caption dropout (for true CFG
+   with ``negative_prompt=""``). The v loss is not reweighted
    (``--loss-weight uniform``, the default): at high noise it is close to a
    loss on the picture, and the first sampling steps, where the shape's place
    and outline are decided, get their share of training. min-SNR weighting
@@ -28,7 +37,8 @@ Stages (progress is printed as it goes):
 4. write the pipeline (EMA weights) with ``save_pretrained`` to ``DIR``, plus
    ``training_log.json`` (settings, losses, checkpoint accuracies, times) and
    ``training_samples.png`` (a few held-out captions at the family's usual
-   settings: 25 steps and guidance 7.5 for the UNet, 20 steps and 4.5 for PixArt).
+   settings: 25 steps and guidance 7.5 for the UNet, 20 steps and 4.5 for
+   PixArt, 20 steps and true CFG 4.0 for FLUX).
 
 Everything is seeded: the same command on the same machine and thread count
 writes the same weights. How the shipped weights were made, and how long it
@@ -81,6 +91,17 @@ def _lr_lambda(total: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return factor
+
+
+class _FluxText(torch.nn.Module):
+    """FLUX's two text encoders trained as one module: the CLIP pooled output and the T5 token states."""
+
+    def __init__(self, clip, t5):
+        super().__init__()
+        self.clip, self.t5 = clip, t5
+
+    def forward(self, ids: torch.Tensor, ids_2: torch.Tensor):
+        return self.clip(ids).pooler_output, self.t5(ids_2)[0]
 
 
 def _train_vae(images: torch.Tensor, *, steps: int, batch_size: int, seed: int, log: dict):
@@ -182,11 +203,16 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
                     denoiser_kwargs: dict | None = None, init_from: str | os.PathLike | None = None):
     """Train a text encoder and a denoiser together; returns their EMA copies.
 
-    ``kind``: ``"unet"`` (CLIP text encoder + UNet2DConditionModel) or ``"dit"``
-    (T5 encoder + PixArtTransformer2DModel, see :mod:`tgate_fx.shapes.dit`).
+    ``kind``: ``"unet"`` (CLIP text encoder + UNet2DConditionModel), ``"dit"``
+    (T5 encoder + PixArtTransformer2DModel, see :mod:`tgate_fx.shapes.dit`) or
+    ``"flux"`` (CLIP and T5 encoders + FluxTransformer2DModel, see
+    :mod:`tgate_fx.shapes.flux`; ``tokenizer`` is then the pair
+    ``(tokenizer, tokenizer_2)`` and the text encoder returned a module with
+    both, ``.clip`` and ``.t5``).
     ``checkpoint(step, text_encoder, denoiser)`` is called with the EMA weights
     every ``checkpoint_every`` steps. ``denoiser_kwargs`` go to
-    :func:`tgate_fx.shapes.model.make_unet` or :func:`tgate_fx.shapes.dit.make_transformer`.
+    :func:`tgate_fx.shapes.model.make_unet`, :func:`tgate_fx.shapes.dit.make_transformer`
+    or :func:`tgate_fx.shapes.flux.make_transformer`.
     ``init_from``: a pipeline directory whose text encoder and denoiser to
     start from, instead of random weights (to train a shipped model further).
     """
@@ -202,16 +228,34 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
         text_encoder = dit.make_text_encoder(tokenizer, seed=seed + 1)
         denoiser = dit.make_transformer(seed=seed + 2, **(denoiser_kwargs or {}))
         scheduler_config = dit.make_scheduler().config
-    else:
-        raise ValueError(f"kind must be 'unet' or 'dit', got {kind!r}")
-    if init_from is not None:
-        text_encoder = type(text_encoder).from_pretrained(Path(init_from) / "text_encoder")
-        denoiser = type(denoiser).from_pretrained(Path(init_from) / ("unet" if kind == "unet" else "transformer"))
-    noise_schedule = DDPMScheduler.from_config(scheduler_config)
-    v_prediction = noise_schedule.config.prediction_type == "v_prediction"
-    weights = _loss_weights(noise_schedule, loss_weight)
+    elif kind == "flux":
+        from . import flux
 
-    if kind == "unet":
+        if loss_weight != "uniform":
+            raise ValueError(f"--model flux trains rectified flow with loss_weight 'uniform' only, got {loss_weight!r}")
+        text_encoder = _FluxText(*flux.make_text_encoders(*tokenizer, seed=seed + 1))
+        denoiser = flux.make_transformer(seed=seed + 2, **(denoiser_kwargs or {}))
+    else:
+        raise ValueError(f"kind must be 'unet', 'dit' or 'flux', got {kind!r}")
+    if init_from is not None:
+        if kind == "flux":
+            text_encoder = _FluxText(type(text_encoder.clip).from_pretrained(Path(init_from) / "text_encoder"),
+                                     type(text_encoder.t5).from_pretrained(Path(init_from) / "text_encoder_2"))
+        else:
+            text_encoder = type(text_encoder).from_pretrained(Path(init_from) / "text_encoder")
+        denoiser = type(denoiser).from_pretrained(Path(init_from) / ("unet" if kind == "unet" else "transformer"))
+    if kind != "flux":
+        noise_schedule = DDPMScheduler.from_config(scheduler_config)
+        v_prediction = noise_schedule.config.prediction_type == "v_prediction"
+        weights = _loss_weights(noise_schedule, loss_weight)
+
+    ids_2 = empty_2 = None
+    if kind == "flux":
+        ids, ids_2 = (_tokenize(tok, captions) for tok in tokenizer)
+        empty, empty_2 = (_tokenize(tok, [""])[0] for tok in tokenizer)
+        masks = empty_mask = None
+        img_ids, txt_ids = flux.latent_image_ids(), flux.text_ids()
+    elif kind == "unet":
         ids = _tokenize(tokenizer, captions)
         empty = _tokenize(tokenizer, [""])[0]
         masks = empty_mask = None
@@ -222,7 +266,11 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
         enc = tokenizer([""], padding="max_length", max_length=model.MAX_LENGTH, return_tensors="pt")
         empty, empty_mask = enc.input_ids[0], enc.attention_mask[0]
 
-    def forward(net, te, noisy, t, tokens, mask):
+    def forward(net, te, noisy, t, tokens, mask, tokens_2=None):
+        if kind == "flux":
+            pooled, states = te(tokens, tokens_2)
+            return net(hidden_states=flux.pack_latents(noisy), timestep=t, pooled_projections=pooled,
+                       encoder_hidden_states=states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         if kind == "unet":
             return net(noisy, t, te(tokens)[0]).sample
         states = te(tokens, attention_mask=mask)[0]
@@ -245,17 +293,29 @@ def _train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, *, st
         tokens = ids[idx].clone()
         drop = torch.rand(batch_size, generator=g) < CAPTION_DROPOUT
         tokens[drop] = empty
-        mask = None
+        mask = tokens_2 = None
         if masks is not None:
             mask = masks[idx].clone()
             mask[drop] = empty_mask
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        noisy = noise_schedule.add_noise(x0, noise, t)
-        prediction = forward(denoiser, text_encoder, noisy, t, tokens, mask)
-        target = noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
-        per_sample = (prediction - target).pow(2).mean((1, 2, 3))
-        loss = (per_sample * weights[t]).mean()
+        if kind == "flux":
+            tokens_2 = ids_2[idx].clone()
+            tokens_2[drop] = empty_2
+            # Rectified flow, as FlowMatchEulerDiscreteScheduler integrates it:
+            # sigma = t, x_t = (1 - t) x0 + t noise, velocity dx_t/dt = noise - x0.
+            t = torch.rand(batch_size, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            noisy = flux.noisy_latents(x0, noise, t)
+            prediction = forward(denoiser, text_encoder, noisy, t, tokens, None, tokens_2)
+            per_sample = (prediction - flux.pack_latents(flux.velocity(x0, noise))).pow(2).mean((1, 2))
+            loss = per_sample.mean()
+        else:
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            noisy = noise_schedule.add_noise(x0, noise, t)
+            prediction = forward(denoiser, text_encoder, noisy, t, tokens, mask)
+            target = noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
+            per_sample = (prediction - target).pow(2).mean((1, 2, 3))
+            loss = (per_sample * weights[t]).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -291,6 +351,10 @@ def _sample_grid(pipe, path: Path, seed: int) -> None:
 def _build_pipeline(kind: str, vae, text_encoder, tokenizer, denoiser):
     if kind == "unet":
         return model.make_pipeline(vae, text_encoder, tokenizer, denoiser)
+    if kind == "flux":
+        from . import flux
+
+        return flux.make_pipeline(vae, text_encoder.clip, tokenizer[0], text_encoder.t5, tokenizer[1], denoiser)
     from . import dit
 
     return dit.make_pipeline(vae, text_encoder, tokenizer, denoiser)
@@ -331,6 +395,9 @@ def train(out: str | os.PathLike, *, seed: int = 0, n_images: int = 20000, vae_s
     latents = _encode(vae, train_set.images)
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
+    if kind == "flux":
+        # FluxPipeline decodes latents / scaling_factor + shift_factor.
+        vae.register_to_config(shift_factor=0.0)
     log["vae_seconds"] = round(time.time() - t, 1)
     log["vae_scaling_factor"] = scaling
     # Written now so that the VAE can be checked (or reused with --vae-from)
@@ -343,8 +410,16 @@ def train(out: str | os.PathLike, *, seed: int = 0, n_images: int = 20000, vae_s
         return out
 
     t = time.time()
-    tokenizer = model.make_tokenizer() if kind == "unet" else __import__(
-        "tgate_fx.shapes.dit", fromlist=["make_tokenizer"]).make_tokenizer()
+    if kind == "unet":
+        tokenizer = model.make_tokenizer()
+    elif kind == "flux":
+        from . import flux
+
+        tokenizer = flux.make_tokenizers()
+    else:
+        from . import dit
+
+        tokenizer = dit.make_tokenizer()
     log["checkpoints"] = []
 
     def checkpoint(step, text_encoder, denoiser):
@@ -393,8 +468,8 @@ def _fmt(accuracy: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the shapes text-to-image pipeline.")
     parser.add_argument("--out", required=True, help="directory to write the pipeline to")
-    parser.add_argument("--model", choices=("unet", "dit"), default="unet",
-                        help="unet: StableDiffusionPipeline (default); dit: PixArtAlphaPipeline")
+    parser.add_argument("--model", choices=("unet", "dit", "flux"), default="unet",
+                        help="unet: StableDiffusionPipeline (default); dit: PixArtAlphaPipeline; flux: FluxPipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=20000, help="training pictures rendered")
     parser.add_argument("--vae-steps", type=int, default=1000)
@@ -413,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="UNet block_out_channels, comma-separated (default: 32,64,64)")
     parser.add_argument("--dit-width", type=int, default=None, help="PixArt transformer width (default: 128)")
     parser.add_argument("--dit-layers", type=int, default=None, help="PixArt transformer blocks (default: 8)")
+    parser.add_argument("--flux-width", type=int, default=None, help="FLUX transformer width (default: 128)")
+    parser.add_argument("--flux-layers", default=None,
+                        help="FLUX double-stream and single-stream blocks, D,S (default: 3,3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vae-from", default=None, help="reuse the VAE of a trained pipeline's vae/ folder")
     parser.add_argument("--init-from", default=None,
@@ -427,8 +505,18 @@ def main(argv: list[str] | None = None) -> None:
         denoiser_kwargs["width"] = args.dit_width
     if args.dit_layers:
         denoiser_kwargs["layers"] = args.dit_layers
-    if args.unet_channels and args.model != "unet" or (args.dit_width or args.dit_layers) and args.model != "dit":
-        parser.error("--unet-channels is for --model unet; --dit-width/--dit-layers for --model dit")
+    if args.flux_width:
+        denoiser_kwargs["width"] = args.flux_width
+    if args.flux_layers:
+        try:
+            denoiser_kwargs["double_layers"], denoiser_kwargs["single_layers"] = (
+                int(n) for n in args.flux_layers.split(","))
+        except ValueError:
+            parser.error(f"--flux-layers must be two integers D,S, got {args.flux_layers!r}")
+    if (args.unet_channels and args.model != "unet" or (args.dit_width or args.dit_layers) and args.model != "dit"
+            or (args.flux_width or args.flux_layers) and args.model != "flux"):
+        parser.error("--unet-channels is for --model unet; --dit-width/--dit-layers for --model dit; "
+                     "--flux-width/--flux-layers for --model flux")
     train(args.out, seed=args.seed, n_images=args.images, vae_steps=args.vae_steps, steps=args.steps,
           batch_size=args.batch_size, lr=args.lr, vae_from=args.vae_from, kind=args.model,
           loss_weight=args.loss_weight, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
