@@ -35,8 +35,8 @@ captures and graph variants are made once, in the untimed warm-up round):
   blocks and steps).
 
 Timing: one untimed warm-up round over every column, then ``--rounds`` rounds, each running every
-column once in a rotated order with the baseline between every two columns (``baseline, c1,
-baseline, c2, ...``); a column's time is the median of its rounds, the baseline's the median of all its
+column once in a rotated order with a baseline run before every ``--baseline-every`` (2) columns
+(``baseline, c1, c2, baseline, c3, c4, ..., baseline``); a column's time is the median of its rounds, the baseline's the median of all its
 runs; the spread (min-max) is reported. ``torch.set_num_threads(1)``, ``OMP_WAIT_POLICY=PASSIVE``.
 
 MAC-ideal: ``plan_macs`` of the same plan on the same architecture captured on the meta device (Linear
@@ -58,6 +58,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -170,6 +171,16 @@ class Bench:
         self.pipe, self.call, self.arch, tail = build(model, args)
         self.den = self.pipe.transformer
         self.probe = TailProbe(self.den, tail)
+        # cache-dit patches the transformer's forward and leaves it patched after disable_cache (a baseline
+        # run after it failed inside diffusers' FirstBlockCache hook): it gets its own pipeline, a copy of
+        # the same transformer (same weights), enabled once and never disabled.
+        peer = copy.deepcopy(self.den)
+        self.peer_pipe = type(self.pipe)(**{**self.pipe.components, "transformer": peer})
+        self.peer_pipe.set_progress_bar_config(disable=True)
+        peer_tail = peer.single_transformer_blocks[-1].proj_out if model == "flux" and args.flux_single else \
+            (peer.transformer_blocks[-1].ff_context if model == "flux" else peer.blocks[-1].ffn)
+        self.peer_probe = TailProbe(peer, peer_tail)
+        self.peer_on = False
         self.runtimes: dict[str, object] = {}
         self.active: str | None = None
         self.skips: dict[str, list] = {}  # column -> per call: True where it skipped the blocks
@@ -181,10 +192,6 @@ class Bench:
             uninstall(self.den)
         elif self.active == "fbc0.1":
             self.den.disable_cache()
-        elif self.active == "dbcache0.1":
-            import cache_dit
-
-            cache_dit.disable_cache(self.pipe)
         self.active = None
 
     def _on(self, column: str) -> None:
@@ -202,11 +209,12 @@ class Bench:
             from diffusers import FirstBlockCacheConfig
 
             self.den.enable_cache(FirstBlockCacheConfig(threshold=0.1))
-        elif column == "dbcache0.1":
+        elif column == "dbcache0.1" and not self.peer_on:
             import cache_dit
             from cache_dit import DBCacheConfig
 
-            cache_dit.enable_cache(self.pipe, cache_config=DBCacheConfig(
+            self.peer_on = True
+            cache_dit.enable_cache(self.peer_pipe, cache_config=DBCacheConfig(
                 Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.1, max_warmup_steps=1,
                 num_inference_steps=self.args.steps))
         self.active = column
@@ -214,24 +222,26 @@ class Bench:
     def run(self, column: str, *, record: bool = False) -> float:
         self._off()
         self._on(column)
-        self.probe.calls, self.probe.on = [], True
+        pipe, probe = (self.peer_pipe, self.peer_probe) if column == "dbcache0.1" else (self.pipe, self.probe)
+        probe.calls, probe.on = [], True
         trace_cm = self.runtimes[column].tracing() if record and column in self.runtimes else None
         trace = trace_cm.__enter__() if trace_cm is not None else None
         start = time.perf_counter()
         try:
-            out = self.pipe(generator=torch.Generator().manual_seed(0), **self.call).images
+            result = pipe(generator=torch.Generator().manual_seed(0), **self.call)
+            out = result.frames if hasattr(result, "frames") else result.images
         finally:
             elapsed = time.perf_counter() - start
             if trace_cm is not None:
                 trace_cm.__exit__(None, None, None)
-            self.probe.on = False
+            probe.on = False
         if not torch.isfinite(out).all():
             raise RuntimeError(f"{self.model} {column}: non-finite latents")
         if record:
             if trace is not None:
                 self.skips[column] = self._trace_skips(trace)
             elif column in PEERS:
-                self.skips[column] = [not ran for ran in self.probe.calls]
+                self.skips[column] = [not ran for ran in probe.calls]
         return elapsed
 
     @staticmethod
@@ -301,8 +311,8 @@ def bench_model(model: str, args) -> dict:
     for r in range(args.rounds):
         order = live[r % len(live):] + live[:r % len(live)]
         seq = []
-        for c in order:
-            seq += ["baseline", c]
+        for i, c in enumerate(order):  # the baseline before every other column, and last
+            seq += (["baseline"] if i % args.baseline_every == 0 else []) + [c]
         seq.append("baseline")
         for c in seq:
             times[c].append(b.run(c))
@@ -434,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="flux,wan")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--baseline-every", type=int, default=2, help="a baseline run before every N-th column")
     p.add_argument("--flux-double", type=int, default=2)
     p.add_argument("--flux-single", type=int, default=2)
     p.add_argument("--flux-size", type=int, default=128)
