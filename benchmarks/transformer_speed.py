@@ -32,7 +32,9 @@ captures and graph variants are made once, in the untimed warm-up round):
 * ``dbcache0.1``: cache-dit ``enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1,
   Bn_compute_blocks=0, residual_diff_threshold=0.1, max_warmup_steps=1, ...))`` (F1B0: the same rule
   as FirstBlockCache; cache-dit's defaults F8B0 and 8 warm-up steps would cache nothing on these few
-  blocks and steps).
+  blocks and steps). cache-dit runs on its own pipeline around a copy of the same transformer (same
+  weights), enabled once: ``cache_dit.disable_cache`` leaves the transformer's forward patched, and a
+  baseline run after it failed inside diffusers' FirstBlockCache hook.
 
 Timing: one untimed warm-up round over every column, then ``--rounds`` rounds, each running every
 column once in a rotated order with a baseline run before every ``--baseline-every`` (2) columns
