@@ -388,7 +388,7 @@ def describe(res: dict) -> str:
             f"tokens, {res['steps']} steps, CFG 5.0 as two calls a step, T-GATE gate {res['gate_step']}")
 
 
-def write(results: list[dict], argv: list[str], wall: float) -> None:
+def write(results: list[dict], argv: list[str], wall: float, name: str = "transformer_speed") -> None:
     RESULTS.mkdir(exist_ok=True)
     md = ["# Transformer speed: scaled FLUX and Wan 2.1 on this CPU", "",
           f"`python benchmarks/transformer_speed.py {' '.join(argv)}` "
@@ -404,12 +404,12 @@ def write(results: list[dict], argv: list[str], wall: float) -> None:
         for c, why in res["refused"].items():
             md.append(f"- {TITLES[c]}: {why[:600]}")
         md.append("")
-    (RESULTS / "transformer_speed.md").write_text("\n".join(md))
-    (RESULTS / "transformer_speed.json").write_text(json.dumps(
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {"argv": argv, "machine": machine(), "wall_s": wall,
          "results": [{**r, "rows": rows(r)} for r in results]}, indent=1, default=str))
     try:
-        plot(results, RESULTS / "transformer_speed.png")
+        plot(results, RESULTS / f"{name}.png")
     except ImportError as e:
         print(f"no plot: {e}")
 
@@ -444,6 +444,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="flux,wan")
+    p.add_argument("--name", default="transformer_speed", help="results file stem in benchmarks/results")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline-every", type=int, default=2, help="a baseline run before every N-th column")
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for model in args.models.split(","):
         results.append(bench_model(model, args))
-        write(results, argv, time.perf_counter() - start)  # after each model: a partial result survives
+        write(results, argv, time.perf_counter() - start, args.name)  # after each model: a partial result survives
         for line in table(results[-1]):
             print(line, flush=True)
     return 0
