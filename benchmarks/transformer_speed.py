@@ -38,8 +38,8 @@ captures and graph variants are made once, in the untimed warm-up round):
 
 Timing: one untimed warm-up round over every column, then ``--rounds`` rounds, each running every
 column once in a rotated order with a baseline run before every ``--baseline-every`` (2) columns
-(``baseline, c1, c2, baseline, c3, c4, ..., baseline``); a column's time is the median of its rounds, the baseline's the median of all its
-runs; the spread (min-max) is reported. ``torch.set_num_threads(1)``, ``OMP_WAIT_POLICY=PASSIVE``.
+(``baseline, c1, c2, baseline, c3, c4, ..., baseline``); a column's time is the median of its rounds,
+the baseline's the median of all its runs; the spread (min-max) is reported. ``torch.set_num_threads(1)``, ``OMP_WAIT_POLICY=PASSIVE``.
 
 MAC-ideal: ``plan_macs`` of the same plan on the same architecture captured on the meta device (Linear
 + Conv + matmuls + the SDPA core; gathers, scatters and top-k not counted). A threshold column's steps
