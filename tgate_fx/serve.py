@@ -157,6 +157,17 @@ class Text2Image:
                                      "steps": steps[0] if steps else 20})])
         self.warmup_seconds = time.perf_counter() - start
 
+    def captures(self) -> list[dict]:
+        """The runtime's captures: ``from_store`` (loaded, not exported) and their seconds."""
+        import tgate_fx
+
+        try:
+            runtime = tgate_fx.get_runtime(self.pipe)
+        except (TypeError, ValueError):  # never optimized (the baseline only)
+            return []
+        return [{"from_store": bool(g.capture.from_store), "seconds": round(g.capture.seconds, 4)}
+                for g in runtime.captures]
+
     # --- requests ------------------------------------------------------------------
     def _methods(self, given: Any) -> tuple:
         if not isinstance(given, dict):
@@ -296,9 +307,10 @@ def deployment(max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, **op
                 return [e] * len(requests)
 
         async def __call__(self, http: HTTPRequest):
-            if http.method == "GET":
+            if http.method == "GET":  # what this replica is: its process, start-up costs and captures
                 return JSONResponse({"replica": self.replica, "load_seconds": self.model.load_seconds,
-                                     "warmup_seconds": self.model.warmup_seconds, "ready_at": self.ready_at})
+                                     "warmup_seconds": self.model.warmup_seconds, "ready_at": self.ready_at,
+                                     "captures": self.model.captures()})
             try:
                 body = json.loads(await http.body())
                 request = self.model.parse(body)
