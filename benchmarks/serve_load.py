@@ -65,6 +65,54 @@ def _bodies(n: int, methods: dict) -> list[dict]:
             for i in range(n)]
 
 
+def _load(url, reference, bodies, args, generate) -> dict:
+    import numpy as np
+
+    expected = [reference.render([reference.parse(b)])[0] for b in bodies]
+    generate(url, bodies[0])  # each replica's methods applied once before the clock starts
+    generate(url, bodies[1])
+    deadline = time.perf_counter() + args.time_limit
+
+    def one(i):
+        if time.perf_counter() > deadline:
+            return i, None, None, "skipped"
+        t = time.perf_counter()
+        try:
+            png = generate(url, bodies[i], retries=2, timeout=args.time_limit)
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            return i, None, time.perf_counter() - t, f"{type(e).__name__}: {e}"
+        return i, png, time.perf_counter() - t, None
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        answers = list(pool.map(one, range(len(bodies))))
+    wall = time.perf_counter() - start
+    latencies, failed, mismatched, skipped, levels = [], [], 0, 0, 0
+    for i, png, latency, error in answers:
+        if error == "skipped":
+            skipped += 1
+        elif error is not None:
+            failed.append(error)
+        else:
+            latencies.append(latency)
+            if png != expected[i]:
+                mismatched += 1
+                levels = max(levels, int(np.abs(_pixels(png) - _pixels(expected[i])).max()))
+    return {"requests": len(latencies), "failed": len(failed), "errors": failed[:3], "mismatched": mismatched,
+            "max_level_difference": levels, "skipped": skipped, "wall_s": wall,
+            "throughput": len(latencies) / wall, "p50_s": _percentile(latencies, 0.5),
+            "p95_s": _percentile(latencies, 0.95), "latencies": latencies}
+
+
+def _pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
 def _percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     k = (len(values) - 1) * q
@@ -76,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=24, help="requests per method")
+    parser.add_argument("--batch", type=int, default=4, help="max_batch_size of the batched load phase")
     parser.add_argument("--time-limit", type=float, default=240.0, help="seconds per method's load phase")
     parser.add_argument("--out", default=os.path.join(RESULTS, "serve_load"))
     parser.add_argument("--no-plot", action="store_true")
@@ -97,7 +146,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/"
     results: dict = {"machine": machine(ray=ray.__version__), "steps": STEPS, "resolution": "32x32",
                      "pipeline": "the shipped shapes pipeline (tgate_fx.shapes.PIPELINE_PATH)", "tgate": TGATE,
-                     "clients": args.clients, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "clients": args.clients, "requests": args.requests, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "load_at_start": os.getloadavg()[0]}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -140,43 +189,17 @@ def main() -> None:
             {"warmup_s": i["warmup_seconds"], "exported": sum(not c["from_store"] for c in i["captures"])}
             for i in seen.values()]}
         print("pair", results["pair_start"], flush=True)
-        # 3. load, baseline and T-GATE, on the two replicas
+        # 3. load, baseline and T-GATE, on the two replicas (each request alone, then batched)
         load = {}
-        for label, methods in (("baseline", {}), ("T-GATE", TGATE)):
-            bodies = _bodies(args.requests, methods)
-            expected = [reference.render([reference.parse(b)])[0] for b in bodies]
-            generate(url, bodies[0])  # each replica's methods applied once before the clock starts
-            generate(url, bodies[1])
-            deadline = time.perf_counter() + args.time_limit
-            latencies, failed, mismatched, skipped = [], [], 0, 0
-
-            def one(i):
-                if time.perf_counter() > deadline:
-                    return i, None, None, "skipped"
-                t = time.perf_counter()
-                try:
-                    png = generate(url, bodies[i], retries=2, timeout=args.time_limit)
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    return i, None, time.perf_counter() - t, f"{type(e).__name__}: {e}"
-                return i, png, time.perf_counter() - t, None
-
-            start = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-                answers = list(pool.map(one, range(len(bodies))))
-            wall = time.perf_counter() - start
-            for i, png, latency, error in answers:
-                if error == "skipped":
-                    skipped += 1
-                elif error is not None:
-                    failed.append(error)
-                else:
-                    latencies.append(latency)
-                    mismatched += png != expected[i]
-            load[label] = {"requests": len(latencies), "failed": len(failed), "errors": failed[:3],
-                           "mismatched": mismatched, "skipped": skipped, "wall_s": wall,
-                           "throughput": len(latencies) / wall, "p50_s": _percentile(latencies, 0.5),
-                           "p95_s": _percentile(latencies, 0.95), "latencies": latencies}
-            print(label, {k: v for k, v in load[label].items() if k != "latencies"}, flush=True)
+        for batch in (1, args.batch):
+            if batch != 1:
+                serve.delete("load")
+                serve.run(app(path, TGATE, num_replicas=2, store=store, max_batch_size=batch,
+                              warmup=[(32, 32, STEPS)]), route_prefix="/", name="load")
+            for method, methods in (("baseline", {}), ("T-GATE", TGATE)):
+                label = f"{method}, max_batch_size={batch}"
+                load[label] = _load(url, reference, _bodies(args.requests, methods), args, generate)
+                print(label, {k: v for k, v in load[label].items() if k != "latencies"}, flush=True)
         results["load"] = load
     finally:
         serve.shutdown()
@@ -192,25 +215,29 @@ def main() -> None:
 
 def _write_md(r: dict, path: str) -> None:
     m = r["machine"]
-    b, t = r["load"]["baseline"], r["load"]["T-GATE"]
     lines = [f"# tgate_fx.serve under load ({r['date']})", "",
-             f"`python benchmarks/serve_load.py --clients {r['clients']}`. CPU: {m['cpu']}, {m['cores']} cores "
-             f"shared with other work (load average {r['load_at_start']:.1f} at start); torch {m['torch']}, "
-             f"diffusers {m['diffusers']}, ray {m['ray']}. A local Ray cluster (2 CPUs), HTTP on 127.0.0.1; "
-             f"each replica 1 CPU, 1 torch thread. Pipeline: {r['pipeline']}, {r['resolution']}, "
-             f"{r['steps']} steps, guidance 7.5, T-GATE {json.dumps(r['tgate']['tgate'])}.", "",
-             "## Load: two replicas, concurrent clients", "",
-             "| | requests | failed | mismatched | p50 (s) | p95 (s) | throughput (req/s) |",
+             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']}`. CPU: "
+             f"{m['cpu']}, {m['cores']} cores shared with other work (load average {r['load_at_start']:.1f} at "
+             f"start); torch {m['torch']}, diffusers {m['diffusers']}, ray {m['ray']}. A local Ray cluster "
+             "(2 CPUs), HTTP on 127.0.0.1; each replica 1 CPU, 1 torch thread. Pipeline: "
+             f"{r['pipeline']}, {r['resolution']}, {r['steps']} steps, guidance 7.5, T-GATE "
+             f"{json.dumps(r['tgate']['tgate'])}.", "",
+             f"## Load: two replicas, {r['clients']} concurrent clients", "",
+             "| | requests | failed | mismatched (max level difference) | p50 (s) | p95 (s) | throughput (req/s) |",
              "|---|---|---|---|---|---|---|"]
     for label, x in r["load"].items():
-        lines.append(f"| {label} | {x['requests']} | {x['failed']} | {x['mismatched']} | {x['p50_s']:.3f} | "
-                     f"{x['p95_s']:.3f} | {x['throughput']:.2f} |")
-    lines += ["", f"T-GATE / baseline throughput: {t['throughput'] / b['throughput']:.2f}x; "
-              f"p50 latency {b['p50_s'] / t['p50_s']:.2f}x lower. Mismatched: the response's PNG differs from "
-              "the same request rendered alone in the benchmark's process; skipped requests (past the time "
-              f"limit): baseline {b['skipped']}, T-GATE {t['skipped']}.", "",
+        lines.append(f"| {label} | {x['requests']} | {x['failed']} | {x['mismatched']} ({x['max_level_difference']}) "
+                     f"| {x['p50_s']:.3f} | {x['p95_s']:.3f} | {x['throughput']:.2f} |")
+    lines.append("")
+    for batch in sorted({k.split("=")[1] for k in r["load"]}):
+        b, t = r["load"][f"baseline, max_batch_size={batch}"], r["load"][f"T-GATE, max_batch_size={batch}"]
+        lines.append(f"max_batch_size={batch}: T-GATE / baseline throughput {t['throughput'] / b['throughput']:.2f}x, "
+                     f"p50 latency {b['p50_s'] / t['p50_s']:.2f}x lower; skipped (past the time limit): "
+                     f"{b['skipped']}, {t['skipped']}.")
+    lines += ["", "Mismatched: the response's PNG is not byte-identical to the same request rendered alone in "
+              "the benchmark's process; the level difference is the largest of any pixel channel (0-255).", "",
               "## First request of a replica (one replica, no warm-up: the first request captures)", "",
-              "| store | replica start (s) | first request (s) | second request (s) | exports in the replica | "
+              "| store | replica start (s) | first request (s) | second request (s) | captures exported in the replica | "
               "first PNG = alone |", "|---|---|---|---|---|---|"]
     for case, x in r["first_request"].items():
         lines.append(f"| {case} ({'empty' if case == 'cold' else 'written by the cold replica'}) | "
@@ -218,9 +245,11 @@ def _write_md(r: dict, path: str) -> None:
                      f"{x['exported']} | {x['matches']} |")
     ps = r["pair_start"]
     lines += ["", f"Two replicas started together on an empty store (warm-up at start): ready in "
-              f"{ps['seconds']:.1f} s; exports per replica {[x['exported'] for x in ps['replicas']]}, "
+              f"{ps['seconds']:.1f} s; captures exported per replica {[x['exported'] for x in ps['replicas']]}, "
               f"warm-up seconds {[round(x['warmup_s'], 2) for x in ps['replicas']]} (the store's lock: the "
-              "second waits for the first's entry and loads it).", ""]
+              "second waits for the first's entry and loads it).", "",
+              "Captures: the CFG batch and the post-gate batch, both specialised from one probe export of the "
+              "resolution (docs/capture-cache.md); 0 means both came from the store.", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -233,10 +262,14 @@ def _plot(r: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     labels = list(r["load"])
-    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], labels=labels, whis=(5, 95))
+    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], tick_labels=[k.replace(", ", "\n") for k in labels],
+                    whis=(5, 95))
+    axes[0].tick_params(axis="x", labelsize=7)
     axes[0].set_ylabel("latency per request (s)")
     axes[0].set_title(f"{r['clients']} clients, 2 replicas")
-    axes[1].bar(labels, [r["load"][k]["throughput"] for k in labels], color=["grey", "tab:blue"])
+    axes[1].bar(range(len(labels)), [r["load"][k]["throughput"] for k in labels],
+                color=["grey", "tab:blue"] * (len(labels) // 2))
+    axes[1].set_xticks(range(len(labels)), [k.replace(", ", "\n") for k in labels], fontsize=7)
     axes[1].set_ylabel("requests / s")
     axes[1].set_title("throughput")
     cases = list(r["first_request"])

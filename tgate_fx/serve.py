@@ -12,7 +12,7 @@ Two layers:
   400 for a bad request (the replica keeps serving): the checks of
   :meth:`Text2Image.parse`, and the settings a method refuses for the call
   (a ``gate_step`` beyond the steps); 500 for any other failure.
-  Concurrent requests are grouped by ``@serve.batch``.
+  Concurrent requests can be grouped by ``@serve.batch`` (``max_batch_size``).
 
 A request::
 
@@ -31,14 +31,18 @@ load its entry, so only the first replica ever runs ``torch.export``.
 ``warmup`` renders one request per resolution listed at start, so the
 replica loads its captures before it takes traffic.
 
-Batching: requests that differ only in prompt and seed, under methods whose
-schedule does not depend on the batch (:data:`BATCHABLE`: T-GATE, DeepCache,
-ToDo, and the baseline), run as one pipeline call with one generator per
-request, so each gets the starting noise it gets alone. ToCa and block
-cache pick what to recompute from the whole batch: their requests run
-alone. The float latents of a batched call can differ from a lone call in
-the last bits (the matrix kernels block by batch size); the checks compare
-the PNGs (see docs/serving.md for what was measured).
+Batching (``max_batch_size > 1``, off by default): concurrent requests that
+differ only in prompt and seed, under methods whose schedule does not depend
+on the batch (:data:`BATCHABLE`: T-GATE, DeepCache, ToDo, and the baseline),
+are grouped by ``@serve.batch`` into one pipeline call with one generator
+per request, so each starts from the noise it gets alone. ToCa and block
+cache pick what to recompute from the whole batch: their requests always
+run alone. A batched call is *not* bit-identical to a lone one on CPU: the
+denoiser's kernels block their sums by batch size, so the latents differ in
+the last bits (measured up to 6.5e-5 on the shapes pipeline) and a pixel at
+a rounding boundary can come out one level apart (4 and 2 of 48 PNGs in
+benchmarks/results/serve_load.md). With the default ``max_batch_size=1``
+every request runs alone, and its PNG is the one it gets alone.
 
 Run it (loopback)::
 
@@ -95,9 +99,11 @@ class Request:
         """What requests sharing one pipeline call must agree on (all but the prompts and the seed)."""
         return (self.height, self.width, self.steps, self.guidance, self.methods, self.negative_prompt is None)
 
+    onnx: bool = False
+
     @property
     def batchable(self) -> bool:
-        return all(name in BATCHABLE for name, _ in self.methods)
+        return not self.onnx and all(name in BATCHABLE for name, _ in self.methods)
 
     def body(self) -> dict:
         """The JSON body that asks for this request."""
@@ -120,6 +126,10 @@ class Text2Image:
             (``TGATE_FX_CACHE_DIR``, see docs/capture-cache.md).
         threads: torch's intra-op threads in this replica.
         max_pixels, max_steps: Bounds on a request (larger ones are refused with a 400).
+        onnx: A bundle directory written by :func:`tgate_fx.export.export_onnx`: the denoiser runs in
+            onnxruntime (``providers``, default CPU) instead of torch, and requests are held to the
+            bundle's height, width and steps (defaults) and cannot choose methods (the bundle's are
+            fixed at export). ``methods`` must then be ``None``.
         warmup: ``[(height, width), ...]`` or ``[(height, width, steps), ...]`` rendered once at start
             (20 steps unless given, with the deployment's methods), so the captures are loaded (or
             exported) before the first request.
@@ -127,7 +137,8 @@ class Text2Image:
 
     def __init__(self, path: str, methods: dict | None = None, store: str | None = None, threads: int = 1,
                  max_pixels: int = 1024 * 1024, max_steps: int = 200, warmup: list | None = None,
-                 dtype: str = "float32", device: str = "cpu"):
+                 dtype: str = "float32", device: str = "cpu", onnx: str | None = None,
+                 providers: list | None = None):
         import torch
         from diffusers import DiffusionPipeline
 
@@ -147,8 +158,22 @@ class Text2Image:
         size = getattr(denoiser.config, "sample_size", 64)
         size = size[0] if isinstance(size, (list, tuple)) else size
         self.default_size = int(size) * self.vae_factor
-        self.default_methods = self._methods(methods if methods is not None else {"tgate": {}})
         self._applied: tuple | None = None
+        self.bundle: dict | None = None
+        if onnx is not None:
+            from .export import OnnxDenoiser
+
+            if methods is not None:
+                raise ValueError(f"methods={methods!r} with onnx={onnx!r}: a bundle's methods are fixed at export")
+            runner = OnnxDenoiser.from_dir(str(onnx), providers=providers)
+            runner.install(self.pipe)
+            call = runner.bundle["call"]
+            self.bundle = {"directory": str(onnx), "height": call.get("height") or self.default_size,
+                           "width": call.get("width") or self.default_size, "steps": call["num_inference_steps"],
+                           "methods": runner.bundle["methods"]}
+            self.default_methods = ()
+        else:
+            self.default_methods = self._methods(methods if methods is not None else {"tgate": {}})
         self._lock = threading.Lock()  # one pipeline call at a time: the runtime's methods are per pipeline
         self.load_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -209,14 +234,24 @@ class Text2Image:
                 raise BadRequest(f"{name} must be >= {low}, got {value}")
             return value
 
-        height = integer("height", self.default_size, 1)
-        width = integer("width", self.default_size, 1)
+        fixed = self.bundle or {}
+        height = integer("height", fixed.get("height", self.default_size), 1)
+        width = integer("width", fixed.get("width", self.default_size), 1)
         for name, value in (("height", height), ("width", width)):
             if value % self.vae_factor:
                 raise BadRequest(f"{name} {value} is not divisible by the VAE factor {self.vae_factor}")
         if height * width > self.max_pixels:
             raise BadRequest(f"{height}x{width} exceeds the deployment's max_pixels {self.max_pixels}")
-        steps = integer("steps", 20, 1)
+        steps = integer("steps", fixed.get("steps", 20), 1)
+        if self.bundle is not None:
+            asked = {"height": height, "width": width, "steps": steps}
+            if any(asked[k] != self.bundle[k] for k in asked):
+                raise BadRequest(f"{asked} differs from the ONNX bundle's "
+                                 f"{ {k: self.bundle[k] for k in asked} } (a bundle serves the shapes and steps it "
+                                 "was exported for)")
+            if body.get("methods") is not None:
+                raise BadRequest(f"this deployment serves the ONNX bundle {self.bundle['directory']} with the methods "
+                                 f"{self.bundle['methods']} fixed at export; a request cannot choose methods")
         if steps > self.max_steps:
             raise BadRequest(f"steps {steps} exceeds the deployment's max_steps {self.max_steps}")
         seed = integer("seed", 0, 0)
@@ -224,13 +259,13 @@ class Text2Image:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance:
             raise BadRequest(f"guidance must be a number, got {guidance!r}")
         methods = self.default_methods if body.get("methods") is None else self._methods(body["methods"])
-        return Request(prompt, negative, height, width, steps, seed, float(guidance), methods)
+        return Request(prompt, negative, height, width, steps, seed, float(guidance), methods, self.bundle is not None)
 
     # --- rendering -----------------------------------------------------------------
     def _apply(self, methods: tuple) -> None:
         import tgate_fx
 
-        if methods and methods != self._applied:
+        if self.bundle is None and methods and methods != self._applied:
             classes = _methods()
             tgate_fx.optimize(self.pipe, methods=[classes[name](**dict(s)) for name, s in methods])
             self._applied = methods
@@ -258,7 +293,7 @@ class Text2Image:
         first = requests[0]
         with self._lock:
             self._apply(first.methods)
-            baseline = not first.methods and self._applied is not None
+            baseline = self.bundle is None and not first.methods and self._applied is not None
             context = bypassed(tgate_fx.get_runtime(self.pipe).denoiser) if baseline else contextlib.nullcontext()
             kwargs = {}
             if first.negative_prompt is not None:
@@ -278,15 +313,18 @@ def _png(image) -> bytes:
 
 
 # --- Ray Serve ---------------------------------------------------------------------------
-def deployment(max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, **options):
+def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **options):
     """The Ray Serve deployment class (``options``: ``serve.deployment``'s, e.g. ``num_replicas``,
-    ``ray_actor_options``). Bind it with :class:`Text2Image`'s arguments, or use :func:`app`."""
+    ``ray_actor_options``). Bind it with :class:`Text2Image`'s arguments, or use :func:`app`.
+
+    ``max_batch_size``: requests grouped into one pipeline call (1: each alone, bit-identical to a lone
+    render; more: higher throughput, pixels may differ by one level, see the module docstring)."""
     from ray import serve
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, Response
 
     options.setdefault("ray_actor_options", {"num_cpus": 1})
-    options.setdefault("max_ongoing_requests", 2 * max_batch_size)
+    options.setdefault("max_ongoing_requests", max(4, 2 * max_batch_size))
     options.setdefault("health_check_period_s", 2)
     options.setdefault("health_check_timeout_s", 30)
 
@@ -329,7 +367,7 @@ def deployment(max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, **op
     return TGateFX
 
 
-def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 4, **model_options):
+def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 1, **model_options):
     """The bound application: ``serve.run(app(PATH, {"tgate": {}}), route_prefix="/")``."""
     return deployment(max_batch_size=max_batch_size, num_replicas=num_replicas).bind(
         str(path), methods, **model_options)
@@ -373,7 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--store", default=None, help="capture store directory shared by the replicas")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
-    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--max-batch-size", type=int, default=1,
+                        help="group concurrent requests (1: each alone, bit-identical to a lone render)")
+    parser.add_argument("--onnx", default=None, help="serve this ONNX bundle (export_onnx) instead of --methods")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
@@ -383,8 +423,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app(args.path, json.loads(args.methods), args.replicas, args.max_batch_size, store=args.store,
-                  threads=args.threads), route_prefix="/")
+    methods = None if args.onnx else json.loads(args.methods)
+    serve.run(app(args.path, methods, args.replicas, args.max_batch_size, store=args.store, threads=args.threads,
+                  onnx=args.onnx), route_prefix="/")
     print(f"serving {args.path} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     try:
         while True:
