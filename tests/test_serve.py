@@ -64,6 +64,24 @@ def test_batched_requests_get_the_picture_each_gets_alone_within_one_level(model
         assert abs(_pixels(a) - _pixels(b)).max() <= 1
 
 
+def test_a_replica_rebuilds_a_corrupt_store_entry_instead_of_serving_it(tmp_path):
+    store = tmp_path / "store"
+    body = {"prompt": PROMPTS[2], "seed": 5, "steps": 6}
+    first = Text2Image(str(PIPELINE_PATH), TGATE, store=str(store))
+    expected = first.render([first.parse(body)])[0]
+    entries = [p for p in store.rglob("*.capture")]
+    assert len(entries) == 1
+    raw = bytearray(entries[0].read_bytes())
+    raw[-100:-50] = bytes(50)  # same size, other bytes: the payload's checksum fails
+    entries[0].write_bytes(bytes(raw))
+    second = Text2Image(str(PIPELINE_PATH), TGATE, store=str(store))  # a new replica on the same store
+    assert second.render([second.parse(body)])[0] == expected
+    assert not any(c["from_store"] for c in second.captures())  # exported again, not served from the entry
+    third = Text2Image(str(PIPELINE_PATH), TGATE, store=str(store))
+    assert third.render([third.parse(body)])[0] == expected
+    assert all(c["from_store"] for c in third.captures())  # the rebuilt entry is whole
+
+
 def test_methods_that_choose_from_the_whole_batch_run_alone(model):
     r = model.parse({"prompt": PROMPTS[0], "methods": {"blockcache": {"threshold": 0.05}}})
     assert not r.batchable

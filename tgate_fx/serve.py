@@ -142,9 +142,9 @@ class Text2Image:
         import torch
         from diffusers import DiffusionPipeline
 
-        if store is not None:
-            os.environ["TGATE_FX_CAPTURE_CACHE"] = "1"
-            os.environ["TGATE_FX_CACHE_DIR"] = str(store)
+        from .core.capture_store import DEFAULT, CaptureStore
+
+        self.store = CaptureStore(str(store)) if store is not None else DEFAULT
         torch.set_num_threads(int(threads))
         if not os.path.isfile(os.path.join(str(path), "model_index.json")):
             raise FileNotFoundError(f"no diffusers pipeline at {path} (model_index.json missing)")
@@ -268,6 +268,7 @@ class Text2Image:
         if self.bundle is None and methods and methods != self._applied:
             classes = _methods()
             tgate_fx.optimize(self.pipe, methods=[classes[name](**dict(s)) for name, s in methods])
+            tgate_fx.get_runtime(self.pipe)._batches.store = self.store  # the replica's store, for every capture
             self._applied = methods
 
     def render(self, requests: list[Request]) -> list[bytes]:
