@@ -146,7 +146,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/"
     results: dict = {"machine": machine(ray=ray.__version__), "steps": STEPS, "resolution": "32x32",
                      "pipeline": "the shipped shapes pipeline (tgate_fx.shapes.PIPELINE_PATH)", "tgate": TGATE,
-                     "clients": args.clients, "requests": args.requests, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "clients": args.clients, "requests": args.requests,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "load_at_start": os.getloadavg()[0]}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -237,8 +238,8 @@ def _write_md(r: dict, path: str) -> None:
     lines += ["", "Mismatched: the response's PNG is not byte-identical to the same request rendered alone in "
               "the benchmark's process; the level difference is the largest of any pixel channel (0-255).", "",
               "## First request of a replica (one replica, no warm-up: the first request captures)", "",
-              "| store | replica start (s) | first request (s) | second request (s) | captures exported in the replica | "
-              "first PNG = alone |", "|---|---|---|---|---|---|"]
+              "| store | replica start (s) | first request (s) | second request (s) | "
+              "captures exported in the replica | first PNG = alone |", "|---|---|---|---|---|---|"]
     for case, x in r["first_request"].items():
         lines.append(f"| {case} ({'empty' if case == 'cold' else 'written by the cold replica'}) | "
                      f"{x['replica_start_s']:.2f} | {x['first_request_s']:.2f} | {x['second_request_s']:.2f} | "
