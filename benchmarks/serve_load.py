@@ -263,14 +263,14 @@ def _plot(r: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     labels = list(r["load"])
-    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], tick_labels=[k.replace(", ", "\n") for k in labels],
+    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], tick_labels=[k.replace(", max_batch_size=", "\nbatch ") for k in labels],
                     whis=(5, 95))
     axes[0].tick_params(axis="x", labelsize=7)
     axes[0].set_ylabel("latency per request (s)")
     axes[0].set_title(f"{r['clients']} clients, 2 replicas")
     axes[1].bar(range(len(labels)), [r["load"][k]["throughput"] for k in labels],
                 color=["grey", "tab:blue"] * (len(labels) // 2))
-    axes[1].set_xticks(range(len(labels)), [k.replace(", ", "\n") for k in labels], fontsize=7)
+    axes[1].set_xticks(range(len(labels)), [k.replace(", max_batch_size=", "\nbatch ") for k in labels], fontsize=7)
     axes[1].set_ylabel("requests / s")
     axes[1].set_title("throughput")
     cases = list(r["first_request"])

@@ -40,8 +40,8 @@ cache pick what to recompute from the whole batch: their requests always
 run alone. A batched call is *not* bit-identical to a lone one on CPU: the
 denoiser's kernels block their sums by batch size, so the latents differ in
 the last bits (measured up to 6.5e-5 on the shapes pipeline) and a pixel at
-a rounding boundary can come out one level apart (4 and 2 of 48 PNGs in
-benchmarks/results/serve_load.md). With the default ``max_batch_size=1``
+a rounding boundary can come out one level apart (1 to 5 of 48 PNGs per
+case in benchmarks/results/serve_load.md). With the default ``max_batch_size=1``
 every request runs alone, and its PNG is the one it gets alone.
 
 Run it (loopback)::
