@@ -65,7 +65,7 @@ __all__ = ["BATCHABLE", "METHODS", "BadRequest", "Request", "Text2Image", "app",
 
 
 def _methods() -> dict[str, type]:
-    from . import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
+    from .methods import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
 
     return {"tgate": TGateConfig, "deepcache": DeepCacheConfig, "todo": ToDoConfig, "toca": ToCaConfig,
             "blockcache": BlockCacheConfig}
@@ -184,10 +184,10 @@ class Text2Image:
 
     def captures(self) -> list[dict]:
         """The runtime's captures: ``from_store`` (loaded, not exported) and their seconds."""
-        import tgate_fx
+        from .api import get_runtime
 
         try:
-            runtime = tgate_fx.get_runtime(self.pipe)
+            runtime = get_runtime(self.pipe)
         except (TypeError, ValueError):  # never optimized (the baseline only)
             return []
         return [{"from_store": bool(g.capture.from_store), "seconds": round(g.capture.seconds, 4)}
@@ -263,12 +263,12 @@ class Text2Image:
 
     # --- rendering -----------------------------------------------------------------
     def _apply(self, methods: tuple) -> None:
-        import tgate_fx
+        from .api import get_runtime, optimize
 
         if self.bundle is None and methods and methods != self._applied:
             classes = _methods()
-            tgate_fx.optimize(self.pipe, methods=[classes[name](**dict(s)) for name, s in methods])
-            tgate_fx.get_runtime(self.pipe)._batches.store = self.store  # the replica's store, for every capture
+            optimize(self.pipe, methods=[classes[name](**dict(s)) for name, s in methods])
+            get_runtime(self.pipe)._batches.store = self.store  # the replica's store, for every capture
             self._applied = methods
 
     def render(self, requests: list[Request]) -> list[bytes]:
@@ -288,14 +288,14 @@ class Text2Image:
 
         import torch
 
-        import tgate_fx
-        from tgate_fx.core.hook import bypassed
+        from .api import get_runtime
+        from .core.hook import bypassed
 
         first = requests[0]
         with self._lock:
             self._apply(first.methods)
             baseline = self.bundle is None and not first.methods and self._applied is not None
-            context = bypassed(tgate_fx.get_runtime(self.pipe).denoiser) if baseline else contextlib.nullcontext()
+            context = bypassed(get_runtime(self.pipe).denoiser) if baseline else contextlib.nullcontext()
             kwargs = {}
             if first.negative_prompt is not None:
                 kwargs["negative_prompt"] = [r.negative_prompt for r in requests]
