@@ -268,7 +268,7 @@ class Text2Image:
         if self.bundle is None and methods and methods != self._applied:
             classes = _methods()
             optimize(self.pipe, methods=[classes[name](**dict(s)) for name, s in methods])
-            get_runtime(self.pipe)._batches.store = self.store  # the replica's store, for every capture
+            get_runtime(self.pipe).capture_store = self.store  # the replica's store, for every capture
             self._applied = methods
 
     def render(self, requests: list[Request]) -> list[bytes]:

@@ -119,6 +119,17 @@ class DenoiserRuntime:
         self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True, split_cfg=True,
                                              segment=self.segment)
 
+    @property
+    def capture_store(self):
+        """The capture store this runtime loads captures from and saves them to (see
+        :mod:`~tgate_fx.core.capture_store`); set a :class:`~tgate_fx.core.capture_store.CaptureStore` (e.g. a
+        directory replicas share), or ``None`` for none. Default: the environment's store."""
+        return self._batches.store
+
+    @capture_store.setter
+    def capture_store(self, store) -> None:
+        self._batches.store = store
+
     def plan(self, num_steps: int, cfg: bool, timesteps=None, *, split: bool = False) -> Plan:
         """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known; ``split``: CFG
         as two calls a step) under this runtime's methods."""
