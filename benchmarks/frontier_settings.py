@@ -38,7 +38,7 @@ __all__ = ["PEER_PACKAGES", "Installed", "Setting", "not_applicable", "settings_
 # FLUX: T-GATE's joint-attention rule has no published schedule; TGateConfig's defaults (gate 10) are the middle
 # of its sweep (self-attention reuse does not apply: FLUX's blocks have no separate self-attention).
 DEFAULT_TGATE = {"unet": TGateConfig(10, 5, 1, 2), "dit": TGateConfig(15, 3, 1, 2), "flux": TGateConfig()}
-GATE_SWEEP = {"unet": (3, 5, 8, 10, 15, 20), "dit": (4, 6, 8, 10, 12, 15), "flux": (4, 6, 8, 10, 12, 15)}
+GATE_SWEEP = {"unet": (3, 5, 8, 10, 15, 20), "dit": (4, 6, 8, 10, 12, 15), "flux": (4, 6, 8, 10, 12, 15, 18)}
 # Python packages of the peers, per testbed (checked before the run starts). On FLUX, cache-dit's DBCache rows are
 # added when ``cache_dit`` is importable (``pip install cache-dit``) and named as not applicable otherwise.
 PEER_PACKAGES = {"unet": {"tomesd": "tomesd==0.1.3", "DeepCache": "DeepCache==0.1.1"}, "dit": {}, "flux": {}}
