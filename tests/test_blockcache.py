@@ -152,12 +152,13 @@ def _flux_equal_streams(true_cfg_scale: float = 1.0):
     return pipe, call
 
 
-@pytest.mark.parametrize("true_cfg_scale", [1.0, 4.0])
-def test_streams_of_one_token_count_are_told_apart_by_data_flow(true_cfg_scale):
+@pytest.mark.parametrize("true_cfg_scale,batch", [(1.0, 1), (4.0, 1), (4.0, 3)])
+def test_streams_of_one_token_count_are_told_apart_by_data_flow(true_cfg_scale, batch):
     """16 text and 16 image tokens: the head's text stream is the residual update of a value made from the
     text alone, the tail's image stream is what the output is made of; equal to diffusers' hook, which
     knows the streams from the block's return order."""
     pipe, call = _flux_equal_streams(true_cfg_scale)
+    call["num_images_per_prompt"] = batch
     baseline = _generate(pipe, call)
     reference, decisions = _diffusers_fbc(pipe, call, "flux")
     assert (reference - baseline).abs().max() > 0 and not all(decisions)

@@ -237,7 +237,10 @@ class BlockCache(Method):
         latents = _descendants([n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS][:1])
 
         def from_latents(output: fx.Node) -> bool:
-            return _residual_input(output, members, head) in latents
+            try:
+                return _residual_input(output, members, head) in latents
+            except ValueError:  # e.g. a text stream broadcast from one sample: not an update of the latents'
+                return False
 
         streams = _streams(_sample_dependent(graph, regions.values_leaving(head)), _text_tokens(graph), head,
                            from_latents)
