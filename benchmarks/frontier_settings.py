@@ -29,16 +29,19 @@ from typing import Any, Callable
 import torch
 
 import tgate_fx
-from tgate_fx import DeepCacheConfig, TGateConfig, ToDoConfig
+from tgate_fx import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToCaConfig, ToDoConfig
 
 __all__ = ["PEER_PACKAGES", "Installed", "Setting", "not_applicable", "settings_for"]
 
 # testbed -> the published T-GATE schedule that is its default here: SD (10, 5, 1, 2); PixArt (15, 3, 1, 2),
 # as published for 25 steps (the DiT testbed runs 20).
-DEFAULT_TGATE = {"unet": TGateConfig(10, 5, 1, 2), "dit": TGateConfig(15, 3, 1, 2)}
-GATE_SWEEP = {"unet": (3, 5, 8, 10, 15, 20), "dit": (4, 6, 8, 10, 12, 15)}
-# Python packages of the peers, per testbed (checked before the run starts).
-PEER_PACKAGES = {"unet": {"tomesd": "tomesd==0.1.3", "DeepCache": "DeepCache==0.1.1"}, "dit": {}}
+# FLUX: T-GATE's joint-attention rule has no published schedule; TGateConfig's defaults (gate 10) are the middle
+# of its sweep (self-attention reuse does not apply: FLUX's blocks have no separate self-attention).
+DEFAULT_TGATE = {"unet": TGateConfig(10, 5, 1, 2), "dit": TGateConfig(15, 3, 1, 2), "flux": TGateConfig()}
+GATE_SWEEP = {"unet": (3, 5, 8, 10, 15, 20), "dit": (4, 6, 8, 10, 12, 15), "flux": (4, 6, 8, 10, 12, 15, 18)}
+# Python packages of the peers, per testbed (checked before the run starts). On FLUX, cache-dit's DBCache rows are
+# added when ``cache_dit`` is importable (``pip install cache-dit``) and named as not applicable otherwise.
+PEER_PACKAGES = {"unet": {"tomesd": "tomesd==0.1.3", "DeepCache": "DeepCache==0.1.1"}, "dit": {}, "flux": {}}
 
 
 @dataclass
@@ -116,6 +119,8 @@ def _describe(config) -> str:
 
 
 def _tgate_fx_settings(testbed: str, steps: int) -> list[Setting]:
+    if testbed == "flux":
+        return _flux_settings(steps)
     d = DEFAULT_TGATE[testbed]
     out = []
     for g in GATE_SWEEP[testbed]:
@@ -156,6 +161,48 @@ def _tgate_fx_settings(testbed: str, steps: int) -> list[Setting]:
                            " + ".join(_describe(c) for c in both), _fx(*both)))
     if testbed == "dit":
         out += _toca_settings(testbed)
+    return out
+
+
+def _flux_settings(steps: int) -> list[Setting]:
+    """tgate_fx on FLUX: T-GATE's joint-attention rule at a gate sweep, ToCa, the block cache, their compositions.
+
+    The block-cache rows and T-GATE + ToCa are listed even where ``optimize``
+    refuses them on this testbed: they show as rows that did not run, with
+    the reason.
+    """
+    out = []
+    for g in GATE_SWEEP["flux"]:
+        c = TGateConfig(gate_step=g)
+        out.append(Setting(f"T-GATE joint gate {g}", "T-GATE", True,
+                           _describe(c) + ": text keys, values and text-stream output of each double-stream "
+                           "block reused after the gate, unconditional call dropped", _fx(c)))
+    nothing = TGateConfig(steps, 1, 1, 0)
+    out.append(Setting("tgate_fx graphs, nothing reused", "tgate_fx graphs", True,
+                       _describe(nothing) + ": every step computes everything; the captured FX graphs "
+                       "without any reuse (what the graphs alone change in time)", _fx(nothing)))
+    toca = [ToCaConfig(), ToCaConfig(ratio=0.05), ToCaConfig(ratio=0.3), ToCaConfig(interval=6)]
+    labels = ["ToCa defaults", "ToCa ratio 0.05", "ToCa ratio 0.3", "ToCa interval 6"]
+    for label, c in zip(labels, toca):
+        params = _describe(c) + (" (FLUX defaults: interval 4, ratio 0.10)" if label == "ToCa defaults" else "")
+        out.append(Setting(label, "ToCa", True, params, _fx(c)))
+    caches = [BlockCacheConfig(threshold=t) for t in (0.05, 0.1, 0.2)] + \
+        [BlockCacheConfig(fora_interval=i) for i in (2, 3)]
+    for c in caches:
+        label = f"block cache FORA {c.fora_interval}" if c.fora_interval else f"block cache {c.threshold}"
+        out.append(Setting(label, "block cache", True, _describe(c), _fx(c)))
+    bc = BlockCacheConfig(threshold=0.1)
+    for other, label, family in ((TGateConfig(gate_step=10), "block cache 0.1 + T-GATE joint gate 10",
+                                  "block cache + T-GATE"),
+                                 (ToCaConfig(), "block cache 0.1 + ToCa defaults", "block cache + ToCa")):
+        out.append(Setting(label, family, True, _describe(bc) + " + " + _describe(other), _fx(bc, other)))
+    # DeepCache and ToDo: rows so that optimize's answer on FLUX is recorded (it refuses or runs them).
+    out.append(Setting("DeepCache interval 3", "DeepCache", True, _describe(DeepCacheConfig(3, 0)),
+                       _fx(DeepCacheConfig(3, 0))))
+    out.append(Setting("ToDo 2", "ToDo", True, _describe(ToDoConfig(2)), _fx(ToDoConfig(2))))
+    both = (TGateConfig(gate_step=10), ToCaConfig())
+    out.append(Setting("T-GATE joint gate 10 + ToCa defaults", "T-GATE + ToCa", True,
+                       " + ".join(_describe(c) for c in both), _fx(*both)))
     return out
 
 
@@ -346,7 +393,70 @@ def _deepcache_published(interval: int) -> Callable[[Context], Installed]:
     return install
 
 
+def _cache_mixin(config_of: Callable[[], Any]) -> Callable[[Context], Installed]:
+    """A diffusers cache on a denoiser that has ``CacheMixin`` (FLUX): ``enable_cache`` on a fresh pipeline.
+
+    The pipeline sets the ``"cond"``/``"uncond"`` cache contexts itself (true
+    CFG calls the transformer twice per step); the hooks' state is reset
+    before each pipeline call.
+    """
+
+    def install(ctx: Context) -> Installed:
+        pipe = ctx.load()
+        pipe.transformer.enable_cache(config_of())
+        return Installed(pipe, before_call=lambda: pipe.transformer._reset_stateful_cache(),
+                         remove=pipe.transformer.disable_cache)
+
+    return install
+
+
+def _fbc_config(threshold: float):
+    def make():
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        return FirstBlockCacheConfig(threshold=threshold)
+
+    return make
+
+
+def _cache_dit(**kwargs) -> Callable[[Context], Installed]:
+    """cache-dit's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``) on a fresh pipeline.
+
+    ``enable_separate_cfg=True``: FluxPipeline's true CFG calls the transformer twice per step (conditional,
+    then unconditional); without it cache-dit compares each call's residual with the other branch's and never
+    caches (measured: pictures identical to the baseline's at threshold 0.1).
+    """
+
+    def install(ctx: Context) -> Installed:
+        import cache_dit
+
+        pipe = ctx.load()
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**kwargs))
+        return Installed(pipe, remove=lambda: cache_dit.disable_cache(pipe))
+
+    return install
+
+
+def _flux_peers() -> list[Setting]:
+    import importlib.util
+
+    out = [Setting(f"FirstBlockCache {t}", "FirstBlockCache", False,
+                   f"transformer.enable_cache(FirstBlockCacheConfig(threshold={t}))", _cache_mixin(_fbc_config(t)))
+           for t in (0.05, 0.1, 0.2)]
+    if importlib.util.find_spec("cache_dit") is not None:
+        for t, warmup in ((0.08, 8), (0.1, 4), (0.2, 4)):
+            kw = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=t, max_warmup_steps=warmup,
+                      enable_separate_cfg=True)
+            out.append(Setting(f"cache-dit DBCache F1B0 {t}, warm-up {warmup}", "cache-dit DBCache", False,
+                               "DBCacheConfig(" + ", ".join(f"{k}={v}" for k, v in kw.items()) + ")"
+                               + (" (threshold and warm-up: cache-dit's defaults)" if t == 0.08 else ""),
+                               _cache_dit(**kw)))
+    return out
+
+
 def _peer_settings(testbed: str, steps: int) -> list[Setting]:
+    if testbed == "flux":
+        return _flux_peers()
     d = DEFAULT_TGATE[testbed]
     out = [
         Setting("PAB self 2", "PAB", False, "spatial_attention_block_skip_range=2, timesteps (100, 800)",
@@ -391,14 +501,24 @@ def _peer_settings(testbed: str, steps: int) -> list[Setting]:
 
 
 def settings_for(testbed: str, steps: int) -> list[Setting]:
-    """Every setting of the frontier on ``testbed`` (``"unet"`` or ``"dit"``) at ``steps`` steps."""
+    """Every setting of the frontier on ``testbed`` (``"unet"``, ``"dit"`` or ``"flux"``) at ``steps`` steps."""
     if testbed not in DEFAULT_TGATE:
-        raise ValueError(f"testbed must be 'unet' or 'dit', got {testbed!r}")
+        raise ValueError(f"testbed must be 'unet', 'dit' or 'flux', got {testbed!r}")
     return _tgate_fx_settings(testbed, steps) + _peer_settings(testbed, steps)
 
 
 def not_applicable(testbed: str) -> list[tuple[str, str]]:
     """(method or peer, why it is not run) on ``testbed``."""
+    if testbed == "flux":
+        import importlib.util
+
+        out = [
+            ("PAB, FasterCache, TaylorSeer (diffusers), tomesd",
+             "not in this run: the issue's peers on FLUX are FirstBlockCache and cache-dit's DBCache"),
+        ]
+        if importlib.util.find_spec("cache_dit") is None:
+            out.append(("cache-dit DBCache", "the `cache_dit` package is not installed (pip install cache-dit)"))
+        return out
     if testbed == "unet":
         return [
             ("FirstBlockCache (diffusers)", "applies to a denoiser whose top-level children include a list of "

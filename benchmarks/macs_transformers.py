@@ -27,7 +27,8 @@ Settings:
   tokens; 512 UMT5 tokens), 50 steps, CFG (two denoiser calls a step: counted
   as the CFG batch of 2, the same MACs). T-GATE (cross-attention): a gate at
   step 20 (chosen, 40 % of the steps as SD's published 10 of 25; the gate alone).
-  ToCa does not serve Wan yet: its row shows the refusal.
+  ToCa: the official Open-Sora rules (family ``"opensora"``: N = 3, R = 0.1; the
+  cross-attention reused, the MLP refreshed on the top-k).
 * HunyuanVideo at its pipeline's default size, 720p (1280 x 720, 129 frames: 33
   latent frames, 118800 tokens; 256 Llama tokens), 50 steps, guidance embedded
   (no CFG). T-GATE is refused there (its row shows the reason).
@@ -113,10 +114,12 @@ ROWS = {
     ],
     "wan21_t2v_1_3b": [
         Row("baseline", 50, ()),
-        Row("ToCa defaults", 50, (ToCaConfig(),)),
+        Row("ToCa defaults (Open-Sora rules, N=3, R=0.1)", 50, (ToCaConfig(),)),
         Row("block cache, FORA interval 3", 50, (FORA3,)),
+        Row("ToCa defaults + block cache (3)", 50, (ToCaConfig(), FORA3)),
         Row("T-GATE gate 20", 50, (_gate(20),)),
         Row("T-GATE gate 20 + block cache (3)", 50, (_gate(20), FORA3)),
+        Row("T-GATE gate 20 + ToCa", 50, (_gate(20), ToCaConfig())),
     ],
     "hunyuanvideo": [
         Row("baseline", 50, ()),

@@ -9,7 +9,8 @@ Usage::
 
 Testbeds: ``unet`` = :func:`tgate_fx.shapes.load_pipeline` (a tiny SD 1.x, 25
 DPM-Solver++ steps, guidance 7.5); ``dit`` = :func:`tgate_fx.shapes.load_dit_pipeline`
-(a tiny PixArt-alpha, 20 steps, guidance 4.5). Settings: ``benchmarks/frontier_settings.py``
+(a tiny PixArt-alpha, 20 steps, guidance 4.5); ``flux`` = :func:`tgate_fx.shapes.load_flux_pipeline`
+(a tiny FLUX.1, 20 flow-matching Euler steps, true CFG 4.0). Settings: ``benchmarks/frontier_settings.py``
 (T-GATE at a gate-step sweep and its ablations, DeepCache, ToDo, T-GATE + ToDo,
 T-GATE + DeepCache, ToCa when tgate_fx has it; diffusers' PAB, FasterCache,
 FirstBlockCache, TaylorSeer; ``tomesd``; the published ``DeepCache``; each
@@ -89,12 +90,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tgate_fx  # noqa: E402
-from tgate_fx.shapes import data, evaluator, load_dit_pipeline, load_pipeline  # noqa: E402
+from tgate_fx.shapes import data, evaluator, load_dit_pipeline, load_flux_pipeline, load_pipeline  # noqa: E402
 from tgate_fx.shapes.evaluate import attention_change, call_kwargs, plot_change  # noqa: E402
 from common import cpu_model  # noqa: E402
 
-LOADERS = {"unet": load_pipeline, "dit": load_dit_pipeline}
-TITLES = {"unet": "UNet (tiny SD 1.x)", "dit": "DiT (tiny PixArt-alpha)"}
+LOADERS = {"unet": load_pipeline, "dit": load_dit_pipeline, "flux": load_flux_pipeline}
+TITLES = {"unet": "UNet (tiny SD 1.x)", "dit": "DiT (tiny PixArt-alpha)", "flux": "FLUX (tiny FLUX.1)"}
 SPLITS = (("seen", "train"), ("held-out", "held_out"))
 WITHIN = 0.03  # "keeps accuracy": no attribute more than 3 points below the baseline, on either split
 
@@ -172,6 +173,8 @@ FAMILY_STYLE = {
     "ToCa": ("tab:purple", "P"), "T-GATE + ToCa": ("tab:pink", "P"),
     "PAB": ("tab:brown", "v"), "FasterCache": ("magenta", "^"), "FirstBlockCache": ("teal", "<"),
     "TaylorSeer": ("gold", ">"), "tomesd": ("navy", "x"), "DeepCache (published)": ("lime", "+"),
+    "block cache": ("darkgreen", "h"), "block cache + T-GATE": ("tab:blue", "h"), "block cache + ToCa": ("tab:purple", "h"),
+    "cache-dit DBCache": ("darkorange", "X"),
 }
 
 
@@ -255,7 +258,7 @@ def _machine(loads: list[tuple[str, tuple]]) -> list[str]:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- torch {torch.__version__}, diffusers {_version('diffusers')}, tomesd {_version('tomesd')}, "
-        f"DeepCache {_version('DeepCache')}, Python {platform.python_version()}, {platform.system()} "
+        f"DeepCache {_version('DeepCache')}, cache-dit {_version('cache-dit')}, Python {platform.python_version()}, {platform.system()} "
         f"{platform.machine()}",
         f"- tgate_fx methods: {', '.join(_methods())}; date {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "- load average (1, 5, 15 min): " + "; ".join(f"{when} {l[0]:.1f}, {l[1]:.1f}, {l[2]:.1f}"
@@ -276,6 +279,11 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "not installed"
+
+
+def _guidance(kwargs: dict) -> float:
+    """The CFG scale of the call: ``guidance_scale``, or FLUX's ``true_cfg_scale``."""
+    return kwargs["true_cfg_scale"] if "true_cfg_scale" in kwargs else kwargs["guidance_scale"]
 
 
 def _keeps(r: dict, base: dict) -> bool:
@@ -303,8 +311,10 @@ def _markdown(rows, base, real, meta, args, testbed) -> str:
         "",
         *_machine(meta["loads"]),
         "",
-        f"**Pipeline**: `tgate_fx.shapes.{LOADERS[testbed].__name__}()`, {meta['steps']} DPM-Solver++ steps, "
-        f"guidance {meta['guidance']}, CFG on.",
+        f"**Pipeline**: `tgate_fx.shapes.{LOADERS[testbed].__name__}()`, {meta['steps']} "
+        + ("flow-matching Euler steps, true CFG " if testbed == "flux" else "DPM-Solver++ steps, guidance ")
+        + f"{meta['guidance']}, CFG on"
+        + (" (two transformer calls per step, the empty caption as negative prompt)." if testbed == "flux" else "."),
         "",
         f"**Sample** (the same pictures and seeds for every setting): one in {args.seen_every} of the 315 "
         f"captions seen in training x {args.seen_per_combo} = **{n_seen} seen** pictures, and the 45 held-out "
@@ -381,6 +391,16 @@ def _markdown(rows, base, real, meta, args, testbed) -> str:
     lines += ["", "## Not applicable on this testbed", ""]
     lines += [f"- **{name}**: {why}" for name, why in meta["not_applicable"]]
     curves = meta["curves"]
+    if curves is None:  # FLUX: no attn1/attn2 sites (see tgate_fx.shapes.evaluate.attention_change)
+        curves = {"sites": 0, "cross": [], "self": []}
+        lines += ["", "## Cross-attention convergence", "",
+                  "Not measured on this testbed: FLUX's blocks have one joint attention, no `attn1`/`attn2` "
+                  "pair, and `tgate_fx.shapes.evaluate.attention_change` refuses it. The gate sweep above is the "
+                  "test of whether the text stream converges.",
+                  "", "## Samples", "",
+                  "First held-out pictures (same seeds in every row): baseline, then the first setting of each "
+                  "family.", "", f"![samples](frontier_{testbed}_samples.png)", ""]
+        return "\n".join(lines)
     lines += [
         "",
         "## Cross-attention convergence (the observation T-GATE rests on)",
@@ -459,11 +479,13 @@ def main(argv: list[str] | None = None) -> None:
     floor_splits = ["held-out" if c in held else "seen" for c in floor.combos]
     real = _scores(clf, floor.images, floor.labels, floor_splits, real_features, None)
 
-    _log("baseline with attention hooks (convergence curve, 45 held-out captions)")
-    curves = attention_change(base_pipe, seed=args.seed, **kwargs)
-    if not args.no_plot:
+    curves = None
+    if testbed != "flux":  # FLUX has no attn1/attn2 sites to measure
+        _log("baseline with attention hooks (convergence curve, 45 held-out captions)")
+        curves = attention_change(base_pipe, seed=args.seed, **kwargs)
+    if curves is not None and not args.no_plot:
         plot_change(curves, os.path.join(args.out, f"frontier_{testbed}_attention_change.png"),
-                    f"Attention change per step: {TITLES[testbed]}, {steps} steps, CFG {kwargs['guidance_scale']}")
+                    f"Attention change per step: {TITLES[testbed]}, {steps} steps, CFG {_guidance(kwargs)}")
 
     from frontier_settings import Installed
 
@@ -521,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     samples["baseline"] = base_images[held_idx]
     meta = {
         "argv": argv if argv is not None else sys.argv[1:], "seconds": time.time() - _START, "loads": loads,
-        "steps": steps, "guidance": kwargs["guidance_scale"], "chunks": len(combos) // args.chunk,
+        "steps": steps, "guidance": _guidance(kwargs), "chunks": len(combos) // args.chunk,
         "timed": len(combos) - args.chunk, "base_times": (sum(base_t0[1:]), sum(base_t1[1:])),
         "base_cpu": (sum(base_c0[1:]), sum(base_c1[1:])),
         "base_repeat_diff": float((again - base_images).abs().max()), "curves": curves,

@@ -142,6 +142,30 @@ def test_equals_diffusers_first_block_cache(family):
     torch.testing.assert_close(_generate(pipe, call), reference, rtol=0, atol=0)
 
 
+def _flux_equal_streams(true_cfg_scale: float = 1.0):
+    """Tiny FLUX with as many text tokens as image tokens (16): the streams have one shape."""
+    pipe, call = tiny_extra.tiny_flux(size=8, true_cfg_scale=true_cfg_scale)
+    g = torch.Generator().manual_seed(7)
+    call.update(prompt_embeds=torch.randn(1, 16, 32, generator=g), max_sequence_length=16)
+    if true_cfg_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 16, 32, generator=g))
+    return pipe, call
+
+
+@pytest.mark.parametrize("true_cfg_scale,batch", [(1.0, 1), (4.0, 1), (4.0, 3)])
+def test_streams_of_one_token_count_are_told_apart_by_data_flow(true_cfg_scale, batch):
+    """16 text and 16 image tokens: the head's text stream is the residual update of a value made from the
+    text alone, the tail's image stream is what the output is made of; equal to diffusers' hook, which
+    knows the streams from the block's return order."""
+    pipe, call = _flux_equal_streams(true_cfg_scale)
+    call["num_images_per_prompt"] = batch
+    baseline = _generate(pipe, call)
+    reference, decisions = _diffusers_fbc(pipe, call, "flux")
+    assert (reference - baseline).abs().max() > 0 and not all(decisions)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    torch.testing.assert_close(_generate(pipe, call), reference, rtol=0, atol=0)
+
+
 def test_threshold_zero_equals_the_unoptimized_pipeline():
     pipe, call = tiny_extra.tiny_flux()
     baseline = _generate(pipe, call)

@@ -132,3 +132,18 @@ def test_keys_are_the_same_in_every_process():
     keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.split()[-1] for seed in (1, 2)}
     assert len(keys) == 1
+
+
+def test_a_runtime_uses_the_store_it_is_given(tmp_path, monkeypatch):
+    """``runtime.capture_store``: a store of the caller's (a replica's shared volume), not the environment's."""
+    monkeypatch.setenv("TGATE_FX_CAPTURE_CACHE", "0")  # the environment's store is off
+    pipe = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    runtime = tgate_fx.get_runtime(pipe)
+    assert runtime.capture_store == capture_store.DEFAULT
+    runtime.capture_store = CaptureStore(str(tmp_path))
+    expected = latents(pipe, num_inference_steps=4)
+    assert len(_entries(tmp_path)) == 1
+    _no_export(monkeypatch)
+    again = tgate_fx.optimize(tiny_pipeline("sd15"), **SETTINGS)
+    tgate_fx.get_runtime(again).capture_store = CaptureStore(str(tmp_path))
+    assert torch.equal(latents(again, num_inference_steps=4), expected)

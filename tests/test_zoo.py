@@ -205,14 +205,3 @@ def test_a_pipeline_running_cfg_as_two_calls_it_cannot_tell_apart_is_refused_at_
         _frames(pipe, kw)
 
 
-def test_wan_2_2_with_two_transformers_is_refused_at_optimize():
-    import copy
-
-    from tgate_fx.tiny_extra import tiny_wan
-
-    pipe, _ = tiny_wan()
-    pipe.register_modules(transformer_2=copy.deepcopy(pipe.transformer))
-    pipe.register_to_config(boundary_ratio=0.5)
-    with pytest.raises(TypeError, match="between pipe.transformer and pipe.transformer_2"):
-        tgate_fx.optimize(pipe, gate_step=2)
-    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"

@@ -32,17 +32,44 @@ def _denoiser_of(pipe: Any) -> torch.nn.Module:
             f"pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}"
         )
     name, module = found
-    if getattr(pipe, "transformer_2", None) is not None:
+    if getattr(pipe, "transformer_2", None) is not None and _boundary(pipe) is None:
         raise TypeError(
-            f"{type(pipe).__name__} switches its denoiser by timestep between pipe.transformer and pipe.transformer_2 "
-            "(Wan 2.2's two experts); tgate_fx serves one denoiser per pipeline and would leave the steps of the "
-            "other unaccelerated while its plan counted them. Serving both is not supported yet")
+            f"{type(pipe).__name__} has a pipe.transformer_2 but no boundary_ratio in its config that says at which "
+            "timestep it takes over from pipe.transformer; tgate_fx serves pipelines that switch denoisers the way "
+            "Wan 2.2's do (boundary_ratio)")
     if not conditioning_inputs(module) or not attention_modules(module):
         missing = "no attention modules" if conditioning_inputs(module) else \
             "no conditioning input (encoder_hidden_states or class_labels)"
         raise TypeError(f"{type(pipe).__name__}.{name} ({type(module).__name__}) has {missing}; every method of "
                         "tgate_fx accelerates the attention of a text- or class-conditioned denoiser")
     return module
+
+
+def _boundary(pipe: Any) -> float | None:
+    """Wan 2.2's switch between its experts: ``pipe.transformer`` runs the steps whose timestep is at least
+    ``boundary_ratio * num_train_timesteps``, ``pipe.transformer_2`` the others (``None``: no switch)."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None or getattr(pipe, "transformer_2", None) is None:
+        return None
+    return float(ratio) * pipe.scheduler.config.num_train_timesteps
+
+
+def _segments(pipe: Any) -> dict[str, Any]:
+    """The denoisers of ``pipe`` to serve, by attribute, each with its segment function (``None``: every step).
+
+    Wan 2.2 switches between two experts by timestep: each is served as its own denoiser, its generations the
+    steps it runs (counted from its first call; its methods' step settings count within them)."""
+    boundary = _boundary(pipe)
+    if boundary is None:
+        return {}
+
+    def high(pipe_, timesteps):  # the pipeline's test: t >= boundary_timestep runs pipe.transformer
+        return tuple(i for i, t in enumerate(timesteps) if t >= boundary)
+
+    def low(pipe_, timesteps):
+        return tuple(i for i, t in enumerate(timesteps) if not t >= boundary)
+
+    return {"transformer": high, "transformer_2": low}
 
 
 def get_runtime(pipe: Any) -> DenoiserRuntime:
@@ -104,7 +131,10 @@ def optimize(
     plan needs. The pipeline is called as before; ``from_pipe`` copies share
     the denoiser and so its runtime, each counting its own generations.
     Applying it again replaces the methods and keeps the captured graphs;
-    :func:`restore` removes the hook.
+    :func:`restore` removes the hook. Wan 2.2's pipelines switch between two
+    experts by timestep (``pipe.transformer``, ``pipe.transformer_2``): each
+    gets its own runtime, with the methods applied to the steps it runs, as
+    its own generation (step settings count within them).
 
     Args:
         pipe: A diffusers pipeline (SD 1.x/2.x, SD-XL, PixArt-alpha/sigma, LCM
@@ -144,6 +174,16 @@ def optimize(
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
     denoiser = _denoiser_of(pipe)
+    segments = _segments(pipe)
+    if segments:  # each expert has its own runtime, methods bound to it
+        for name, segment in segments.items():
+            _install(pipe, getattr(pipe, name), chosen, compile, segment)
+        return pipe
+    _install(pipe, denoiser, chosen, compile)
+    return pipe
+
+
+def _install(pipe: Any, denoiser: torch.nn.Module, chosen: list, compile, segment=None) -> None:
     chosen = [method.bind(denoiser) for method in chosen]  # raises for a denoiser a method cannot serve
     for method in chosen:  # again, now that each knows the denoiser
         method.compose([m for m in chosen if m is not method])
@@ -153,13 +193,13 @@ def optimize(
             warnings.warn(f"tgate_fx: {method.title} rewrites nothing here: {reason}", InertMethodWarning, stacklevel=2)
     runtime = installed_runtime(denoiser)
     if runtime is not None:
+        runtime.segment = segment
         runtime.configure(chosen, pipe)
     else:
-        runtime = DenoiserRuntime(denoiser, chosen, pipe)
+        runtime = DenoiserRuntime(denoiser, chosen, pipe, segment)
         install(denoiser, runtime)
     if compile:
         runtime.compile(**({} if compile is True else compile))
-    return pipe
 
 
 def _chosen_methods(tgate_args: dict, config, tgate, deepcache, methods, todo=None, toca=None,
@@ -201,4 +241,7 @@ def restore(pipe: Any):
     found = find_denoiser(pipe)
     if found is not None:
         uninstall(found[1])
+    second = getattr(pipe, "transformer_2", None)  # Wan 2.2's second expert
+    if isinstance(second, torch.nn.Module):
+        uninstall(second)
     return pipe

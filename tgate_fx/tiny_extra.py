@@ -26,7 +26,7 @@ import torch
 from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
-           "tiny_t2i_adapter", "tiny_wan", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
+           "tiny_t2i_adapter", "tiny_wan", "tiny_wan22", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
            "tiny_hunyuanvideo", "tiny_cogvideox"]
 
 
@@ -193,6 +193,20 @@ def tiny_wan(seed: int = 0, *, guidance_scale: float = 6.0):
     pipe.set_progress_bar_config(disable=True)
     return pipe, dict(**_embeds(seed + 5, 8, 32, mask=False), height=32, width=32, num_frames=9,
                       guidance_scale=guidance_scale)
+
+
+def tiny_wan22(seed: int = 0, *, guidance_scale: float = 6.0, boundary_ratio: float = 0.9):
+    """Wan 2.2 text to video: :func:`tiny_wan` with a second expert, ``transformer_2`` (other weights), which
+    runs the steps whose timestep is below ``boundary_ratio * 1000`` (the pipeline's switch)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe, call = tiny_wan(seed, guidance_scale=guidance_scale)
+    _seeded(seed + 2)
+    second = WanTransformer3DModel(**pipe.transformer.config).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                       transformer_2=second, scheduler=pipe.scheduler, boundary_ratio=boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {**call, "guidance_scale_2": guidance_scale}
 
 
 def tiny_kandinsky22(seed: int = 0):

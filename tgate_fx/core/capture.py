@@ -83,12 +83,18 @@ def capture_denoiser(module: torch.nn.Module, call: dict[str, Any], store: Any =
     signature = signature_of(call)
     store = resolve_store(store)
     key = store.key(module, signature) if store is not None else None
-    if store is not None:
+    if store is None:
+        return _export(module, call, signature, None, None)
+    with store.exclusive(key):  # processes sharing the store: the first exports, the others load its entry
         stored = store.load(key, module, call)
         if stored is not None:
             stored.signature = signature
             stored.state_paths = state_paths(module, stored.graph_module)
             return stored
+        return _export(module, call, signature, store, key)
+
+
+def _export(module: torch.nn.Module, call: dict[str, Any], signature: Any, store: Any, key: str | None) -> Capture:
     start = time.perf_counter()
     with as_traced(module):
         exported = torch.export.export(module, (), {**fresh_containers(call), "return_dict": False}, strict=False)

@@ -27,12 +27,19 @@ it is never used.
 
 Where: ``$TGATE_FX_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/tgate_fx/captures``,
 else ``~/.cache/tgate_fx/captures``. ``TGATE_FX_CAPTURE_CACHE=0`` turns it
-off. Writes go to a temporary file renamed into place, so concurrent
-processes never read a half-written entry.
+off. Writes go to a temporary file, flushed to disk and renamed into place,
+so concurrent processes never read a half-written entry. Processes that
+share a store (replicas on one volume) take the entry's lock file
+(``<entry>.lock``, ``fcntl.flock``) around "load, else export and save"
+(:meth:`CaptureStore.exclusive`): the first exports, the others wait and
+load its entry, so one key is exported once. A corrupt entry is deleted only
+if it is still the file that was read (a concurrent writer's good entry is
+kept).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -123,12 +130,37 @@ class CaptureStore:
     def path(self, key: str) -> str:
         return os.path.join(self.directory, key[:2], key + ".capture")
 
+    @contextlib.contextmanager
+    def exclusive(self, key: str):
+        """Hold the lock of ``key``'s entry (a lock file next to it, ``flock``): every process that shares
+        the store and asks for the same key waits here, so only the first exports and the others load
+        what it saved. Where ``fcntl`` is missing (Windows) nothing is locked: the writes stay atomic, a
+        key may then be exported by more than one process."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        lock = f"{self.path(key)}.lock"
+        try:
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # a read-only store: nothing will be written, nothing to order
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     # --- load / save -------------------------------------------------------------
     def load(self, key: str, module: torch.nn.Module, call: dict[str, Any]) -> Capture | None:
         """The stored capture of ``key`` bound to ``module``, or ``None`` (a bad entry is deleted)."""
         path = self.path(key)
         try:
             with open(path, "rb") as f:
+                read_as = os.fstat(f.fileno())
                 blob = f.read()
         except OSError:
             self.misses += 1
@@ -142,7 +174,7 @@ class CaptureStore:
         except Exception:  # noqa: BLE001 - any failure means the entry cannot be trusted
             self.rejected += 1
             self.misses += 1
-            _remove(path)
+            _remove_if_same(path, read_as)
             return None
         capture.seconds = time.perf_counter() - start
         capture.from_store = True
@@ -168,6 +200,8 @@ class CaptureStore:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path(key)), prefix=".tmp_")
         with os.fdopen(fd, "w") as f:
             f.write(digest)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self._fact_path(key, fact))
 
     def has_fact(self, key: str, fact: str) -> bool:
@@ -193,11 +227,24 @@ class CaptureStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_MAGIC + header.encode() + b"\n" + payload)
+                f.flush()
+                os.fsync(f.fileno())  # a crash after the rename leaves the whole entry, not an empty file
             os.replace(tmp, path)
         except BaseException:
             _remove(tmp)
             raise
         return True
+
+
+def _remove_if_same(path: str, read_as: os.stat_result) -> None:
+    """Delete ``path`` if it is still the file ``read_as`` describes (not one a writer renamed in since)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return
+    if (now.st_ino, now.st_dev, now.st_mtime_ns, now.st_size) == (read_as.st_ino, read_as.st_dev,
+                                                                   read_as.st_mtime_ns, read_as.st_size):
+        _remove(path)
 
 
 def _remove(path: str) -> None:

@@ -242,13 +242,19 @@ class GenerationTracker:
         split_cfg: Serve pipelines that run CFG as two denoiser calls per step (see the module
             docstring; their plans are made with ``plan_for(..., split=True)``); otherwise such a
             generation is refused.
+        segment: For a denoiser that runs only some steps of each generation (Wan 2.2's two experts):
+            ``segment(pipe, timesteps)``, the indices of the generation's steps it runs, from the
+            generation's timesteps. Its generations are those steps: planned as a generation of that
+            many steps, counted from its first call, and each call's timestep is checked against the
+            step's (a mismatch raises ``RuntimeError``: the count would run the wrong graph).
     """
 
     def __init__(self, plan_for: Callable[..., Plan], pipeline, sample_arg: str, *, with_timesteps: bool = False,
-                 split_cfg: bool = False):
+                 split_cfg: bool = False, segment: Callable[[Any, tuple[float, ...]], tuple[int, ...]] | None = None):
         self.plan_for = plan_for
         self.with_timesteps = with_timesteps
         self.split_cfg = split_cfg
+        self.segment = segment
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
         self.sample_arg = sample_arg
         self._local = threading.local()
@@ -399,6 +405,9 @@ class GenerationTracker:
             return gen, self._role(gen, call, local)
         self._generation = None
         num_steps, cfg = self.steps_in_generation(pipe, in_call=bool(local)), self.detect_cfg(call, pipe, local)
+        segment_timesteps = None
+        if self.segment is not None:
+            num_steps, segment_timesteps = self._segment(pipe, local, num_steps)
         split = cfg and self.split_cfg and self._split_role(call, local) is not None
         if cfg and not split:
             if self._split_role(call, local) is not None:
@@ -409,7 +418,9 @@ class GenerationTracker:
             if call[self.sample_arg].shape[0] % 2:
                 self._split_refusal(call, local, pipe)
         extra = {"split": True} if split else {}  # split_cfg's plan_for takes it
-        if self.with_timesteps:
+        if self.segment is not None:
+            plan = self.plan_for(num_steps, cfg, segment_timesteps, **extra)
+        elif self.with_timesteps:
             plan = self.plan_for(num_steps, cfg, self.timesteps_in_generation(num_steps, pipe, local), **extra)
         else:
             plan = self.plan_for(num_steps, cfg, **extra)
@@ -465,9 +476,33 @@ class GenerationTracker:
         gen = self._generation
         return gen.plan if gen is not None else None
 
+    def _segment(self, pipe, local: dict, num_steps: int) -> tuple[int, tuple[float, ...]]:
+        """The steps and timesteps of this denoiser's part of a generation of ``num_steps`` steps."""
+        timesteps = self.timesteps_in_generation(num_steps, pipe, local)
+        if timesteps is None:
+            raise RuntimeError("this denoiser runs only some steps of each generation, and tgate_fx cannot read "
+                               "the generation's timesteps to tell which; call it from its diffusers pipeline")
+        steps = tuple(self.segment(pipe, timesteps))
+        if not steps:
+            raise RuntimeError("this denoiser was called in a generation none of whose steps it runs")
+        return len(steps), tuple(timesteps[i] for i in steps)
+
+    def _check_timestep(self, gen: _Generation, call: dict[str, Any]) -> None:
+        timestep = call.get("timestep")
+        expected = gen.plan.timesteps[gen.step] if gen.plan.timesteps is not None else None
+        if isinstance(timestep, torch.Tensor) and timestep.numel() and expected is not None:
+            got = float(timestep.flatten()[0])
+            if got != expected:
+                raise RuntimeError(f"step {gen.step} of this denoiser's part of the generation is at timestep "
+                                   f"{expected}, but it was called at {got}: the pipeline switches denoisers at "
+                                   "other steps than tgate_fx counted, and it would run the wrong graph. "
+                                   "tgate_fx.restore(pipe)")
+
     def next_step(self, call: dict[str, Any]) -> Step:
         """Account for one denoiser call (a normalized call dict) and return its step."""
         gen, role = self._current(call)
+        if self.segment is not None:
+            self._check_timestep(gen, call)
         entry = gen.plan.steps[gen.step]
         if role is None:
             gen.step += 1

@@ -76,10 +76,16 @@ class DenoiserRuntime:
         pipeline: The pipeline it serves by default (held weakly): calls from
             another pipeline's ``__call__`` (a ``from_pipe`` copy sharing the
             denoiser) count with that pipeline's scheduler and guidance.
+        segment: For one of several denoisers a pipeline switches between by step (Wan 2.2's
+            experts): ``segment(pipe, timesteps)``, the indices of the steps this one runs; its
+            generations are those steps (see :class:`~tgate_fx.core.generation.GenerationTracker`).
     """
 
-    def __init__(self, denoiser: torch.nn.Module, methods: list[Method], pipeline=None):
+    def __init__(self, denoiser: torch.nn.Module, methods: list[Method], pipeline=None, segment=None):
         self.denoiser = denoiser
+        # A denoiser that runs some steps of each generation: (pipe, timesteps) -> their indices (see
+        # GenerationTracker); its generations are those steps.
+        self.segment = segment
         # From the class: the instance may be a deep copy still being filled in (see `copy_for`).
         self._sample_arg = list(inspect.signature(type(denoiser).forward).parameters)[1]
         self._output_class = output_class(denoiser)
@@ -110,7 +116,19 @@ class DenoiserRuntime:
             raise
         self.methods = list(methods)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else (lambda: None)
-        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True, split_cfg=True)
+        self.generations = GenerationTracker(self.plan, pipeline, self._sample_arg, with_timesteps=True, split_cfg=True,
+                                             segment=self.segment)
+
+    @property
+    def capture_store(self):
+        """The capture store this runtime loads captures from and saves them to (see
+        :mod:`~tgate_fx.core.capture_store`); set a :class:`~tgate_fx.core.capture_store.CaptureStore` (e.g. a
+        directory replicas share), or ``None`` for none. Default: the environment's store."""
+        return self._batches.store
+
+    @capture_store.setter
+    def capture_store(self, store) -> None:
+        self._batches.store = store
 
     def plan(self, num_steps: int, cfg: bool, timesteps=None, *, split: bool = False) -> Plan:
         """The plan of a generation of ``num_steps`` steps (with these ``timesteps``, if known; ``split``: CFG
@@ -180,7 +198,7 @@ class DenoiserRuntime:
         pipeline in ``memo`` if there is one. Graphs are not copied (they hold the original's parameters):
         the copy captures its own."""
         pipe = self._pipeline()
-        return DenoiserRuntime(denoiser, self.methods, memo.get(id(pipe), pipe))
+        return DenoiserRuntime(denoiser, self.methods, memo.get(id(pipe), pipe), self.segment)
 
     def _drop_graphs(self) -> None:
         self._captures.clear()

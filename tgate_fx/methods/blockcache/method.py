@@ -11,8 +11,10 @@ Annotation, on the captured graph:
 * the head's outputs are its values read outside it: the *image* stream (the
   block's ``hidden_states`` output) and, for a dual-stream block (Flux, SD3,
   Qwen-Image, HunyuanVideo, CogVideoX), the *text* stream, told apart by the
-  text's token count (a resolution where both streams have as many tokens is
-  refused, never guessed);
+  text's token count, or where both have as many tokens by data flow (the text
+  output updates a value made from the text alone; in the last block, the
+  image stream is the one the model's output is made of); anything else is
+  refused, never guessed;
 * the head's image input is the value its image output adds its residual to
   (followed back through the block's residual additions);
 * the *boundary* is every value computed for the head (the head and what it
@@ -125,13 +127,17 @@ def _text_tokens(graph: fx.Graph) -> int | None:
     return None
 
 
-def _streams(outputs: list[fx.Node], text_tokens: int | None, head: str) -> dict[str, fx.Node]:
-    """The head's outputs by stream (see the module docstring)."""
+def _streams(outputs: list[fx.Node], text_tokens: int | None, head: str, from_latents=None) -> dict[str, fx.Node]:
+    """The head's outputs by stream (see the module docstring). Two outputs of the same token count are told
+    apart by ``from_latents(output)``: whether the value the output is a residual update of depends on the
+    latent input (the image stream's does; in the first block the text stream's comes from the text alone)."""
     if len(outputs) == 1:
         return {IMAGE: outputs[0]}
     shapes = [_shape(n) for n in outputs]
     if len(outputs) == 2 and all(s and len(s) >= 2 for s in shapes):
         text = [n for n, s in zip(outputs, shapes) if s[1] == text_tokens]
+        if len(text) == 2 and from_latents is not None:
+            text = [n for n in outputs if not from_latents(n)]
         if len(text) == 1:
             return {TEXT: text[0], IMAGE: next(n for n in outputs if n is not text[0])}
     raise ValueError(f"block cache: the first block {head!r} has {len(outputs)} outputs of shapes {shapes}, and "
@@ -228,11 +234,25 @@ class BlockCache(Method):
                 raise ValueError(f"block cache: block {path!r} is not called in the captured graph")
         graph = graph_module.graph
         members = set(regions.nodes_of(head))
-        streams = _streams(_sample_dependent(graph, regions.values_leaving(head)), _text_tokens(graph), head)
+        latents = _descendants([n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS][:1])
+
+        def from_latents(output: fx.Node) -> bool:
+            try:
+                return _residual_input(output, members, head) in latents
+            except ValueError:  # e.g. a text stream broadcast from one sample: not an update of the latents'
+                return False
+
+        streams = _streams(_sample_dependent(graph, regions.values_leaving(head)), _text_tokens(graph), head,
+                           from_latents)
         image_in = _residual_input(streams[IMAGE], members, head)
         tails: dict[str, fx.Node] = {}
-        for value in _sample_dependent(graph, regions.values_leaving(tail)):
+        leaving = _sample_dependent(graph, regions.values_leaving(tail))
+        returned = _ancestors(list(graph.output_node().all_input_nodes))
+        for value in leaving:
             match = [s for s, n in streams.items() if _shape(n) == _shape(value)]
+            if len(match) == 2:  # streams of one token count: the image stream is the one the output is made of
+                made_of = [v for v in leaving if v in returned]
+                match = ([IMAGE] if value is made_of[0] else [TEXT]) if len(made_of) == 1 else match
             if len(match) != 1 or match[0] in tails:
                 raise ValueError(f"block cache: the last block {tail!r} outputs {value.name} "
                                  f"{_shape(value)}, which matches no single stream of the first block "
