@@ -81,6 +81,13 @@ def _restricted(block, call, image_only=True):
     return gm
 
 
+# The restricted graph runs the projections on the image rows only: a GEMM over fewer rows may take another
+# kernel blocking (seen on an AVX-512 CPU: 17 of 80 values 1 ulp apart, max 3e-8), so rows are compared to the
+# full block's within fp32 rounding. The end-to-end tests compare against an oracle that also computes the
+# image rows alone, bit for bit.
+ROWS = dict(rtol=2e-6, atol=1e-7)
+
+
 def _run(gm, call):
     with torch.no_grad():
         return gm(*(call[n.name] for n in gm.graph.nodes if n.op == "placeholder"))
@@ -94,7 +101,7 @@ def test_image_rows_equal_the_eager_block(text_first, rotary, split):
     with torch.no_grad():
         expected, _ = block(**call)
     gm = _restricted(block, call)
-    torch.testing.assert_close(_run(gm, call)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(_run(gm, call)[0], expected, **ROWS)
     (core,) = [n for n in gm.graph.nodes if n.target is SDPA]
     assert core.args[0].meta["val"].shape[2] == IMAGE and core.args[1].meta["val"].shape[2] == TEXT + IMAGE
     linears = [n.args[1].name for n in gm.graph.nodes if n.target is aten.linear.default]
@@ -109,7 +116,7 @@ def test_the_text_rows_still_read_keep_the_original_core():
     gm = _restricted(block, call, image_only=False)
     got = _run(gm, call)
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **ROWS)
     assert sum(n.target is SDPA for n in gm.graph.nodes) == 2  # the image rows' copy and the text rows' original
 
 
