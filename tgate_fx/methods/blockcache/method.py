@@ -109,14 +109,13 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _sample_dependent(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
-    """The ``nodes`` that depend on the denoiser's latent input (a block's streams; not, e.g., a cast of
-    the timestep embedding that the next blocks share)."""
+def _latent_dependents(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that depend on the denoiser's latent input (a block's streams; not, e.g., a cast of the
+    timestep embedding that the next blocks share)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS]
     if not placeholders:
         raise ValueError(f"block cache: the graph has no latent input ({' or '.join(SAMPLE_INPUTS)})")
-    dependent = _descendants(placeholders[:1])
-    return [n for n in nodes if n in dependent]
+    return _descendants(placeholders[:1])
 
 
 def _text_tokens(graph: fx.Graph) -> int | None:
@@ -234,7 +233,7 @@ class BlockCache(Method):
                 raise ValueError(f"block cache: block {path!r} is not called in the captured graph")
         graph = graph_module.graph
         members = set(regions.nodes_of(head))
-        latents = _descendants([n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS][:1])
+        latents = _latent_dependents(graph)
 
         def from_latents(output: fx.Node) -> bool:
             try:
@@ -242,11 +241,11 @@ class BlockCache(Method):
             except ValueError:  # e.g. a text stream broadcast from one sample: not an update of the latents'
                 return False
 
-        streams = _streams(_sample_dependent(graph, regions.values_leaving(head)), _text_tokens(graph), head,
+        streams = _streams([n for n in regions.values_leaving(head) if n in latents], _text_tokens(graph), head,
                            from_latents)
         image_in = _residual_input(streams[IMAGE], members, head)
         tails: dict[str, fx.Node] = {}
-        leaving = _sample_dependent(graph, regions.values_leaving(tail))
+        leaving = [n for n in regions.values_leaving(tail) if n in latents]
         returned = _ancestors(list(graph.output_node().all_input_nodes))
         for value in leaving:
             match = [s for s, n in streams.items() if _shape(n) == _shape(value)]
