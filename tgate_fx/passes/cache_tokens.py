@@ -39,8 +39,8 @@ from torch._guards import detect_fake_mode
 from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
 from .compute_attention_map import ComputeAttentionMap
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
-from .token_math import (TokenSelection, attention_entropy, attention_entropy_part, attention_received, attention_received_mean,
-                         refreshed_counts, scatter_rows, scatter_tokens, select_tokens)
+from .token_math import (TokenSelection, attention_entropy, attention_entropy_part, attention_received,
+                         attention_received_mean, refreshed_counts, scatter_rows, scatter_tokens, select_tokens)
 
 __all__ = ["CacheTokens", "CountReset", "ScoreSite", "TokenRefresh"]
 

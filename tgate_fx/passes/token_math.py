@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenSelection", "attention_entropy", "attention_entropy_part", "attention_received", "attention_received_mean", "refreshed_counts",
-           "scatter_rows", "scatter_tokens", "select_tokens", "spatial_bonus"]
+__all__ = ["TokenSelection", "attention_entropy", "attention_entropy_part", "attention_received",
+           "attention_received_mean", "refreshed_counts", "scatter_rows", "scatter_tokens", "select_tokens", "spatial_bonus"]
 
 
 @dataclass(frozen=True)
