@@ -55,7 +55,6 @@ _NO_CROSS_TGATE = "T-GATE cannot apply to {cls}: it caches cross-attention .* no
 _NO_CROSS_TODO = "ToDo cannot apply to {cls}: none of its attention modules is a cross-attention"
 _VIDEO_TODO = "ToDo cannot apply to {cls}: it downsamples the 2-D token grid of an image's self-attention"
 _NO_BLOCKS = "the block cache needs a transformer with blocks in"
-_JOINED = "the block cache cannot apply to {cls}: it joins the text and image streams"
 _CLASS = {
     "sd15": "UNet2DConditionModel", "sd21": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
     "lcm_sdxl": "UNet2DConditionModel", "sd15_img2img": "UNet2DConditionModel",
@@ -106,7 +105,6 @@ def _refusals() -> dict:
         out[family, "todo"] = _VIDEO_TODO.format(cls=_CLASS[family])
     for family in _UNETS:
         out[family, "blockcache"] = _NO_BLOCKS
-    out["chroma", "blockcache"] = _JOINED.format(cls=_CLASS["chroma"])  # double-stream blocks, then one stream
     out["hidream", "blockcache"] = _NO_BLOCKS  # its block lists have other names than diffusers' hooks look for
     return out
 
