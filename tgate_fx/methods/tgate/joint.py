@@ -43,7 +43,7 @@ JOINT_QUERY = "joint_query"
 # Double-stream blocks the rule serves, by class: their attention is ``<block>.attn``, with the text stream's
 # projections add_q/k/v_proj (and to_add_out where the block outputs a text stream).
 JOINT_BLOCKS = frozenset({"FluxTransformerBlock", "ChromaTransformerBlock", "JointTransformerBlock",
-                          "QwenImageTransformerBlock"})
+                          "QwenImageTransformerBlock", "Flux2TransformerBlock"})
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 CAT = torch.ops.aten.cat.default
