@@ -399,24 +399,28 @@ def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(famil
 # --- composed with ToCa ------------------------------------------------------------------------------------------
 
 
-def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
-    """FLUX: the official flux-ToCa rules (the eager oracle's block forwards) inside diffusers' FirstBlockCache
-    hook: a skipped block runs no ToCa forward, so its caches, scores and counters keep their last values, as
-    the variants' do."""
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_composed_with_toca_equals_the_hook_around_the_toca_oracle(family):
+    """FLUX, FLUX.2: the flux-ToCa rules (the eager oracle's block forwards) inside diffusers' FirstBlockCache
+    hook (on FLUX.2 with its rule applied to each stream of the join, :func:`_joined`): a skipped block runs
+    no ToCa forward, so its caches, scores and counters keep their last values, as the variants' do."""
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
     from diffusers.hooks import first_block_cache
     from oracle_toca_flux import FluxToCaOracle
 
     steps = 10
-    pipe, call = tiny_extra.tiny_flux()
+    threshold = THRESHOLDS.get(family, THRESHOLD)
+    pipe, call = FAMILIES[family]()
     kw = dict(output_type="latent", num_inference_steps=steps, **call)
     plain = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     oracle = FluxToCaOracle(pipe.transformer, num_steps=steps)  # its block forwards first: the hook wraps them
-    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    with _joined() if family in _JOINED else contextlib.nullcontext():
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
     decisions: list[bool] = []
+    context = _one_context(pipe.transformer) if family in _NO_CONTEXT else contextlib.nullcontext()
     try:
-        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions):
+        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
             expected = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     finally:
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
@@ -424,7 +428,7 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
         registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
         oracle.close()
     assert not all(decisions) and "ToCa" in oracle.steps
-    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=threshold))
     ours: list[str] = []
     with _spy(BlockCache, "decide", ours):
         got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
