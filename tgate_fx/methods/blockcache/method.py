@@ -60,6 +60,7 @@ import torch
 import torch.fx as fx
 
 from ...core.analysis import Regions
+from ...core.graph_passes import downstream, upstream
 from ...core.method import RECORD, REUSE, CacheKey, Choice, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from .config import BlockCacheConfig
@@ -116,7 +117,7 @@ def _latent_dependents(graph: fx.Graph) -> set[fx.Node]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS]
     if not placeholders:
         raise ValueError(f"block cache: the graph has no latent input ({' or '.join(SAMPLE_INPUTS)})")
-    return _descendants(placeholders[:1])
+    return downstream(placeholders[:1])
 
 
 def _text_tokens(graph: fx.Graph) -> int | None:
@@ -173,7 +174,7 @@ def _join(graph: fx.Graph, streams: dict[str, fx.Node], later: tuple[str, ...]) 
     if len(streams) != 2:
         return None
     later = set(later)
-    flowing = _descendants(list(streams.values()))
+    flowing = downstream(list(streams.values()))
     joins = [n for n in graph.nodes if n.target is torch.ops.aten.cat.default and n in flowing
              and len(n.args[0]) == 2 and (n.args[1] if len(n.args) > 1 else 0) in (1, -2)
              and not any(p in later for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
@@ -188,26 +189,6 @@ def _join(graph: fx.Graph, streams: dict[str, fx.Node], later: tuple[str, ...]) 
 def _stream_of(part: fx.Node, streams: dict[str, fx.Node]) -> str:
     """Which stream a part of the join is, by its token count (the two counts differ, see :func:`_join`)."""
     return next(s for s, n in streams.items() if _shape(n)[1] == _shape(part)[1])
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    out, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in out:
-            out.add(node)
-            stack.extend(node.all_input_nodes)
-    return out
-
-
-def _descendants(nodes: list[fx.Node]) -> set[fx.Node]:
-    out, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in out:
-            out.add(node)
-            stack.extend(node.users)
-    return out
 
 
 class BlockCache(Method):
@@ -265,7 +246,7 @@ class BlockCache(Method):
         image_in = _residual_input(streams[IMAGE], members, head)
         tails: dict[str, fx.Node] = {}
         leaving = [n for n in regions.values_leaving(tail) if n in latents]
-        returned = _ancestors(list(graph.output_node().all_input_nodes))
+        returned = upstream(list(graph.output_node().all_input_nodes))
         join = _join(graph, streams, self.blocks[1:])
         for value in leaving:
             match = [s for s, n in streams.items() if _shape(n) == _shape(value)]
@@ -284,7 +265,7 @@ class BlockCache(Method):
                 raise ValueError(f"block cache: the last block {tail!r} outputs both the joined streams and a "
                                  "stream of its own; the residual of neither is defined")
             self.join_order = tuple(_stream_of(a, streams) for a in join.args[0])
-        computed = _ancestors(list(streams.values()))  # what the head stage computes
+        computed = upstream(list(streams.values()))  # what the head stage computes
         boundary = self._boundary(computed, streams, image_in)
         self._check_skippable(graph, regions, streams, tails, boundary, join if JOINED in tails else None)
         tag = tag_key(NAME)
@@ -321,20 +302,13 @@ class BlockCache(Method):
         def block_of(node: fx.Node) -> str | None:
             return next((p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p in later), None)
 
-        between = (_descendants(list(streams.values())) & _ancestors(list(tails.values()))) - set(streams.values())
+        between = (downstream(list(streams.values())) & upstream(list(tails.values()))) - set(streams.values())
         outside = sorted(n.name for n in between if n.op == "call_function" and block_of(n) is None and n is not join)
         if outside:
             raise ValueError(f"block cache: the streams pass through {outside[:5]} between the blocks; skipping the "
                              "blocks would skip them too, which diffusers' block hooks do not")
         cut = set(boundary) | set(tails.values())
-        live, stack = set(), list(graph.output_node().all_input_nodes)
-        while stack:
-            node = stack.pop()
-            if node in live:
-                continue
-            live.add(node)
-            if node not in cut:
-                stack.extend(node.all_input_nodes)
+        live = upstream(graph.output_node().all_input_nodes, stop=cut)
         inside = sorted(n.name for n in live - cut if n.op == "call_function" and block_of(n) is not None)
         if inside:
             raise ValueError(f"block cache: the final layers read values of the blocks after the first other than "

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from ...core.analysis import Regions
+from ...core.graph_passes import downstream
 from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio
@@ -118,17 +119,12 @@ def _joined_with_mlp(regions: Regions, path: str, core: fx.Node) -> fx.Node:
     """FLUX.2's parallel block: module ``path`` projects its attention and its MLP branch together; the
     attention output is the part of the one concatenation inside it that is made from the attention ``core``."""
     members = set(regions.nodes_of(path))
-    downstream, stack = set(), [core]
-    while stack:
-        node = stack.pop()
-        if node in members and node not in downstream:
-            downstream.add(node)
-            stack.extend(node.users)
-    joins = [n for n in members if n.target is torch.ops.aten.cat.default and n in downstream]
+    below = downstream([core], within=members)
+    joins = [n for n in members if n.target is torch.ops.aten.cat.default and n in below]
     if len(joins) != 1:
         raise ValueError(f"ToCa expects {path} to join its attention output with its MLP branch once, "
                          f"found {len(joins)} joins")
-    parts = [a for a in joins[0].args[0] if a in downstream]
+    parts = [a for a in joins[0].args[0] if a in below]
     if len(parts) != 1 or len(joins[0].args[0]) != 2:
         raise ValueError(f"ToCa expects {path} to join one attention output with one MLP branch")
     return parts[0]
