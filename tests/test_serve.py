@@ -135,7 +135,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, model):
+def served(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'tgate-fx[serve]')")
     from ray import serve
 
@@ -147,22 +147,33 @@ def served(tmp_path_factory, model):
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app(str(PIPELINE_PATH), TGATE, num_replicas=1, store=store, warmup=[(32, 32)]), route_prefix="/")
+        # max_batch_size=4 as the `batched` reference; a generous wait, so concurrent requests meet in a call
+        serve.run(app(str(PIPELINE_PATH), TGATE, num_replicas=1, max_batch_size=4, batch_wait_timeout_s=0.5,
+                      store=store, warmup=[(32, 32)]), route_prefix="/")
         yield f"http://127.0.0.1:{port}/", store
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def test_the_deployment_serves_each_request_its_lone_picture(served, model):
+def _post(url, body) -> tuple[bytes, int]:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read(), int(response.headers["x-batch"])
+
+
+def test_the_deployment_serves_each_request_its_lone_picture_batched_or_not(served, batched):
     url, _ = served
     bodies = [{"prompt": p, "seed": i, "steps": 6} for i, p in enumerate(PROMPTS)]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # concurrent; max_batch_size=1: each alone
-        answers = list(pool.map(lambda b: generate(url, b), bodies))
-    assert answers == [model.render([model.parse(b)])[0] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # concurrent: @serve.batch groups them
+        answers = list(pool.map(lambda b: _post(url, b), bodies))
+    assert max(shared for _, shared in answers) > 1  # some did share a call
+    assert [png for png, _ in answers] == [batched.render([batched.parse(b)])[0] for b in bodies]
 
 
-def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(served, model):
+def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(served, batched):
     url, _ = served
     for body, reason in [({"prompt": "x", "methods": {"nope": {}}}, "unknown method 'nope'"),
                          ({"prompt": "x", "width": 33}, "not divisible by the VAE factor 4"),
@@ -172,7 +183,7 @@ def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(
             generate(url, body)
         assert info.value.code == 400 and reason in json.loads(info.value.read())["error"]
     body = {"prompt": PROMPTS[0], "seed": 7, "steps": 4}
-    assert generate(url, body) == model.render([model.parse(body)])[0]
+    assert generate(url, body) == batched.render([batched.parse(body)])[0]
 
 
 def _replica_pid(url) -> str:
@@ -182,13 +193,13 @@ def _replica_pid(url) -> str:
         return json.loads(r.read())["replica"]
 
 
-def test_a_replica_killed_during_a_request_is_replaced_and_the_request_retried(served, model):
+def test_a_replica_killed_during_a_request_is_replaced_and_the_request_retried(served, batched):
     import ray
 
     url, _ = served
     body = {"prompt": PROMPTS[1], "seed": 3, "steps": 200}
     start = time.perf_counter()
-    expected = model.render([model.parse(body)])[0]
+    expected = batched.render([batched.parse(body)])[0]
     alone = time.perf_counter() - start
     before = _replica_pid(url)
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]

@@ -411,10 +411,11 @@ def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **op
     return TGateFX
 
 
-def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 1, **model_options):
+def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 1,
+        batch_wait_timeout_s: float = 0.05, **model_options):
     """The bound application: ``serve.run(app(PATH, {"tgate": {}}), route_prefix="/")``."""
-    return deployment(max_batch_size=max_batch_size, num_replicas=num_replicas).bind(
-        str(path), methods, **model_options)
+    return deployment(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                      num_replicas=num_replicas).bind(str(path), methods, **model_options)
 
 
 def generate(url: str, body: dict, retries: int = 3, timeout: float = 120.0, wait: float = 1.0,
