@@ -419,12 +419,14 @@ def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch
 
 
 def generate(url: str, body: dict, retries: int = 3, timeout: float = 120.0, wait: float = 1.0,
-             failures: list | None = None):
+             failures: list | None = None, headers: dict | None = None):
     """POST ``body`` to ``url``; the PNG bytes, or an ``HTTPError`` / ``RuntimeError`` naming the failure.
+    ``failures``: gets each failed attempt's reason; ``headers``: gets the answer's headers, lower case (``x-replica``,
+    ``x-batch``: how many requests shared its pipeline call).
 
     A 4xx is final (the request is wrong). A 5xx or a broken connection (a replica that died with the
     request) is retried ``retries`` times, ``wait`` seconds apart: a request is fully given by its body
-    and seed, so a retry renders the same picture.
+    and seed, so a retry renders the same picture (batched or not, see the module docstring).
     """
     import urllib.error
     import urllib.request
@@ -435,6 +437,8 @@ def generate(url: str, body: dict, retries: int = 3, timeout: float = 120.0, wai
         try:
             request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
+                if headers is not None:
+                    headers.update((k.lower(), v) for k, v in response.headers.items())
                 return response.read()
         except urllib.error.HTTPError as e:
             if e.code < 500:
