@@ -14,11 +14,19 @@
    (prompt and seed vary), for the baseline (``"methods": {}``) and for
    T-GATE. The run stops submitting at ``--time-limit`` seconds per method.
    p50/p95 latency per request and throughput (requests/s over the wall
-   time of the phase).
+   time of the phase); each request alone (``max_batch_size=1``), then
+   batched (``--batch``: calls padded to that many rows), with the mean
+   number of requests that shared a call (the ``x-batch`` header). Also a
+   lone request's cost in this process, unpadded and padded.
+4. Fault: the batched T-GATE load again, one of the two replicas killed
+   (``ray.kill``) a third of the way in: how many requests were retried by
+   the client, failed or mismatched, and how long until two replicas run.
 
 Every response is compared byte for byte with the PNG of the same request
-rendered alone in this process (:class:`tgate_fx.serve.Text2Image`, one
-thread); a failed or mismatched request is counted and reported.
+rendered alone in this process by a :class:`tgate_fx.serve.Text2Image` of
+the deployment's batch size (one thread); a failed or mismatched request
+is counted and reported. Batched responses are also compared with the
+unpadded lone render (counted: another shape, not covered by the guarantee).
 
 Writes ``benchmarks/results/serve_load.md``, ``.json`` and ``.png``.
 """
