@@ -264,7 +264,7 @@ def main() -> None:
         wall = load[f"T-GATE, max_batch_size={args.batch}"]["wall_s"]
         label = f"T-GATE, max_batch_size={args.batch}, a replica killed under load"
         load[label] = _load(url, alone["T-GATE", args.batch], _bodies(args.requests, TGATE), args, generate,
-                            kill=(wall / 3, kill))
+                            lone=alone["T-GATE", 1], kill=(wall / 3, kill))
         load[label].update({k: killed.get(k) for k in ("replicas_before", "replaced_after_s")}, killed_at_s=wall / 3)
         print(label, {k: v for k, v in load[label].items() if k != "latencies"}, flush=True)
         results["load"] = load
@@ -283,7 +283,7 @@ def main() -> None:
 def _write_md(r: dict, path: str) -> None:
     m = r["machine"]
     lines = [f"# tgate_fx.serve under load ({r['date']})", "",
-             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']}`. CPU: "
+             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']} --batch {r['batch']}`. CPU: "
              f"{m['cpu']}, {m['cores']} cores shared with other work (load average {r['load_at_start']:.1f} at "
              f"start); torch {m['torch']}, diffusers {m['diffusers']}, ray {m['ray']}. A local Ray cluster "
              "(2 CPUs), HTTP on 127.0.0.1; each replica 1 CPU, 1 torch thread. Pipeline: "
@@ -306,7 +306,7 @@ def _write_md(r: dict, path: str) -> None:
                      f"{b['skipped']}, {t['skipped']}.")
     for label, x in r["load"].items():
         if "killed" in label:
-            lines.append(f"\nKilled under load: {x['replicas_before_kill']} replicas running, one killed "
+            lines.append(f"\nKilled under load: {x['replicas_before']} replicas running, one killed "
                          f"(`ray.kill`, no restart) {x['killed_at_s']:.1f} s after the clients started; Serve ran "
                          f"two again, one new, after {x['replaced_after_s'] and round(x['replaced_after_s'], 1)} s; "
                          f"{x['retried']} requests had a failed attempt and were retried by the client "
