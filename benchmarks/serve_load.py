@@ -283,7 +283,8 @@ def main() -> None:
 def _write_md(r: dict, path: str) -> None:
     m = r["machine"]
     lines = [f"# tgate_fx.serve under load ({r['date']})", "",
-             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']} --batch {r['batch']}`. CPU: "
+             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']} "
+             f"--batch {r['batch']}`. CPU: "
              f"{m['cpu']}, {m['cores']} cores shared with other work (load average {r['load_at_start']:.1f} at "
              f"start); torch {m['torch']}, diffusers {m['diffusers']}, ray {m['ray']}. A local Ray cluster "
              "(2 CPUs), HTTP on 127.0.0.1; each replica 1 CPU, 1 torch thread. Pipeline: "
