@@ -51,7 +51,7 @@ a request latents that differ in the last bits (measured up to 1.8e-5 on the
 shapes pipeline), and a pixel at a rounding boundary then comes out one
 level apart; at one fixed shape, each row's bits depend on its own inputs
 only (measured: 0.0 difference for the baseline, T-GATE, DeepCache and ToDo,
-any order, tests/test_serve.py). It is *not* the PNG of a
+in order and reversed, tests/test_serve.py). It is *not* the PNG of a
 ``max_batch_size=1`` deployment, which can differ from it by one level. The
 cost: a lone request pays for a full batch (benchmarks/results/serve_load.md).
 With the default ``max_batch_size=1`` every request runs alone, unpadded.
