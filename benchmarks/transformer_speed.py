@@ -262,6 +262,8 @@ class Bench:
         out: dict[str, float] = {}
         base = None
         for column in (*FX_COLUMNS, *PEERS):
+            if self.args.columns is not None and column not in self.args.columns:
+                continue
             configs = fx_methods(column, self.gate) if column in FX_COLUMNS else [BlockCacheConfig(threshold=0.1)]
             try:
                 methods = [m.bind(denoiser) for m in as_methods(configs)]
@@ -297,7 +299,7 @@ def median(xs):
 def bench_model(model: str, args) -> dict:
     _log(f"{model}: building")
     b = Bench(model, args)
-    columns = ["baseline", *FX_COLUMNS, *PEERS]
+    columns = ["baseline", *[c for c in (*FX_COLUMNS, *PEERS) if args.columns is None or c in args.columns]]
     times: dict[str, list[float]] = {c: [] for c in columns}
     warm: dict[str, float] = {}
     _log(f"{model}: warm-up round (captures, variants, skip records)")
@@ -448,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline-every", type=int, default=2, help="a baseline run before every N-th column")
+    p.add_argument("--columns", default=None, type=lambda v: tuple(v.split(",")),
+                   help=f"a subset of the columns (comma-separated; default all: {','.join((*FX_COLUMNS, *PEERS))})")
     p.add_argument("--flux-double", type=int, default=2)
     p.add_argument("--flux-single", type=int, default=2)
     p.add_argument("--flux-size", type=int, default=128)
