@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .capture_store import DEFAULT, resolve_store
+from .conventions import convention_of
 from .captured import Capture, flat_graph_module, fresh_containers, parameter_paths, signature_of, tensor_inputs
 from .hook import bypassed
 
@@ -111,19 +112,40 @@ def _export(module: torch.nn.Module, call: dict[str, Any], signature: Any, store
 def as_traced(module: torch.nn.Module):
     """Within the block, ``module`` runs as a capture traces it: in eval mode, without autograd, its own
     ``forward`` (tgate_fx's hook bypassed, in this thread) and without the accelerate hook on it (which
-    moves weights; see :func:`capture_denoiser`)."""
+    moves weights; see :func:`capture_denoiser`); a denoiser with a call convention (:mod:`.conventions`)
+    takes calls in the engine's form."""
     was_training = module.training
     hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
     if hooked:
         wrapped, module.forward = module.forward, module._old_forward
     module.eval()
     try:
-        with torch.no_grad(), bypassed(module):
+        with torch.no_grad(), bypassed(module), _engine_form(module):
             yield module
     finally:
         module.train(was_training)
         if hooked:
             module.forward = wrapped
+
+
+@contextlib.contextmanager
+def _engine_form(module: torch.nn.Module):
+    """Within the block, a denoiser with a call convention (:mod:`.conventions`) takes calls in the engine's
+    form (entered after :func:`bypassed`, which finds tgate_fx's hook as the module's ``forward``)."""
+    convention = convention_of(module)
+    if convention is None:
+        yield
+        return
+    convention.prepare(module)
+    own = vars(module).get("forward")
+    module.forward = convention.forward_of(module, module.forward)
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.__dict__["forward"]
+        else:
+            module.forward = own
 
 
 def state_paths(module: torch.nn.Module, gm: fx.GraphModule) -> frozenset[str]:
