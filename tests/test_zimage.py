@@ -167,13 +167,15 @@ def test_fora_interval_equals_the_hook_forced_to_that_schedule():
 def test_the_optimized_transformer_returns_its_list_form():
     pipe, call = tiny_zimage()
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
-    _generate(pipe, call, steps=2)  # captures first: the export calls the transformer's forward too
     outputs = []
     handle = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
         _generate(pipe, call, steps=2)
     finally:
         handle.remove()
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    outputs = [o for o in outputs if not isinstance(o[0], FakeTensor)]  # the export runs the forward too
     assert len(outputs) == 2
     assert all(isinstance(o[0], list) and [tuple(t.shape) for t in o[0]] == [(16, 1, 16, 16)] * 2 for o in outputs)
 
