@@ -190,3 +190,65 @@ def test_refusals(kwargs, reason):
     pipe, _ = tiny_zimage()
     with pytest.raises(TypeError, match=reason):
         tgate_fx.optimize(pipe, **kwargs)
+
+
+# --- ToCa: the FLUX rules on Z-Image's single-sequence blocks (chosen; methods/toca/single_sequence.py) --------
+
+
+def _toca_oracle(pipe, call, steps: int, c) -> tuple[torch.Tensor, list[str]]:
+    from oracle_toca_zimage import ZImageToCaOracle
+
+    oracle = ZImageToCaOracle(pipe.transformer, num_steps=steps, fresh_threshold=c.interval, fresh_ratio=c.ratio,
+                              soft_fresh_weight=c.cache_weight,
+                              ratio_scheduler="ToCa" if c.schedule == "ToCa-flux" else c.schedule)
+    try:
+        return _generate(pipe, call, steps), oracle.steps
+    finally:
+        oracle.close()
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("settings", [{}, {"ratio": 0.3, "interval": 3}], ids=["default", "ratio0.3"])
+def test_toca_equals_the_oracle_of_the_chosen_rules(settings, guidance_scale):
+    from tgate_fx import ToCaConfig
+
+    steps = 10
+    pipe, call = tiny_zimage(guidance_scale=guidance_scale)
+    plain = _generate(pipe, call, steps)
+    c = ToCaConfig(**settings).resolved("flux")
+    expected, kinds = _toca_oracle(pipe, call, steps, c)
+    assert "ToCa" in kinds and not torch.equal(expected, plain)
+    tgate_fx.optimize(pipe, toca=ToCaConfig(**settings))
+    got = _generate(pipe, call, steps)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert [s.methods["toca"].columns[0][1] for s in plan.steps] == \
+        ["full" if k == "full" else "partial" for k in kinds]
+    # the test can fail: another ratio refreshes other tokens and gives another image
+    tgate_fx.optimize(pipe, toca=ToCaConfig(**{**settings, "ratio": c.ratio / 2}))
+    assert not torch.equal(_generate(pipe, call, steps), expected)
+
+
+def test_toca_partial_step_computes_no_main_attention():
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    runtime = tgate_fx.get_runtime(pipe)
+    with runtime.tracing() as trace:
+        _generate(pipe, call, 4)
+    partial = next(v for p, _, v in trace if p.methods["toca"].columns[0][1] == "partial")
+    cores = [p for n in partial.graph_module.graph.nodes
+             if n.target is torch.ops.aten.scaled_dot_product_attention.default
+             for p, _ in list((n.meta.get("nn_module_stack") or {}).values())[-1:]]
+    assert cores == ["noise_refiner.0.attention", "context_refiner.0.attention"]  # the refiners run in full
+
+
+def test_block_cache_composes_with_toca():
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    plain = _generate(pipe, call, 8)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD), toca=ToCaConfig())
+    got = _generate(pipe, call, 8)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)
