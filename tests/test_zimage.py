@@ -252,3 +252,14 @@ def test_block_cache_composes_with_toca():
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD), toca=ToCaConfig())
     got = _generate(pipe, call, 8)
     assert torch.isfinite(got).all() and not torch.equal(got, plain)
+
+
+def test_report_says_what_applies_and_how_calls_are_served():
+    pipe, call = tiny_zimage()
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    _generate(pipe, call, steps=2)
+    text = tgate_fx.report(pipe)
+    assert "ToCa yes" in text and "Block cache (First Block Cache) yes" in text
+    assert "T-GATE no (it caches cross-attention" in text and "ToDo no (none of its attention modules" in text
+    assert "DeepCache no (DeepCache needs a UNet" in text
+    assert "calls: ZImageTransformer2DModel takes x, cap_feats as lists of per-sample tensors" in text
