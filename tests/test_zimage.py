@@ -119,6 +119,25 @@ def test_capture_predicts_the_eager_transformer(guidance_scale):
         expected = torch.stack(pipe.transformer(*args, **kwargs)[0])
         prediction = capture.graph_module(**capture.flat_inputs(engine))[0]
     assert torch.equal(prediction, expected)
+    # the autocast(enabled=False) regions of its timestep and rotary embeddings are inlined: no subgraph
+    # modules, so the disk capture store can describe the graph
+    assert not any(n.target is torch.ops.higher_order.wrap_with_autocast for n in capture.graph_module.graph.nodes)
+
+
+def test_the_capture_store_serves_a_second_process(tmp_path):
+    from tgate_fx.core.capture_store import CaptureStore
+
+    pipe, call = tiny_zimage()
+    plain = _generate(pipe, call, steps=3)
+    outs = []
+    for _ in range(2):  # the second runtime loads the first one's entry
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+        tgate_fx.get_runtime(pipe).capture_store = CaptureStore(str(tmp_path))
+        outs.append(_generate(pipe, call, steps=3))
+        outs.append([g.capture.from_store for g in tgate_fx.get_runtime(pipe).captures])
+        tgate_fx.restore(pipe)
+    assert outs[1] == [False] and outs[3] == [True]
+    assert torch.equal(outs[0], plain) and torch.equal(outs[2], plain)
 
 
 def test_ragged_captions_are_refused_with_their_shapes():

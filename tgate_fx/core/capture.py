@@ -22,6 +22,7 @@ call); :func:`parameter_paths` maps the flat names back to the denoiser's.
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from typing import Any
 
@@ -42,6 +43,30 @@ __all__ = ["as_traced", "capture_denoiser", "state_paths"]
 # Shapes are static here, so they guard nothing at run time, and they would
 # keep otherwise dead attention subgraphs alive.
 _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_WRAP_WITH_AUTOCAST = torch.ops.higher_order.wrap_with_autocast
+
+
+def _disabled_autocast(node: fx.Node) -> bool:
+    """Whether ``node`` runs a subgraph under an autocast region that changes nothing: ``autocast(device,
+    enabled=False)`` while no autocast of that device is on (Z-Image's timestep and rotary embeddings)."""
+    return (node.op == "call_function" and node.target is _WRAP_WITH_AUTOCAST and node.args[2] is False
+            and not torch.is_autocast_enabled(node.args[0]))
+
+
+def _inline(graph: fx.Graph, sub: fx.GraphModule, inputs: tuple, env: dict) -> tuple:
+    """Copy ``sub``'s nodes into ``graph`` on ``inputs``; its outputs."""
+    sub_env: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            sub_env[node] = env[next(placeholders)]
+        elif node.op == "output":
+            return tuple(fx.node.map_arg(node.args[0], lambda n: sub_env[n]))
+        elif node.op == "call_function" and node.target in _METADATA_ASSERTS:
+            continue
+        else:
+            sub_env[node] = graph.node_copy(node, lambda n: sub_env[n])
+    raise ValueError("an autocast subgraph without an output")
 
 
 def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]:
@@ -50,6 +75,14 @@ def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphM
     env: dict[fx.Node, Any] = {}
     input_names: list[str] = []
     for node in unlifted.graph.nodes:
+        if _disabled_autocast(node):  # its ops, in line: the passes and the capture store see them
+            env[node] = _inline(graph, getattr(unlifted, node.args[4].target), node.args[5:], env)
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]
+            continue
+        if node.op == "get_attr" and all(_disabled_autocast(u) for u in node.users) and node.users:
+            continue  # the subgraph of an inlined autocast region
         if node.op == "placeholder":
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
