@@ -282,3 +282,25 @@ def test_report_says_what_applies_and_how_calls_are_served():
     assert "T-GATE no (it caches cross-attention" in text and "ToDo no (none of its attention modules" in text
     assert "DeepCache no (DeepCache needs a UNet" in text
     assert "calls: ZImageTransformer2DModel takes x, cap_feats as lists of per-sample tensors" in text
+
+
+def test_cfg_truncation_switches_guidance_off_part_way():
+    """``cfg_truncation=0.5``: Z-Image's pipeline drops guidance at its late steps (a batch of 1) while
+    ``do_classifier_free_guidance`` stays on; its per-step ``apply_cfg`` decides, and the block cache follows
+    the switch (caches dropped, the no-CFG plan from there). ToCa's partial steps cannot: a clear error."""
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    call["cfg_truncation"] = 0.5
+    plain = _generate(pipe, call)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(_generate(pipe, call), plain, rtol=0, atol=0)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        got = _generate(pipe, call)
+    cfg = [s.cfg for s, _, _ in trace]
+    assert True in cfg and False in cfg and cfg == sorted(cfg, reverse=True)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    with pytest.raises(RuntimeError, match="cannot follow that switch"):
+        _generate(pipe, call, 10)

@@ -25,12 +25,14 @@ unrolled per sample: :attr:`~PerSampleLists.unrolled_batch` tells
 :mod:`~tgate_fx.core.rebatch` to export each batch size rather than derive it
 from a probe trace. :meth:`~PerSampleLists.prepare` fills the caches a
 forward builds lazily on its first call (Z-Image's rotary table), so that a
-trace reads them instead of storing traced values on the module.
+trace reads them instead of storing traced values on the module. The
+conventions are known by the denoiser's class (:func:`convention_of`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +46,20 @@ class PerSampleLists:
     """The convention of a denoiser that takes lists of per-sample tensors (see the module docstring).
 
     Attributes:
-        names: Its forward's argument -> the engine's name for it (batched), for the renamed arguments.
+        names: ``(its forward's argument, the engine's name for it)`` for each renamed argument.
         lists: The forward arguments passed as one tensor per sample.
         output_list: Whether its prediction is a list of per-sample tensors.
+        unrolled_batch: Whether its forward loops over the batch in Python (each batch size is then
+            exported on its own, see :mod:`~tgate_fx.core.rebatch`).
+        warm: ``warm(module)`` fills the caches its forward builds lazily on its first call, eagerly
+            (``None``: it builds none).
     """
 
     names: tuple[tuple[str, str], ...]
     lists: tuple[str, ...]
     output_list: bool = True
     unrolled_batch: bool = True
+    warm: Callable[[torch.nn.Module], None] | None = None
 
     def engine_name(self, name: str) -> str:
         return dict(self.names).get(name, name)
@@ -85,7 +92,7 @@ class PerSampleLists:
     def forward_of(self, module: torch.nn.Module, forward) -> Any:
         """A forward that takes the engine's form of a call and runs ``forward`` (``module``'s own) on it."""
         own = inspect.signature(type(module).forward)
-        params = [p.replace(name=self.engine_name(p.name)) for name, p in list(own.parameters.items())[1:]]
+        params = [p.replace(name=self.engine_name(p.name)) for p in list(own.parameters.values())[1:]]
 
         def batched_forward(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
@@ -100,12 +107,9 @@ class PerSampleLists:
         return batched_forward
 
     def prepare(self, module: torch.nn.Module) -> None:
-        """Fill the caches the forward builds on its first call (Z-Image's rotary table), eagerly."""
-        rope = getattr(module, "rope_embedder", None)
-        if rope is not None and getattr(rope, "freqs_cis", "absent") is None:
-            device = next(module.parameters()).device
-            rope.freqs_cis = [f.to(device) for f in rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens,
-                                                                             theta=rope.theta)]
+        """Fill the caches the forward builds on its first call, eagerly (before a trace reads them)."""
+        if self.warm is not None:
+            self.warm(module)
 
 
 def _stacked(name: str, value: Any) -> torch.Tensor:
@@ -121,11 +125,21 @@ def _stacked(name: str, value: Any) -> torch.Tensor:
     return torch.stack(list(value))
 
 
+def _rotary_table(module: torch.nn.Module) -> None:
+    """Z-Image's ``RopeEmbedder`` builds its table (a plain attribute) at its first call: under a trace that
+    would store traced values on the module."""
+    rope = module.rope_embedder
+    if rope.freqs_cis is None:
+        device = next(module.parameters()).device
+        rope.freqs_cis = [f.to(device) for f in rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens,
+                                                                         theta=rope.theta)]
+
+
 # By denoiser class name: the convention of each denoiser that does not take batched tensors.
 _CONVENTIONS = {
     "ZImageTransformer2DModel": PerSampleLists(
         names=(("x", "hidden_states"), ("t", "timestep"), ("cap_feats", "encoder_hidden_states")),
-        lists=("x", "cap_feats")),
+        lists=("x", "cap_feats"), warm=_rotary_table),
 }
 
 

@@ -288,6 +288,12 @@ class DenoiserRuntime:
         with self._lock:
             variant = graphs.variant(step.spec_of(spec), step.caches)
         for key, name in variant.cache_inputs.items():
+            if key not in step.caches:
+                raise RuntimeError(
+                    f"variant {variant.name!r} reads the cache {key}, which no step of this generation since "
+                    "guidance was last switched on or off wrote (a switch drops every cache: Z-Image's "
+                    f"cfg_truncation, a dynamic-CFG callback); the {key.method} method cannot follow that switch. "
+                    "Keep guidance on or off for the whole generation, or tgate_fx.restore(pipe)")
             inputs[name] = _checked_cache(step.caches[key], variant, name)
         if variant.call_means and step.role is None:
             raise RuntimeError(f"variant {variant.name!r} writes {sorted(map(str, variant.call_means))} as one call's "
