@@ -14,11 +14,19 @@
    (prompt and seed vary), for the baseline (``"methods": {}``) and for
    T-GATE. The run stops submitting at ``--time-limit`` seconds per method.
    p50/p95 latency per request and throughput (requests/s over the wall
-   time of the phase).
+   time of the phase); each request alone (``max_batch_size=1``), then
+   batched (``--batch``: calls padded to that many rows), with the mean
+   number of requests that shared a call (the ``x-batch`` header). Also a
+   lone request's cost in this process, unpadded and padded.
+4. Fault: the batched T-GATE load again, one of the two replicas killed
+   (``ray.kill``) a third of the way in: how many requests were retried by
+   the client, failed or mismatched, and how long until two replicas run.
 
 Every response is compared byte for byte with the PNG of the same request
-rendered alone in this process (:class:`tgate_fx.serve.Text2Image`, one
-thread); a failed or mismatched request is counted and reported.
+rendered alone in this process by a :class:`tgate_fx.serve.Text2Image` of
+the deployment's batch size (one thread); a failed or mismatched request
+is counted and reported. Batched responses are also compared with the
+unpadded lone render (counted: another shape, not covered by the guarantee).
 
 Writes ``benchmarks/results/serve_load.md``, ``.json`` and ``.png``.
 """
@@ -65,43 +73,62 @@ def _bodies(n: int, methods: dict) -> list[dict]:
             for i in range(n)]
 
 
-def _load(url, reference, bodies, args, generate) -> dict:
+def _load(url, expected, bodies, args, generate, lone=None, kill=None) -> dict:
+    """``expected``: each body's PNG alone on a deployment like the served one; ``lone``: alone on a
+    max_batch_size=1 deployment (counted, not a failure); ``kill``: ``(seconds, function)`` run that long
+    after the clients start (a replica killed under load)."""
+    import threading
+
     import numpy as np
 
-    expected = [reference.render([reference.parse(b)])[0] for b in bodies]
     generate(url, bodies[0])  # each replica's methods applied once before the clock starts
     generate(url, bodies[1])
     deadline = time.perf_counter() + args.time_limit
 
     def one(i):
         if time.perf_counter() > deadline:
-            return i, None, None, "skipped"
+            return i, None, None, "skipped", [], {}
         t = time.perf_counter()
+        failures, headers = [], {}
         try:
-            png = generate(url, bodies[i], retries=2, timeout=args.time_limit)
+            png = generate(url, bodies[i], retries=5 if kill else 2, wait=2.0 if kill else 1.0,
+                           timeout=args.time_limit, failures=failures, headers=headers)
         except Exception as e:  # noqa: BLE001 - counted and reported
-            return i, None, time.perf_counter() - t, f"{type(e).__name__}: {e}"
-        return i, png, time.perf_counter() - t, None
+            return i, None, time.perf_counter() - t, f"{type(e).__name__}: {e}", failures, headers
+        return i, png, time.perf_counter() - t, None, failures, headers
 
+    killer = threading.Timer(kill[0], kill[1]) if kill else None
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        if killer:
+            killer.start()
         answers = list(pool.map(one, range(len(bodies))))
     wall = time.perf_counter() - start
-    latencies, failed, mismatched, skipped, levels = [], [], 0, 0, 0
-    for i, png, latency, error in answers:
+    if killer:
+        killer.join()
+    latencies, failed, mismatched, skipped, levels, shared, retried, other = [], [], 0, 0, 0, [], [], 0
+    for i, png, latency, error, failures, headers in answers:
+        if failures:
+            retried.append(failures[0][:200])
         if error == "skipped":
             skipped += 1
         elif error is not None:
             failed.append(error)
         else:
             latencies.append(latency)
+            shared.append(int(headers.get("x-batch", 1)))
             if png != expected[i]:
                 mismatched += 1
                 levels = max(levels, int(np.abs(_pixels(png) - _pixels(expected[i])).max()))
+            if lone is not None and png != lone[i]:
+                other += 1
     return {"requests": len(latencies), "failed": len(failed), "errors": failed[:3], "mismatched": mismatched,
             "max_level_difference": levels, "skipped": skipped, "wall_s": wall,
             "throughput": len(latencies) / wall, "p50_s": _percentile(latencies, 0.5),
-            "p95_s": _percentile(latencies, 0.95), "latencies": latencies}
+            "p95_s": _percentile(latencies, 0.95), "latencies": latencies,
+            "mean_shared": sum(shared) / max(len(shared), 1), "max_shared": max(shared, default=0),
+            "retried": len(retried), "retry_reasons": retried[:3],
+            "differs_from_unbatched": other if lone is not None else None}
 
 
 def _pixels(png: bytes):
@@ -142,11 +169,12 @@ def main() -> None:
     path = str(PIPELINE_PATH)
     work = tempfile.mkdtemp(prefix="serve_load_")
     reference = Text2Image(path, TGATE, store=os.path.join(work, "reference_store"))
+    batched = Text2Image(path, TGATE, store=os.path.join(work, "reference_store"), batch_size=args.batch)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     results: dict = {"machine": machine(ray=ray.__version__), "steps": STEPS, "resolution": "32x32",
                      "pipeline": "the shipped shapes pipeline (tgate_fx.shapes.PIPELINE_PATH)", "tgate": TGATE,
-                     "clients": args.clients, "requests": args.requests,
+                     "clients": args.clients, "requests": args.requests, "batch": args.batch,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "load_at_start": os.getloadavg()[0]}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -191,7 +219,18 @@ def main() -> None:
             for i in seen.values()]}
         print("pair", results["pair_start"], flush=True)
         # 3. load, baseline and T-GATE, on the two replicas (each request alone, then batched)
-        load = {}
+        load, alone, cost = {}, {}, {}
+        for method, methods in (("baseline", {}), ("T-GATE", TGATE)):
+            bodies = _bodies(args.requests, methods)
+            alone[method, 1] = [reference.render([reference.parse(b)])[0] for b in bodies]
+            alone[method, args.batch] = [batched.render([batched.parse(b)])[0] for b in bodies]
+            for model in (reference, batched):  # what a lone request costs in one process, unpadded and padded
+                start = time.perf_counter()
+                for b in bodies[:4]:
+                    model.render([model.parse(b)])
+                cost[f"{method}, batch_size={model.batch_size}"] = (time.perf_counter() - start) / 4
+        results["lone_cost_s"] = cost
+        print("lone cost", cost, flush=True)
         for batch in (1, args.batch):
             if batch != 1:
                 serve.delete("load")
@@ -199,8 +238,35 @@ def main() -> None:
                               warmup=[(32, 32, STEPS)]), route_prefix="/", name="load")
             for method, methods in (("baseline", {}), ("T-GATE", TGATE)):
                 label = f"{method}, max_batch_size={batch}"
-                load[label] = _load(url, reference, _bodies(args.requests, methods), args, generate)
+                load[label] = _load(url, alone[method, batch], _bodies(args.requests, methods), args, generate,
+                                    lone=alone[method, 1] if batch != 1 else None)
                 print(label, {k: v for k, v in load[label].items() if k != "latencies"}, flush=True)
+        # 4. the same batched T-GATE load, one of the two replicas killed a third of the way in
+        killed: dict = {}
+
+        def replicas() -> dict:
+            return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "SERVE_REPLICA" in a["name"]}
+
+        def kill():  # then poll until two replicas run again, one of them new: the replacement's time
+            before = replicas()
+            victim = sorted(before)[0]
+            killed["replicas_before"] = len(before)
+            start = time.perf_counter()
+            ray.kill(ray.get_actor(victim, namespace=before[victim]), no_restart=True)
+            while time.perf_counter() - start < 120:
+                states = serve.status().applications["load"].deployments.values()
+                if sum(d.replica_states.get("RUNNING", 0) for d in states) == 2 and set(replicas()) - set(before):
+                    killed["replaced_after_s"] = time.perf_counter() - start
+                    return
+                time.sleep(0.25)
+
+        wall = load[f"T-GATE, max_batch_size={args.batch}"]["wall_s"]
+        label = f"T-GATE, max_batch_size={args.batch}, a replica killed under load"
+        load[label] = _load(url, alone["T-GATE", args.batch], _bodies(args.requests, TGATE), args, generate,
+                            lone=alone["T-GATE", 1], kill=(wall / 3, kill))
+        load[label].update({k: killed.get(k) for k in ("replicas_before", "replaced_after_s")}, killed_at_s=wall / 3)
+        print(label, {k: v for k, v in load[label].items() if k != "latencies"}, flush=True)
         results["load"] = load
     finally:
         serve.shutdown()
@@ -217,26 +283,46 @@ def main() -> None:
 def _write_md(r: dict, path: str) -> None:
     m = r["machine"]
     lines = [f"# tgate_fx.serve under load ({r['date']})", "",
-             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']}`. CPU: "
+             f"`python benchmarks/serve_load.py --clients {r['clients']} --requests {r['requests']} "
+             f"--batch {r['batch']}`. CPU: "
              f"{m['cpu']}, {m['cores']} cores shared with other work (load average {r['load_at_start']:.1f} at "
              f"start); torch {m['torch']}, diffusers {m['diffusers']}, ray {m['ray']}. A local Ray cluster "
              "(2 CPUs), HTTP on 127.0.0.1; each replica 1 CPU, 1 torch thread. Pipeline: "
              f"{r['pipeline']}, {r['resolution']}, {r['steps']} steps, guidance 7.5, T-GATE "
              f"{json.dumps(r['tgate']['tgate'])}.", "",
              f"## Load: two replicas, {r['clients']} concurrent clients", "",
-             "| | requests | failed | mismatched (max level difference) | p50 (s) | p95 (s) | throughput (req/s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| | requests | failed | retried | mismatched (max level difference) | differ from max_batch_size=1 "
+             "| requests a call (mean, max) | p50 (s) | p95 (s) | throughput (req/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, x in r["load"].items():
-        lines.append(f"| {label} | {x['requests']} | {x['failed']} | {x['mismatched']} ({x['max_level_difference']}) "
+        other = "-" if x["differs_from_unbatched"] is None else x["differs_from_unbatched"]
+        lines.append(f"| {label} | {x['requests']} | {x['failed']} | {x['retried']} | {x['mismatched']} "
+                     f"({x['max_level_difference']}) | {other} | {x['mean_shared']:.2f}, {x['max_shared']} "
                      f"| {x['p50_s']:.3f} | {x['p95_s']:.3f} | {x['throughput']:.2f} |")
     lines.append("")
-    for batch in sorted({k.split("=")[1] for k in r["load"]}):
+    for batch in (1, r["batch"]):
         b, t = r["load"][f"baseline, max_batch_size={batch}"], r["load"][f"T-GATE, max_batch_size={batch}"]
         lines.append(f"max_batch_size={batch}: T-GATE / baseline throughput {t['throughput'] / b['throughput']:.2f}x, "
                      f"p50 latency {b['p50_s'] / t['p50_s']:.2f}x lower; skipped (past the time limit): "
                      f"{b['skipped']}, {t['skipped']}.")
+    for label, x in r["load"].items():
+        if "killed" in label:
+            lines.append(f"\nKilled under load: {x['replicas_before']} replicas running, one killed "
+                         f"(`ray.kill`, no restart) {x['killed_at_s']:.1f} s after the clients started; Serve ran "
+                         f"two again, one new, after {x['replaced_after_s'] and round(x['replaced_after_s'], 1)} s; "
+                         f"{x['retried']} requests had a failed attempt and were retried by the client "
+                         f"(`generate`, 5 retries 2 s apart), {x['failed']} failed, {x['mismatched']} mismatched. "
+                         f"First failed attempts: {x['retry_reasons'][:2]}.")
+    cost = r["lone_cost_s"]
+    lines += ["", f"A lone request's cost, one process, one thread: "
+              + "; ".join(f"{k} {v:.3f} s" for k, v in cost.items())
+              + f" (with max_batch_size={r['batch']} a lone request is padded to {r['batch']} rows)."]
     lines += ["", "Mismatched: the response's PNG is not byte-identical to the same request rendered alone in "
-              "the benchmark's process; the level difference is the largest of any pixel channel (0-255).", "",
+              "the benchmark's process by a `Text2Image` of the deployment's batch size (`batch_size` = "
+              "`max_batch_size`: padded to that many rows); the level difference is the largest of any pixel "
+              "channel (0-255). Differ from max_batch_size=1: the batched response against the request rendered "
+              "alone unpadded, counted, not a failure (the guarantee is for the same max_batch_size). Requests a "
+              "call: the `x-batch` header, how many real requests shared the pipeline call.", "",
               "## First request of a replica (one replica, no warm-up: the first request captures)", "",
               "| store | replica start (s) | first request (s) | second request (s) | "
               "captures exported in the replica | first PNG = alone |", "|---|---|---|---|---|---|"]
@@ -263,14 +349,16 @@ def _plot(r: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     labels = list(r["load"])
-    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], tick_labels=[k.replace(", max_batch_size=", "\nbatch ") for k in labels],
-                    whis=(5, 95))
+    ticks = [k.replace(", max_batch_size=", "\nbatch ").replace(", a replica killed under load", "\nkilled")
+             for k in labels]
+    axes[0].boxplot([r["load"][k]["latencies"] for k in labels], tick_labels=ticks, whis=(5, 95))
     axes[0].tick_params(axis="x", labelsize=7)
     axes[0].set_ylabel("latency per request (s)")
     axes[0].set_title(f"{r['clients']} clients, 2 replicas")
     axes[1].bar(range(len(labels)), [r["load"][k]["throughput"] for k in labels],
-                color=["grey", "tab:blue"] * (len(labels) // 2))
-    axes[1].set_xticks(range(len(labels)), [k.replace(", max_batch_size=", "\nbatch ") for k in labels], fontsize=7)
+                color=["tab:orange" if "killed" in k else "grey" if k.startswith("baseline") else "tab:blue"
+                       for k in labels])
+    axes[1].set_xticks(range(len(labels)), ticks, fontsize=7)
     axes[1].set_ylabel("requests / s")
     axes[1].set_title("throughput")
     cases = list(r["first_request"])

@@ -26,13 +26,15 @@ PIPELINES = {
     **{name: "images" for name in ("sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet",
                                    "pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "sana", "hunyuandit",
                                    "kandinsky22", "t2i_adapter", "flux", "flux_true_cfg", "flux_kontext",
-                                   "chroma", "sd3", "sd35", "qwenimage", "zimage")},
+                                   "chroma", "sd3", "sd35", "qwenimage", "flux2", "flux2_klein",
+                                   "zimage")},
     **{name: "frames" for name in ("animatediff", "svd", "ltx", "wan", "hunyuanvideo", "cogvideox")},
 }
 # Pipelines built with settings of another family's builder.
 _VARIANTS = {"flux_true_cfg": lambda: tiny_extra.tiny_flux(true_cfg_scale=4.0),
              "flux_kontext": lambda: tiny_extra.tiny_flux(kontext=True),
-             "sd35": lambda: tiny_extra.tiny_sd3(dual_attention=True)}
+             "sd35": lambda: tiny_extra.tiny_sd3(dual_attention=True),
+             "flux2_klein": lambda: tiny_extra.tiny_flux2(klein=True)}
 TRANSFORMERS = ("lumina2", "auraflow", "hidream")
 
 

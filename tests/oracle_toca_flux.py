@@ -12,7 +12,10 @@ Chroma's blocks, which differ only in their modulation and mask), and the
 same double-stream rules on SD3's ``JointTransformerBlock`` (no official
 counterpart: image tokens first, SD3.5's ``attn2`` cached with the joint
 attention, no text stream out of the last block) and Qwen-Image's
-``QwenImageTransformerBlock``.
+``QwenImageTransformerBlock``, and FLUX.2's ``Flux2TransformerBlock`` /
+``Flux2SingleTransformerBlock`` (no official counterpart; the parallel single
+block's partial step runs its fused ``to_qkv_mlp_proj`` for the fresh tokens,
+uses the MLP part, and projects it with the cached attention rows).
 
 Where it cannot run as is:
 
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusers.models.transformers.transformer_flux as flux_module
+import diffusers.models.transformers.transformer_flux2 as flux2_module
 import diffusers.models.transformers.transformer_hunyuan_video as hunyuan_module
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 
@@ -135,27 +139,28 @@ class FluxToCaOracle:
         self.current = {"num_steps": num_steps}
         self.dic = None
         self.pending_map = None  # where the next attention's map goes
+        self.pending_out = None  # where the next attention's output goes (FLUX.2's parallel block)
         self.steps = []  # the type of each step, for the tests
         self.hook = transformer.register_forward_pre_hook(self._pre_hook)
         self._dispatch = flux_module.dispatch_attention_fn  # the same function in every module below
-        for module in (flux_module, qwen_module, hunyuan_module):
+        for module in (flux_module, flux2_module, qwen_module, hunyuan_module):
             module.dispatch_attention_fn = self._attention
         self._sdpa = F.scaled_dot_product_attention  # SD3's processor calls it directly
         F.scaled_dot_product_attention = self._sdpa_attention
         self.chroma = type(transformer).__name__.startswith("Chroma")
         for layer, block in enumerate(transformer.transformer_blocks):
             kind = {"JointTransformerBlock": self._joint, "QwenImageTransformerBlock": self._qwen,
-                    "CogVideoXBlock": self._cogvideox, "HunyuanVideoTransformerBlock": self._hunyuan}.get(
-                type(block).__name__, self._double)
+                    "CogVideoXBlock": self._cogvideox, "HunyuanVideoTransformerBlock": self._hunyuan,
+                    "Flux2TransformerBlock": self._flux2}.get(type(block).__name__, self._double)
             block.forward = types.MethodType(kind(layer), block)
         for layer, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
-            single = self._hunyuan_single if type(block).__name__ == "HunyuanVideoSingleTransformerBlock" else \
-                self._single
+            single = {"HunyuanVideoSingleTransformerBlock": self._hunyuan_single,
+                      "Flux2SingleTransformerBlock": self._flux2_single}.get(type(block).__name__, self._single)
             block.forward = types.MethodType(single(layer), block)
 
     def close(self):
         self.hook.remove()
-        for module in (flux_module, qwen_module, hunyuan_module):
+        for module in (flux_module, flux2_module, qwen_module, hunyuan_module):
             module.dispatch_attention_fn = self._dispatch
         F.scaled_dot_product_attention = self._sdpa
         for block in [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", ())]:
@@ -193,7 +198,11 @@ class FluxToCaOracle:
         if self.pending_map is not None:
             self.pending_map["total"] = attention_map(query, key, attn_mask)
             self.pending_map = None
-        return self._dispatch(query, key, value, attn_mask, *args, **kwargs)
+        out = self._dispatch(query, key, value, attn_mask, *args, **kwargs)
+        if self.pending_out is not None:
+            self.pending_out["attn"] = out.flatten(2, 3)
+            self.pending_out = None
+        return out
 
     def _double(self, layer):
         oracle = self
@@ -521,5 +530,88 @@ class FluxToCaOracle:
             if oracle.chroma:
                 return x
             return x[:, :text], x[:, text:]
+
+        return forward
+
+    def _flux2(self, layer):
+        """FLUX.2's double-stream block under FLUX's double-stream rules (text tokens first; the modulation is
+        computed once for all blocks)."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb_mod_img, temb_mod_txt, image_rotary_emb=None,
+                    joint_attention_kwargs=None):
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "double_stream", layer
+            (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = \
+                flux2_module.Flux2Modulation.split(temb_mod_img, 2)
+            (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = \
+                flux2_module.Flux2Modulation.split(temb_mod_txt, 2)
+            cache = dic["cache"]["double_stream"].setdefault(layer, {})
+            text = encoder_hidden_states.shape[1]
+            if current["type"] == "full":
+                maps = dic["attn_map"]["double_stream"].setdefault(layer, {})
+                oracle.pending_map = maps
+                cache["attn"] = self.attn(hidden_states=(1 + scale_msa) * self.norm1(hidden_states) + shift_msa,
+                                          encoder_hidden_states=(1 + c_scale_msa) * self.norm1_context(
+                                              encoder_hidden_states) + c_shift_msa,
+                                          image_rotary_emb=image_rotary_emb)
+                maps["txt_mlp"], maps["img_mlp"] = maps["total"][:, :text], maps["total"][:, text:]
+            attn_output, context_attn_output = cache["attn"]
+            hidden_states = hidden_states + gate_msa * attn_output
+            encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_output
+            for stream, norm, ff, shift, scale, gate in (
+                    ("img_mlp", self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
+                    ("txt_mlp", self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp, c_gate_mlp)):
+                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
+                current["module"] = stream
+                if current["type"] == "full":
+                    force_init(dic, current, x)
+                    cache[stream] = ff(norm(x) * (1 + scale) + shift)
+                else:
+                    idx, fresh = cache_cutfresh(dic, x, current)
+                    update_cache(idx, ff(norm(fresh) * (1 + scale) + shift), dic, current)
+                x = x + gate * cache[stream]
+                if stream == "img_mlp":
+                    hidden_states = x
+                else:
+                    encoder_hidden_states = x
+            return encoder_hidden_states, hidden_states
+
+        return forward
+
+    def _flux2_single(self, layer):
+        """FLUX.2's parallel single-stream block (the joined sequence in, attention and MLP branch from one
+        projection, projected together) under FLUX's single-stream rules."""
+        oracle = self
+
+        def forward(self, hidden_states, encoder_hidden_states, temb_mod, image_rotary_emb=None,
+                    joint_attention_kwargs=None, split_hidden_states=False, text_seq_len=None):
+            assert encoder_hidden_states is None and not split_hidden_states
+            x = hidden_states
+            dic, current = oracle.dic, oracle.current
+            current["stream"], current["layer"] = "single_stream", layer
+            cache = dic["cache"]["single_stream"].setdefault(layer, {})
+            shift, scale, gate = flux2_module.Flux2Modulation.split(temb_mod, 1)[0]
+            attn = self.attn
+            if current["type"] == "full":
+                oracle.pending_map = dic["attn_map"]["single_stream"].setdefault(layer, {})
+                oracle.pending_out = cache
+                output = attn(hidden_states=(1 + scale) * self.norm(x) + shift, image_rotary_emb=image_rotary_emb)
+                for module in ("attn", "mlp", "total"):
+                    current["module"] = module
+                    force_init(dic, current, output)
+                cache["total"] = output
+            else:
+                current["module"] = "mlp"
+                idx, fresh = cache_cutfresh(dic, x, current)
+                projected = attn.to_qkv_mlp_proj((1 + scale) * self.norm(fresh) + shift)
+                qkv = 3 * attn.inner_dim
+                mlp_fresh = attn.mlp_act_fn(projected[..., qkv:])
+                cached = cache["attn"]
+                fake_fresh_attn = torch.gather(cached, 1, idx.unsqueeze(-1).expand(-1, -1, cached.shape[-1]))
+                current["module"] = "total"
+                update_cache(idx, attn.to_out(torch.cat([fake_fresh_attn, mlp_fresh], dim=-1)), dic, current)
+                output = cache["total"]
+            return x + gate * output
 
         return forward

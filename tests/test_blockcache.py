@@ -7,28 +7,38 @@ threshold is high enough that the hook skips the blocks on most steps, so the
 test can fail: the hook's result differs from the unoptimized one, and both
 runs must skip at the same steps.
 
-Pipelines without a cache context of their own (SD3, Flux Kontext) run the
-hook inside one ``cache_context`` around the pipeline call. Chroma joins its
-streams into one between its double- and single-stream blocks: the hook
-cannot serve it (its blocks are not in the hook's registry, and its tail
-residual would subtract two streams from one), and the block cache refuses it.
+Pipelines without a cache context of their own (SD3, Flux Kontext, FLUX.2)
+run the hook inside one ``cache_context`` around the pipeline call.
+
+FLUX.2 and Chroma join their streams into one sequence between their double-
+and single-stream blocks. The hook cannot serve them as it is: its tail hook
+subtracts the head's pair of outputs from the one joined tensor and raises
+(FLUX.2), or its registry has no metadata for the blocks (Chroma). The oracle
+there is the hook with its rule applied to each stream (:func:`_joined`): the
+tail residual is the joined output minus the join of the head's outputs, and
+the head splits it back into the text and image residuals it adds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
 
 import tgate_fx
 from tgate_fx import BlockCacheConfig, tiny_extra
+from tgate_fx.core.rebatch import RebatchWarning
 from tgate_fx.methods.blockcache.method import BLOCK_LISTS, BlockCache
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
 THRESHOLD = 0.5
+# Tiny random FLUX.2 and Chroma change their first block's residual by about its size every step (relative
+# changes 0.84-1.6): a threshold of 1 skips some steps and computes others.
+THRESHOLDS = {"flux2": 1.0, "flux2_klein_cfg": 1.0, "chroma": 1.0}
 FAMILIES = {
     "flux": tiny_extra.tiny_flux,
     "flux_true_cfg": lambda: tiny_extra.tiny_flux(true_cfg_scale=4.0),
@@ -40,12 +50,18 @@ FAMILIES = {
     "cogvideox": lambda: tiny_extra.tiny_cogvideox(num_layers=2),
     "wan": tiny_extra.tiny_wan,
     "ltx": lambda: tiny_extra.tiny_ltx(num_layers=2),
+    "flux2": tiny_extra.tiny_flux2,
+    "flux2_klein_cfg": lambda: tiny_extra.tiny_flux2(klein=True),
+    "chroma": tiny_extra.tiny_chroma,
 }
 # SD3's last block has no text output (context_pre_only): the hook subtracts the head's text output from
 # None there. The oracle is the hook with a zero text residual there (the text stream is not read after it).
 _TAIL_WITHOUT_TEXT = {"sd3", "sd35"}
 # The hook needs a cache context; these pipelines do not set one.
-_NO_CONTEXT = {"flux_kontext", "sd3", "sd35"}
+_NO_CONTEXT = {"flux_kontext", "sd3", "sd35", "flux2"}
+_TWO_CALLS_NO_CONTEXT = {"chroma"}
+# The streams are joined into one sequence between the block lists (text first).
+_JOINED = {"flux2", "flux2_klein_cfg", "chroma"}
 
 
 def _generate(pipe, call: dict) -> torch.Tensor:
@@ -82,6 +98,23 @@ def _one_context(transformer):
 
 
 @contextlib.contextmanager
+def _context_per_call(transformer):
+    """A cache context for each of the two calls of a step (Chroma runs CFG as two calls and sets none)."""
+    forward, calls = transformer.forward, [0]
+
+    def with_context(*args, **kwargs):
+        calls[0] += 1
+        with transformer.cache_context("cond" if calls[0] % 2 else "uncond"):
+            return forward(*args, **kwargs)
+
+    transformer.forward = with_context
+    try:
+        yield
+    finally:
+        del transformer.forward
+
+
+@contextlib.contextmanager
 def _tail_without_text():
     """The hook, with its tail's text residual zero where the last block has no text output."""
     from diffusers.hooks import first_block_cache
@@ -104,17 +137,61 @@ def _tail_without_text():
         first_block_cache.FBCBlockHook.new_forward = block_forward
 
 
+@contextlib.contextmanager
+def _joined():
+    """The hook on a transformer that joins its streams (text first) before its last blocks: the tail's
+    residual is its output minus the join of the head's two outputs, and the head splits it back into the
+    image and text residuals it adds on a skipped step. Chroma's blocks get the metadata of FLUX's."""
+    from diffusers.hooks import first_block_cache
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
+
+    head_forward, block_forward = first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward
+
+    def head(self, module, *args, **kwargs):
+        state = self.state_manager.get_state()
+        residuals = state.tail_block_residuals
+        if residuals is not None and residuals[1] is None:  # the tail's joined residual: split it
+            image = self._metadata._get_parameter_from_args_kwargs("hidden_states", args, kwargs).shape[1]
+            text = residuals[0].shape[1] - image
+            state.tail_block_residuals = (residuals[0][:, text:], residuals[0][:, :text])
+        return head_forward(self, module, *args, **kwargs)
+
+    def block(self, module, *args, **kwargs):
+        state = self.state_manager.get_state()
+        if not (self.is_tail and state.should_compute and isinstance(state.head_block_output, list)):
+            return block_forward(self, module, *args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        image, text = state.head_block_output
+        state.tail_block_residuals = (output - torch.cat([text, image], dim=1), None)
+        return output
+
+    first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward = head, block
+    TransformerBlockRegistry.register(ChromaTransformerBlock, TransformerBlockMetadata(1, 0))
+    TransformerBlockRegistry.register(ChromaSingleTransformerBlock, TransformerBlockMetadata(0, None))
+    try:
+        yield
+    finally:
+        first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward = \
+            head_forward, block_forward
+        for cls in (ChromaTransformerBlock, ChromaSingleTransformerBlock):
+            TransformerBlockRegistry._registry.pop(cls)
+
+
 def _diffusers_fbc(pipe, call: dict, family: str) -> tuple[torch.Tensor, list[bool]]:
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
     from diffusers.hooks import first_block_cache
 
     transformer = pipe.transformer
-    with _tail_without_text() if family in _TAIL_WITHOUT_TEXT else contextlib.nullcontext():
-        apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    patch = _tail_without_text() if family in _TAIL_WITHOUT_TEXT else _joined() if family in _JOINED else \
+        contextlib.nullcontext()
+    with patch:
+        apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=THRESHOLDS.get(family, THRESHOLD)))
     # as CacheMixin.enable_cache does: later context updates must reach the new block hooks
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     decisions: list[bool] = []
-    context = _one_context(transformer) if family in _NO_CONTEXT else contextlib.nullcontext()
+    context = _one_context(transformer) if family in _NO_CONTEXT else \
+        _context_per_call(transformer) if family in _TWO_CALLS_NO_CONTEXT else contextlib.nullcontext()
     try:
         with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
             out = _generate(pipe, call)
@@ -127,12 +204,14 @@ def _diffusers_fbc(pipe, call: dict, family: str) -> tuple[torch.Tensor, list[bo
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_equals_diffusers_first_block_cache(family):
+    if family == "chroma":  # its guidance embedding holds a tensor of the batch's size: exported per batch
+        warnings.filterwarnings("ignore", category=RebatchWarning)
     pipe, call = FAMILIES[family]()
     baseline = _generate(pipe, call)
     reference, hook_decisions = _diffusers_fbc(pipe, call, family)
     assert (reference - baseline).abs().max() > 0, "the hook changed nothing: the test could not fail"
     assert not all(hook_decisions), "the hook never skipped"
-    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLDS.get(family, THRESHOLD)))
     ours: list[str] = []
     with _spy(BlockCache, "decide", ours):
         result = _generate(pipe, call)
@@ -202,17 +281,21 @@ def test_refusals(monkeypatch):
     unet = tiny.tiny_pipeline("sd15")
     with pytest.raises(TypeError, match="use DeepCache"):
         tgate_fx.optimize(unet, blockcache=BlockCacheConfig())
-    pipe, call = tiny_extra.tiny_chroma()  # the streams are joined between the double and single blocks
-    with pytest.raises(TypeError, match="joins the text and image streams"):
-        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
-    # the check on the graph, where bind's check of the block classes could not tell
+    # streams joined between the blocks, but not by one concatenation of the head's two streams: the tail's
+    # joined output matches no stream, and the graph is refused at the first call
     from tgate_fx.methods.blockcache import method as blockcache_method
 
-    monkeypatch.setattr(blockcache_method, "_takes_text", lambda block: True)
+    pipe, call = tiny_extra.tiny_flux2()
+    monkeypatch.setattr(blockcache_method, "_join", lambda *args: None)
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
-    with pytest.raises(ValueError, match="matches no single stream|between the blocks"):
+    with pytest.raises(ValueError, match="matches no single stream"):
         _generate(pipe, call)
     monkeypatch.undo()
+    pipe, call = tiny_extra.tiny_flux2(size=8)  # 16 image tokens and 16 text tokens: which part is which?
+    call.update(prompt_embeds=torch.randn(1, 16, 32), max_sequence_length=16)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig())
+    with pytest.raises(ValueError, match="as many tokens each"):
+        _generate(pipe, call)
     pipe, call = tiny_extra.tiny_sd3()  # one block: nothing after the first; inert, said so, and exact
     baseline = _generate(pipe, call)
     with pytest.warns(InertMethodWarning, match="one transformer block"):
@@ -316,24 +399,28 @@ def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(famil
 # --- composed with ToCa ------------------------------------------------------------------------------------------
 
 
-def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
-    """FLUX: the official flux-ToCa rules (the eager oracle's block forwards) inside diffusers' FirstBlockCache
-    hook: a skipped block runs no ToCa forward, so its caches, scores and counters keep their last values, as
-    the variants' do."""
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_composed_with_toca_equals_the_hook_around_the_toca_oracle(family):
+    """FLUX, FLUX.2: the flux-ToCa rules (the eager oracle's block forwards) inside diffusers' FirstBlockCache
+    hook (on FLUX.2 with its rule applied to each stream of the join, :func:`_joined`): a skipped block runs
+    no ToCa forward, so its caches, scores and counters keep their last values, as the variants' do."""
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
     from diffusers.hooks import first_block_cache
     from oracle_toca_flux import FluxToCaOracle
 
     steps = 10
-    pipe, call = tiny_extra.tiny_flux()
+    threshold = THRESHOLDS.get(family, THRESHOLD)
+    pipe, call = FAMILIES[family]()
     kw = dict(output_type="latent", num_inference_steps=steps, **call)
     plain = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     oracle = FluxToCaOracle(pipe.transformer, num_steps=steps)  # its block forwards first: the hook wraps them
-    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
+    with _joined() if family in _JOINED else contextlib.nullcontext():
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
     decisions: list[bool] = []
+    context = _one_context(pipe.transformer) if family in _NO_CONTEXT else contextlib.nullcontext()
     try:
-        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions):
+        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
             expected = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     finally:
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
@@ -341,7 +428,7 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle():
         registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
         oracle.close()
     assert not all(decisions) and "ToCa" in oracle.steps
-    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=threshold))
     ours: list[str] = []
     with _spy(BlockCache, "decide", ours):
         got = pipe(generator=torch.Generator().manual_seed(0), **kw).images

@@ -55,7 +55,6 @@ _NO_CROSS_TGATE = "T-GATE cannot apply to {cls}: it caches cross-attention .* no
 _NO_CROSS_TODO = "ToDo cannot apply to {cls}: none of its attention modules is a cross-attention"
 _VIDEO_TODO = "ToDo cannot apply to {cls}: it downsamples the 2-D token grid of an image's self-attention"
 _NO_BLOCKS = "the block cache needs a transformer with blocks in"
-_JOINED = "the block cache cannot apply to {cls}: it joins the text and image streams"
 _CLASS = {
     "sd15": "UNet2DConditionModel", "sd21": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
     "lcm_sdxl": "UNet2DConditionModel", "sd15_img2img": "UNet2DConditionModel",
@@ -70,17 +69,21 @@ _CLASS = {
     "qwenimage": "QwenImageTransformer2DModel", "hunyuanvideo": "HunyuanVideoTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel", "lumina2": "Lumina2Transformer2DModel",
     "auraflow": "AuraFlowTransformer2DModel", "hidream": "HiDreamImageTransformer2DModel",
+    "flux2": "Flux2Transformer2DModel", "flux2_klein": "Flux2Transformer2DModel",
     "zimage": "ZImageTransformer2DModel",
 }
 _UNETS = {"sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet", "t2i_adapter", "kandinsky22",
           "animatediff", "svd"}
 _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "flux_true_cfg", "flux_kontext", "chroma",
-                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan", "zimage"}
-_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow", "kandinsky22"}
+                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan", "flux2", "flux2_klein",
+                "zimage"}
+_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow",
+                   "kandinsky22", "flux2", "flux2_klein"}
 _NO_CROSS = {"cogvideox", "lumina2", "hidream", "zimage"}
 # T-GATE's joint-attention rule: the double-stream blocks of these (HunyuanVideo's, AuraFlow's and Kandinsky's
 # added K/V are refused).
-_TGATE_JOINT_SERVES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage"}
+_TGATE_JOINT_SERVES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "flux2",
+                       "flux2_klein"}
 
 
 def _refusals() -> dict:
@@ -107,7 +110,6 @@ def _refusals() -> dict:
         out[family, "todo"] = _VIDEO_TODO.format(cls=_CLASS[family])
     for family in _UNETS:
         out[family, "blockcache"] = _NO_BLOCKS
-    out["chroma", "blockcache"] = _JOINED.format(cls=_CLASS["chroma"])  # double-stream blocks, then one stream
     out["hidream", "blockcache"] = _NO_BLOCKS  # its block lists have other names than diffusers' hooks look for
     return out
 

@@ -112,6 +112,33 @@ def test_a_graph_that_does_not_specialise_is_exported_on_its_own_and_never_run_w
     assert [b for b, _ in captures.fallbacks] == [4]
 
 
+class _ConstantOfTheProbe(torch.nn.Module):
+    """A denoiser whose code holds a multiple of the first probe batch 11 that is not the batch's: it splits its
+    48 channels 44 + 4 (as Wan's rotary splits head dim 128 as 44 + 42 + 42)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(48, 48)
+
+    def forward(self, sample, timestep=None, return_dict=False):
+        wide, narrow = sample.split([44, 4], dim=-1)
+        return (self.proj(torch.cat([wide * 2, narrow], dim=-1)),)
+
+
+def test_a_constant_that_is_a_multiple_of_the_probe_batch_is_served_by_a_second_probe(monkeypatch):
+    module = _ConstantOfTheProbe()
+    captures = BatchCaptures(module, "sample", store=None)
+    exports = _counting_exports(monkeypatch)
+    for batch in (2, 1, 4):
+        call = {"sample": torch.randn(batch, 3, 48), "timestep": torch.tensor(1.0)}
+        capture = captures(call)  # no RebatchWarning (the suite turns warnings into errors)
+        with torch.no_grad():
+            assert torch.equal(capture.graph_module(**capture.flat_inputs(call))[0], module(**call)[0])
+    assert len(exports) == 2 and not captures.fallbacks  # the probe at 11, then one at 13 serving every batch
+    assert [node.args[1] for node in capture.graph_module.graph.nodes
+            if node.target is torch.ops.aten.split_with_sizes.default] == [[44, 4]]
+
+
 @pytest.mark.e2e
 def test_check_refuses_a_graph_that_differs_from_the_denoiser():
     denoiser, call = _first_call("sd15")

@@ -1,4 +1,4 @@
-"""tgate_fx.serve: requests validated with the reason, batched requests get their lone picture, and (with
+"""tgate_fx.serve: requests validated with the reason, batched requests get exactly their lone picture, and (with
 ray installed) the Ray Serve deployment over loopback: answers, 4xx, a killed replica replaced."""
 
 import concurrent.futures
@@ -10,6 +10,7 @@ import time
 import urllib.error
 
 import pytest
+import torch
 
 from tgate_fx.serve import BadRequest, Text2Image, generate
 from tgate_fx.shapes import PIPELINE_PATH
@@ -51,17 +52,40 @@ def _pixels(png: bytes):
     return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
-@pytest.mark.parametrize("methods", [None, {}, {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}}],
-                         ids=["tgate", "baseline", "deepcache"])
-def test_batched_requests_get_the_picture_each_gets_alone_within_one_level(model, methods):
-    # one generator per request: each starts from its own noise. The batched denoiser's sums differ in the
-    # last bits from a lone call's (CPU kernels block by batch size), so a pixel may round one level apart.
-    requests = [model.parse({"prompt": p, "seed": i, "steps": 6, "methods": methods}) for i, p in enumerate(PROMPTS)]
-    assert len({r.group for r in requests}) == 1 and requests[0].batchable
-    alone = [model.render([r])[0] for r in requests]
-    assert len(set(alone)) == 3  # three different pictures, so the comparison can fail
-    for a, b in zip(alone, model.render(requests)):
-        assert abs(_pixels(a) - _pixels(b)).max() <= 1
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    return Text2Image(str(PIPELINE_PATH), TGATE, store=str(tmp_path_factory.mktemp("batched_store")), batch_size=4)
+
+
+@pytest.mark.parametrize("methods", [None, {}, {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}},
+                                     {"todo": {}}], ids=["tgate", "baseline", "deepcache", "todo"])
+def test_a_batched_request_gets_exactly_the_bits_it_gets_alone(batched, methods):
+    # batch_size=4: the three requests share one call (padded with a copy of the first), each in another
+    # place than alone (where it is padded with copies of itself); one shape, so the same bits. Unpadded,
+    # the latents differ in the last bits (the kernels block their sums by the batch size).
+    requests = [batched.parse({"prompt": p, "seed": i, "steps": 6, "methods": methods}) for i, p in enumerate(PROMPTS)]
+    together = requests[::-1]
+    assert batched.plan(together) == [[0, 1, 2]]
+    alone = [batched.render([r], output="latent")[0] for r in requests]
+    assert all(not torch.equal(alone[0], x) for x in alone[1:])  # different pictures: the comparison can fail
+    for a, b in zip(alone, batched.render(together, output="latent")[::-1]):
+        assert torch.equal(a, b)
+    assert batched.render(together)[::-1] == [batched.render([r])[0] for r in requests]  # the PNG bytes
+
+
+def test_requests_that_differ_in_more_than_prompt_and_seed_never_share_a_call(batched):
+    base = {"prompt": PROMPTS[0], "steps": 6}
+    bodies = [base, {**base, "seed": 1, "prompt": PROMPTS[1]}, {**base, "steps": 7}, {**base, "guidance": 3.0},
+              {**base, "height": 16}, {**base, "methods": {}}, {**base, "negative_prompt": "blurry"},
+              {**base, "methods": {"toca": {}}}, {**base, "methods": {"toca": {}}}, {**base, "seed": 2},
+              {**base, "seed": 3}, {**base, "seed": 4}]
+    plan = batched.plan([batched.parse(b) for b in bodies])
+    assert plan == [[0, 1, 9, 10], [11], [2], [3], [4], [5], [6], [7], [8]]  # at most batch_size=4 a call
+
+
+def test_a_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        Text2Image(str(PIPELINE_PATH), TGATE, batch_size=0)
 
 
 def test_a_replica_rebuilds_a_corrupt_store_entry_instead_of_serving_it(tmp_path):
@@ -111,7 +135,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, model):
+def served(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'tgate-fx[serve]')")
     from ray import serve
 
@@ -123,22 +147,33 @@ def served(tmp_path_factory, model):
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app(str(PIPELINE_PATH), TGATE, num_replicas=1, store=store, warmup=[(32, 32)]), route_prefix="/")
+        # max_batch_size=4 as the `batched` reference; a generous wait, so concurrent requests meet in a call
+        serve.run(app(str(PIPELINE_PATH), TGATE, num_replicas=1, max_batch_size=4, batch_wait_timeout_s=0.5,
+                      store=store, warmup=[(32, 32)]), route_prefix="/")
         yield f"http://127.0.0.1:{port}/", store
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def test_the_deployment_serves_each_request_its_lone_picture(served, model):
+def _post(url, body) -> tuple[bytes, int]:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read(), int(response.headers["x-batch"])
+
+
+def test_the_deployment_serves_each_request_its_lone_picture_batched_or_not(served, batched):
     url, _ = served
     bodies = [{"prompt": p, "seed": i, "steps": 6} for i, p in enumerate(PROMPTS)]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # concurrent; max_batch_size=1: each alone
-        answers = list(pool.map(lambda b: generate(url, b), bodies))
-    assert answers == [model.render([model.parse(b)])[0] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # concurrent: @serve.batch groups them
+        answers = list(pool.map(lambda b: _post(url, b), bodies))
+    assert max(shared for _, shared in answers) > 1  # some did share a call
+    assert [png for png, _ in answers] == [batched.render([batched.parse(b)])[0] for b in bodies]
 
 
-def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(served, model):
+def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(served, batched):
     url, _ = served
     for body, reason in [({"prompt": "x", "methods": {"nope": {}}}, "unknown method 'nope'"),
                          ({"prompt": "x", "width": 33}, "not divisible by the VAE factor 4"),
@@ -148,7 +183,7 @@ def test_a_bad_request_gets_a_400_with_the_reason_and_the_replica_keeps_serving(
             generate(url, body)
         assert info.value.code == 400 and reason in json.loads(info.value.read())["error"]
     body = {"prompt": PROMPTS[0], "seed": 7, "steps": 4}
-    assert generate(url, body) == model.render([model.parse(body)])[0]
+    assert generate(url, body) == batched.render([batched.parse(body)])[0]
 
 
 def _replica_pid(url) -> str:
@@ -158,13 +193,13 @@ def _replica_pid(url) -> str:
         return json.loads(r.read())["replica"]
 
 
-def test_a_replica_killed_during_a_request_is_replaced_and_the_request_retried(served, model):
+def test_a_replica_killed_during_a_request_is_replaced_and_the_request_retried(served, batched):
     import ray
 
     url, _ = served
     body = {"prompt": PROMPTS[1], "seed": 3, "steps": 200}
     start = time.perf_counter()
-    expected = model.render([model.parse(body)])[0]
+    expected = batched.render([batched.parse(body)])[0]
     alone = time.perf_counter() - start
     before = _replica_pid(url)
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]

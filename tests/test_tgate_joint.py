@@ -1,9 +1,10 @@
-"""T-GATE on joint attention (FLUX, SD3 / SD3.5, Qwen-Image): after the gate each double-stream block reuses the
+"""T-GATE on joint attention (FLUX, SD3 / SD3.5, Qwen-Image, FLUX.2): after the gate each double-stream block reuses the
 text tokens' keys, values and text-stream output recorded at the gate, and attends with the image queries only.
 
 Final latents against the eager oracle of exactly that rule (``oracle_tgate_joint.py``: forward hooks on the
 models' own modules), bit for bit, without CFG (FLUX), with CFG as one batch (SD3, SD3.5 with its image-only
-``attn2`` self-attention on T-GATE's schedule) and as two calls a step (FLUX and Qwen-Image true CFG); the graphs
+``attn2`` self-attention on T-GATE's schedule) and as two calls a step (FLUX and Qwen-Image true CFG, FLUX.2
+[klein]); the graphs
 after the gate (no text-stream projection or MLP, image-row queries); the pass on its own; refusals.
 """
 
@@ -13,7 +14,7 @@ import torch
 import tgate_fx
 from oracle_tgate_joint import run_joint_oracle
 from tgate_fx import BlockCacheConfig, TGateConfig, ToCaConfig
-from tgate_fx.tiny_extra import tiny_chroma, tiny_flux, tiny_hunyuanvideo, tiny_qwenimage, tiny_sd3
+from tgate_fx.tiny_extra import tiny_chroma, tiny_flux, tiny_flux2, tiny_hunyuanvideo, tiny_qwenimage, tiny_sd3
 
 pytestmark = pytest.mark.e2e
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -28,6 +29,8 @@ FAMILIES = {
     "sd3": (tiny_sd3, "batch"),
     "sd35": (lambda: tiny_sd3(dual_attention=True, num_layers=2), "batch"),
     "qwenimage_true_cfg": (tiny_qwenimage, "split"),
+    "flux2": (tiny_flux2, None),
+    "flux2_klein_cfg": (lambda: tiny_flux2(klein=True), "split"),
 }
 
 

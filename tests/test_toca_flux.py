@@ -1,7 +1,7 @@
 """ToCa on FLUX (double- and single-stream blocks) as the official flux-ToCa code does it: the schedule and
 the fresh ratios against an independent transcription of the official scheduler (``oracle_toca_flux.py``),
 final latents against the eager oracle of the official rules (bit for bit), with true CFG off and on, on
-FLUX.1, FLUX.1 Kontext and Chroma, the graphs, and the errors. Tiny pipelines (256 image tokens, 9 text
+FLUX.1, FLUX.1 Kontext, Chroma and FLUX.2, the graphs, and the errors. Tiny pipelines (256 image tokens, 9 text
 tokens, 2 + 2 blocks), fp32."""
 
 import pytest
@@ -11,7 +11,8 @@ import tgate_fx
 from oracle_toca_flux import FluxToCaOracle, fresh_ratio_scheduler
 from tgate_fx import TGateConfig, ToCaConfig
 from tgate_fx.methods.toca.config import fresh_count, fresh_ratio, step_kinds
-from tgate_fx.tiny_extra import tiny_chroma, tiny_cogvideox, tiny_flux, tiny_hunyuanvideo, tiny_qwenimage, tiny_sd3
+from tgate_fx.tiny_extra import tiny_chroma, tiny_cogvideox, tiny_flux, tiny_flux2, tiny_hunyuanvideo, tiny_qwenimage
+from tgate_fx.tiny_extra import tiny_sd3
 
 pytestmark = pytest.mark.e2e
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -225,6 +226,24 @@ def test_hunyuanvideo_equals_the_flux_rules_on_its_blocks(settings):
     plain, _ = tiny_hunyuanvideo()
     assert not torch.equal(got, plain(**call, num_inference_steps=steps, output_type="latent",
                                       generator=torch.Generator().manual_seed(0)).frames)
+
+
+@pytest.mark.parametrize("settings", [{}, {"ratio": 0.5, "interval": 3}], ids=["defaults", "ratio 0.5"])
+@pytest.mark.parametrize("klein", [False, True], ids=["flux2", "klein-cfg"])
+def test_flux2_equals_the_flux_rules_on_its_blocks(klein, settings):
+    """FLUX.2 (double-stream blocks, then parallel single-stream blocks over the joined sequence); [klein]
+    runs CFG as two calls a step, each on its own caches, as FLUX.1's true CFG."""
+    build = lambda: tiny_flux2(klein=klein)
+    config = ToCaConfig(**settings)
+    steps = 10
+    expected, kinds = oracle_latents(build, steps, 2 if klein else 1, **_oracle_settings(config.resolved("flux")))
+    assert "ToCa" in kinds
+    pipe, call = build()
+    tgate_fx.optimize(pipe, toca=config)
+    got = final_latents(pipe, call, steps)
+    assert torch.equal(got, expected)
+    plain, _ = build()
+    assert not torch.equal(got, final_latents(plain, call, steps))  # the cache changed something
 
 
 # --- graphs ----------------------------------------------------------------------------------------------------

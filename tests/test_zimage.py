@@ -113,7 +113,8 @@ def test_capture_predicts_the_eager_transformer(guidance_scale):
     assert tuple(engine["hidden_states"].shape) == (len(args[0]), 16, 1, 16, 16)
     assert tuple(engine["encoder_hidden_states"].shape) == (len(args[0]), 9, 16)
     capture = capture_denoiser(pipe.transformer, engine, store=None)
-    sdpa = [n for n in capture.graph_module.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    sdpa = [n for n in capture.graph_module.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     assert len(sdpa) == 4  # noise refiner, context refiner, two layers
     with torch.no_grad():
         expected = torch.stack(pipe.transformer(*args, **kwargs)[0])
@@ -200,7 +201,8 @@ def test_the_optimized_transformer_returns_its_list_form():
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    (dict(tgate=TGateConfig(gate_step=1)), "T-GATE cannot apply to ZImageTransformer2DModel: it caches cross-attention"),
+    (dict(tgate=TGateConfig(gate_step=1)),
+     "T-GATE cannot apply to ZImageTransformer2DModel: it caches cross-attention"),
     (dict(deepcache=DeepCacheConfig()), "DeepCache needs a UNet"),
     (dict(todo=ToDoConfig()), "ToDo cannot apply to ZImageTransformer2DModel: none of its attention modules is a "
                               "cross-attention"),

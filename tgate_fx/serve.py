@@ -32,17 +32,29 @@ load its entry, so only the first replica ever runs ``torch.export``.
 replica loads its captures before it takes traffic.
 
 Batching (``max_batch_size > 1``, off by default): concurrent requests that
-differ only in prompt and seed, under methods whose schedule does not depend
-on the batch (:data:`BATCHABLE`: T-GATE, DeepCache, ToDo, and the baseline),
-are grouped by ``@serve.batch`` into one pipeline call with one generator
-per request, so each starts from the noise it gets alone. ToCa and block
-cache pick what to recompute from the whole batch: their requests always
-run alone. A batched call is *not* bit-identical to a lone one on CPU: the
-denoiser's kernels block their sums by batch size, so the latents differ in
-the last bits (measured up to 6.5e-5 on the shapes pipeline) and a pixel at
-a rounding boundary can come out one level apart (1 to 5 of 48 PNGs per
-case in benchmarks/results/serve_load.md). With the default ``max_batch_size=1``
-every request runs alone, and its PNG is the one it gets alone.
+differ only in prompt, negative prompt and seed (one :attr:`Request.group`:
+same resolution, steps, guidance and methods), under methods whose schedule
+does not depend on the batch (:data:`BATCHABLE`: T-GATE, DeepCache, ToDo,
+and the baseline), are grouped by ``@serve.batch`` into one pipeline call
+with one generator per request, so each starts from the noise it gets alone.
+ToCa and block cache pick what to recompute from the whole batch: their
+requests always run alone, unpadded.
+
+The call always has ``max_batch_size`` rows (CFG doubles them): a group of
+fewer requests is padded with copies of its first request, whose pictures
+are dropped. The guarantee: a request's PNG (and its final latents) is
+bit-identical to the one the same request gets alone from a deployment of
+the same ``max_batch_size`` (and torch threads), whatever the other requests
+of its call and its place among them. Why the padding: the CPU kernels
+block their sums by the call's shape, so a 4-row call and a 1-row call give
+a request latents that differ in the last bits (measured up to 1.8e-5 on the
+shapes pipeline), and a pixel at a rounding boundary then comes out one
+level apart; at one fixed shape, each row's bits depend on its own inputs
+only (measured: 0.0 difference for the baseline, T-GATE, DeepCache and ToDo,
+in order and reversed, tests/test_serve.py). It is *not* the PNG of a
+``max_batch_size=1`` deployment, which can differ from it by one level. The
+cost: a lone request pays for a full batch (benchmarks/results/serve_load.md).
+With the default ``max_batch_size=1`` every request runs alone, unpadded.
 
 Run it (loopback)::
 
@@ -133,17 +145,24 @@ class Text2Image:
         warmup: ``[(height, width), ...]`` or ``[(height, width, steps), ...]`` rendered once at start
             (20 steps unless given, with the deployment's methods), so the captures are loaded (or
             exported) before the first request.
+        batch_size: The rows of every pipeline call of batchable requests (:attr:`Request.batchable`):
+            up to this many requests of one group share a call, and a call with fewer is padded with
+            copies of its first request, so a request's picture is bit-identical alone or with others
+            (for this ``batch_size``; see the module docstring). 1: every request runs alone, unpadded.
     """
 
     def __init__(self, path: str, methods: dict | None = None, store: str | None = None, threads: int = 1,
                  max_pixels: int = 1024 * 1024, max_steps: int = 200, warmup: list | None = None,
                  dtype: str = "float32", device: str = "cpu", onnx: str | None = None,
-                 providers: list | None = None):
+                 providers: list | None = None, batch_size: int = 1):
         import torch
         from diffusers import DiffusionPipeline
 
         from .core.capture_store import DEFAULT, CaptureStore
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
         self.store = CaptureStore(str(store)) if store is not None else DEFAULT
         torch.set_num_threads(int(threads))
         if not os.path.isfile(os.path.join(str(path), "model_index.json")):
@@ -271,19 +290,30 @@ class Text2Image:
             get_runtime(self.pipe).capture_store = self.store  # the replica's store, for every capture
             self._applied = methods
 
-    def render(self, requests: list[Request]) -> list[bytes]:
-        """PNG bytes for each request, in order. Requests of one :attr:`Request.group` under batchable
-        methods share one pipeline call (one generator each); the others run alone."""
-        out: dict[int, bytes] = {}
+    def plan(self, requests: list[Request]) -> list[list[int]]:
+        """The pipeline calls that render ``requests``, each a list of indices into it: batchable requests
+        of one :attr:`Request.group` share calls of at most :attr:`batch_size`, in order; the others run
+        alone."""
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(request.group if request.batchable else ("alone", i), []).append(i)
-        for indices in groups.values():
-            for i, png in zip(indices, self._call([requests[i] for i in indices])):
-                out[i] = png
+            key = request.group if request.batchable and self.batch_size > 1 else ("alone", i)
+            groups.setdefault(key, []).append(i)
+        return [g[k:k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+
+    def render(self, requests: list[Request], output: str = "png") -> list:
+        """Each request's picture, in order: PNG bytes (``output="png"``) or the final latents before the
+        VAE (``"latent"``, one ``(C, h, w)`` tensor each). The calls are :meth:`plan`'s; a call of batchable
+        requests always runs at :attr:`batch_size` rows (padded with copies of its first request, whose
+        pictures are dropped), so a request gets the same bits alone or with others."""
+        if output not in ("png", "latent"):
+            raise ValueError(f"output must be 'png' or 'latent', got {output!r}")
+        out: dict[int, Any] = {}
+        for indices in self.plan(requests):
+            for i, picture in zip(indices, self._call([requests[i] for i in indices], output)):
+                out[i] = picture
         return [out[i] for i in range(len(requests))]
 
-    def _call(self, requests: list[Request]) -> list[bytes]:
+    def _call(self, requests: list[Request], output: str) -> list:
         import contextlib
 
         import torch
@@ -292,19 +322,24 @@ class Text2Image:
         from .core.hook import bypassed
 
         first = requests[0]
+        rows = list(requests)
+        if first.batchable:  # the fixed shape: a row's bits depend on the call's shape, not on the other rows
+            rows += [first] * (self.batch_size - len(rows))
         with self._lock:
             self._apply(first.methods)
             baseline = self.bundle is None and not first.methods and self._applied is not None
             context = bypassed(get_runtime(self.pipe).denoiser) if baseline else contextlib.nullcontext()
             kwargs = {}
             if first.negative_prompt is not None:
-                kwargs["negative_prompt"] = [r.negative_prompt for r in requests]
+                kwargs["negative_prompt"] = [r.negative_prompt for r in rows]
             with context, torch.inference_mode():
-                images = self.pipe([r.prompt for r in requests], height=first.height, width=first.width,
+                images = self.pipe([r.prompt for r in rows], height=first.height, width=first.width,
                                    num_inference_steps=first.steps, guidance_scale=first.guidance,
-                                   generator=[torch.Generator().manual_seed(r.seed) for r in requests],
-                                   **kwargs).images
-        return [_png(image) for image in images]
+                                   generator=[torch.Generator().manual_seed(r.seed) for r in rows],
+                                   output_type="latent" if output == "latent" else "pil", **kwargs).images
+        if output == "latent":
+            return [images[i].clone() for i in range(len(requests))]
+        return [_png(image) for image in images[:len(requests)]]
 
 
 def _png(image) -> bytes:
@@ -318,8 +353,10 @@ def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **op
     """The Ray Serve deployment class (``options``: ``serve.deployment``'s, e.g. ``num_replicas``,
     ``ray_actor_options``). Bind it with :class:`Text2Image`'s arguments, or use :func:`app`.
 
-    ``max_batch_size``: requests grouped into one pipeline call (1: each alone, bit-identical to a lone
-    render; more: higher throughput, pixels may differ by one level, see the module docstring)."""
+    ``max_batch_size``: requests grouped by ``@serve.batch``, and the replica's :attr:`Text2Image.batch_size`
+    (every call of batchable requests runs at this many rows, padded). A request's PNG is bit-identical to
+    the one it gets alone from a deployment of the same ``max_batch_size`` (see the module docstring). Each
+    answer's ``x-batch`` header says how many requests shared its call."""
     from ray import serve
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, Response
@@ -332,6 +369,8 @@ def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **op
     @serve.deployment(**options)
     class TGateFX:
         def __init__(self, *args, **kwargs):
+            if kwargs.setdefault("batch_size", max_batch_size) != max_batch_size:
+                raise ValueError(f"batch_size={kwargs['batch_size']} differs from max_batch_size={max_batch_size}")
             self.model = Text2Image(*args, **kwargs)
             self.replica = f"{os.getpid()}"
             self.ready_at = time.time()
@@ -339,7 +378,9 @@ def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **op
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
         async def _render(self, requests: list[Request]) -> list:
             try:
-                return await asyncio.to_thread(self.model.render, requests)
+                pngs = await asyncio.to_thread(self.model.render, requests)
+                shared = {i: len(call) for call in self.model.plan(requests) for i in call}
+                return [(png, shared[i]) for i, png in enumerate(pngs)]
             except (TypeError, ValueError) as e:  # settings the methods refuse for this call (gate_step > steps)
                 return [BadRequest(str(e))] * len(requests)
             except Exception as e:  # noqa: BLE001 - each request gets the failure as its answer
@@ -362,25 +403,30 @@ def deployment(max_batch_size: int = 1, batch_wait_timeout_s: float = 0.05, **op
             if isinstance(result, Exception):
                 return JSONResponse({"error": f"{type(result).__name__}: {result}", "replica": self.replica},
                                     status_code=500)
-            return Response(result, media_type="image/png",
-                            headers={"x-replica": self.replica, "x-seconds": f"{time.perf_counter() - start:.4f}"})
+            png, shared = result
+            return Response(png, media_type="image/png",
+                            headers={"x-replica": self.replica, "x-seconds": f"{time.perf_counter() - start:.4f}",
+                                     "x-batch": str(shared)})
 
     return TGateFX
 
 
-def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 1, **model_options):
+def app(path: str, methods: dict | None = None, num_replicas: int = 1, max_batch_size: int = 1,
+        batch_wait_timeout_s: float = 0.05, **model_options):
     """The bound application: ``serve.run(app(PATH, {"tgate": {}}), route_prefix="/")``."""
-    return deployment(max_batch_size=max_batch_size, num_replicas=num_replicas).bind(
-        str(path), methods, **model_options)
+    return deployment(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                      num_replicas=num_replicas).bind(str(path), methods, **model_options)
 
 
 def generate(url: str, body: dict, retries: int = 3, timeout: float = 120.0, wait: float = 1.0,
-             failures: list | None = None):
+             failures: list | None = None, headers: dict | None = None):
     """POST ``body`` to ``url``; the PNG bytes, or an ``HTTPError`` / ``RuntimeError`` naming the failure.
+    ``failures``: gets each failed attempt's reason; ``headers``: gets the answer's headers, lower case (``x-replica``,
+    ``x-batch``: how many requests shared its pipeline call).
 
     A 4xx is final (the request is wrong). A 5xx or a broken connection (a replica that died with the
     request) is retried ``retries`` times, ``wait`` seconds apart: a request is fully given by its body
-    and seed, so a retry renders the same picture.
+    and seed, so a retry renders the same picture (batched or not, see the module docstring).
     """
     import urllib.error
     import urllib.request
@@ -391,6 +437,8 @@ def generate(url: str, body: dict, retries: int = 3, timeout: float = 120.0, wai
         try:
             request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
+                if headers is not None:
+                    headers.update((k.lower(), v) for k, v in response.headers.items())
                 return response.read()
         except urllib.error.HTTPError as e:
             if e.code < 500:
@@ -413,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", default=None, help="capture store directory shared by the replicas")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--max-batch-size", type=int, default=1,
-                        help="group concurrent requests (1: each alone, bit-identical to a lone render)")
+                        help="group concurrent requests into calls of this many rows, padded (bit-identical to "
+                             "a lone request on the same max batch size; a lone request pays for a full batch)")
     parser.add_argument("--onnx", default=None, help="serve this ONNX bundle (export_onnx) instead of --methods")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

@@ -27,7 +27,8 @@ from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
            "tiny_t2i_adapter", "tiny_wan", "tiny_wan22", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
-           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_zimage"]
+           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_flux2",
+           "tiny_zimage"]
 
 
 def _seeded(seed: int):
@@ -455,6 +456,41 @@ def tiny_cogvideox(seed: int = 0, *, guidance_scale: float = 6.0, num_layers: in
                 guidance_scale=guidance_scale)
     if guidance_scale > 1:
         call["negative_prompt_embeds"] = torch.randn(1, 9, 32, generator=g)
+    return pipe, call
+
+
+def tiny_flux2(seed: int = 0, *, klein: bool = False, guidance_scale: float = 4.0, size: int = 32):
+    """FLUX.2 text to image (``Flux2Transformer2DModel``: double-stream blocks, then parallel single-stream
+    blocks over the joined text and image sequence), ``size`` x ``size``.
+
+    The VAE (``AutoencoderKLFlux2``) has one block and one latent channel, packed 2 x 2 into 4 channels: a
+    32 x 32 image is 256 image tokens; the text is 9 seeded tokens (Mistral-like, width 32). ``klein``:
+    ``Flux2KleinPipeline`` (not distilled), which runs CFG as two denoiser calls per step when
+    ``guidance_scale > 1``; else ``Flux2Pipeline`` (guidance distilled: one call per step, the guidance
+    scale embedded).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+    from diffusers import Flux2Transformer2DModel
+
+    _seeded(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                          timestep_guidance_channels=32, axes_dims_rope=[4, 4, 4, 4],
+                                          guidance_embeds=not klein).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                             layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                             use_post_quant_conv=False).eval()
+    cls = Flux2KleinPipeline if klein else Flux2Pipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+               transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    call = dict(prompt_embeds=torch.randn(1, 9, 32, generator=g), height=size, width=size,
+                guidance_scale=guidance_scale, max_sequence_length=9)
+    if klein and guidance_scale > 1:
+        call.update(negative_prompt_embeds=torch.randn(1, 9, 32, generator=g))
     return pipe, call
 
 

@@ -31,6 +31,14 @@ size is then exported on its own, with a :class:`RebatchWarning`, and the
 failed graph is never run for a step. With a capture store, a passed check
 is recorded next to the stored probe graph (bound to its digest), so a later
 process that loads the same entry does not check that batch size again.
+
+A constant of the model's code can be a multiple of P by chance (Wan's rotary
+split at head dim 128 is ``[44, 42, 42]``, and 44 = 4 x 11): the specialised
+graph then fails its check. Once per resolution the denoiser is then exported
+again, at a second probe Q that divides no integer of the first probe graph:
+the constants that are not the batch's are the same in both traces, so none
+of them is a multiple of Q. Only if that one fails too is each batch size
+exported on its own.
 """
 
 from __future__ import annotations
@@ -213,7 +221,9 @@ class BatchCaptures:
         self.sample_arg = sample_arg
         self.store = store
         self.fallbacks: list[tuple[int, str]] = []
-        self._probes: dict[InputSignature, tuple[Capture, str | None] | None] = {}  # capture, its store key
+        # batch-free signature -> (probe capture, its store key, its probe batch), or None (its export failed)
+        self._probes: dict[InputSignature, tuple[Capture, str | None, int] | None] = {}
+        self._reprobed: set[InputSignature] = set()
         self._module_dims: set[int] | None = None
 
     def clear(self) -> None:
@@ -231,44 +241,97 @@ class BatchCaptures:
         if self._module_dims is None:
             self._module_dims = _tensor_dims([*self.module.parameters(), *self.module.buffers()])
         tensors = [x for x in pytree.tree_leaves(call) if isinstance(x, torch.Tensor)]
-        probe = probe_batch(_tensor_dims(tensors) | self._module_dims)
+        dims = _tensor_dims(tensors) | self._module_dims
+        probe = probe_batch(dims)
         if probe is None:
             return self._alone(call, batch, "every candidate probe batch divides a dimension of the call or model")
-        probe_call = _probe_call(call, sizes, batch, probe)
-        key = signature_of(probe_call)
+        key = signature_of(_probe_call(call, sizes, batch, probe))  # the batch-free signature
         store = resolve_store(self.store)
         if key not in self._probes:
             try:
-                self._probes[key] = (capture_denoiser(self.module, probe_call, store),
-                                     store.key(self.module, key) if store is not None else None)
+                self._probes[key] = self._export_probe(call, sizes, batch, probe, store)
             except Exception as e:  # noqa: BLE001 - the plain export below decides whether the call can be captured
                 self._probes[key] = None
                 return self._alone(call, batch, f"the export at probe batch {probe} failed: {type(e).__name__}: {e}")
         if self._probes[key] is None:
             return self._alone(call, batch, f"the export at probe batch {probe} failed before")
-        traced, stored_as = self._probes[key]
+        try:
+            capture = self._specialized(self._probes[key], batch, call, store)
+        except Exception as e:  # noqa: BLE001 - a constant may be a multiple of the probe by chance: probe again
+            second = self._second_probe(key, call, sizes, batch, store, dims)
+            if second is None:
+                return self._alone(call, batch, f"{type(e).__name__}: {e}")
+            try:
+                capture = self._specialized(second, batch, call, store)
+            except Exception as e2:  # noqa: BLE001 - any failure: this batch size is exported on its own
+                return self._alone(call, batch, f"{type(e2).__name__}: {e2} (and at the first probe batch: "
+                                                f"{type(e).__name__}: {e})")
+        capture.signature = signature_of(call)
+        capture.state_paths = state_paths(self.module, capture.graph_module)
+        capture.from_store = self._probes[key][0].from_store
+        capture.seconds = time.perf_counter() - start
+        return capture
+
+    def _export_probe(self, call, sizes, batch: int, probe: int, store) -> tuple[Capture, str | None, int]:
+        probe_call = _probe_call(call, sizes, batch, probe)
+        return (capture_denoiser(self.module, probe_call, store),
+                store.key(self.module, signature_of(probe_call)) if store is not None else None, probe)
+
+    def _specialized(self, probed: tuple[Capture, str | None, int], batch: int, call, store) -> Capture:
+        """The probe capture specialised to ``batch`` and checked on ``call`` (raises if it does not fit)."""
+        traced, stored_as, probe = probed
+        capture = specialize(traced, probe, batch)
         # A specialisation depends on nothing but the stored probe graph and the batch: once checked, it is
         # known good in every process that loads that same entry (the store key covers the model and its state).
         fact = f"batch{batch}.checked"
-        try:
-            capture = specialize(traced, probe, batch)
-            if stored_as is None or not store.has_fact(stored_as, fact):
-                check_capture(capture, self.module, call)
-                if stored_as is not None:
-                    store.record_fact(stored_as, fact)
-        except Exception as e:  # noqa: BLE001 - any failure: this batch size is exported on its own
-            return self._alone(call, batch, f"{type(e).__name__}: {e}")
-        capture.signature = signature_of(call)
-        capture.state_paths = state_paths(self.module, capture.graph_module)
-        capture.from_store = traced.from_store
-        capture.seconds = time.perf_counter() - start
+        if stored_as is None or not store.has_fact(stored_as, fact):
+            check_capture(capture, self.module, call)
+            if stored_as is not None:
+                store.record_fact(stored_as, fact)
         return capture
+
+    def _second_probe(self, key, call, sizes, batch: int, store, dims: set[int]):
+        """Once per batch-free signature: the export at a probe dividing no integer of the first probe graph
+        (and no dimension), which then serves that signature; ``None`` if there is none or it fails."""
+        if key in self._reprobed:
+            return None
+        self._reprobed.add(key)
+        traced, _, first = self._probes[key]
+        probe = probe_batch(dims | _graph_ints(traced.graph_module.graph) | {first})
+        if probe is None:
+            return None
+        try:
+            self._probes[key] = self._export_probe(call, sizes, batch, probe, store)
+        except Exception:  # noqa: BLE001 - the caller exports this batch size on its own
+            return None
+        return self._probes[key]
 
     def _alone(self, call: dict[str, Any], batch: int, reason: str) -> Capture:
         self.fallbacks.append((batch, reason))
         warnings.warn(f"tgate_fx: batch {batch} is exported on its own, not served by the capture of its "
                       f"resolution ({reason[:500]})", RebatchWarning, stacklevel=3)
         return capture_denoiser(self.module, call, resolve_store(self.store))
+
+
+def _graph_ints(graph: fx.Graph) -> set[int]:
+    """The absolute values of the integers in the graph's node arguments (sizes, split sizes, slices)."""
+    out: set[int] = set()
+
+    def visit(a: Any) -> None:
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+        elif isinstance(a, slice):
+            visit((a.start, a.stop, a.step))
+        elif type(a) is int:
+            out.add(abs(a))
+
+    for node in graph.nodes:
+        visit((node.args, node.kwargs))
+    return out
 
 
 def _probe_call(call: dict[str, Any], sizes: set[int], batch: int, probe: int) -> dict[str, Any]:

@@ -47,6 +47,7 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .graph_passes import DropPrediction, EliminateDeadCode, ExposeValues, RemoveUnusedInputs, ReplaceValuesWithCache
+from .graph_passes import upstream
 from .analysis import Regions, analyze
 from .captured import Capture
 from .method import CFG_MEAN, RECORD, REUSE, TRANSFORM, CacheKey, Method, Rewrite, tagged_nodes
@@ -85,16 +86,7 @@ class Resolved:
 def _live(graph: fx.Graph, cut: set[fx.Node], roots: list[fx.Node] | None = None) -> set[fx.Node]:
     """Nodes the graph's outputs (or ``roots``) depend on when the ``cut`` nodes become inputs (cut nodes
     included)."""
-    live: set[fx.Node] = set()
-    stack = list(graph.output_node().all_input_nodes) if roots is None else list(roots)
-    while stack:
-        node = stack.pop()
-        if node in live:
-            continue
-        live.add(node)
-        if node not in cut:
-            stack.extend(node.all_input_nodes)
-    return live
+    return upstream(graph.output_node().all_input_nodes if roots is None else roots, stop=cut)
 
 
 def _targets(graph: fx.Graph, spec: VariantSpec) -> list[tuple[fx.Node, CacheKey, Rewrite]]:

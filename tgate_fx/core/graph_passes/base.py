@@ -10,7 +10,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
-__all__ = ["GraphPass", "PassResult", "first_user", "new_node", "nodes_between"]
+__all__ = ["GraphPass", "PassResult", "downstream", "first_user", "new_node", "nodes_between", "upstream"]
 
 
 class GraphPass(PassBase):
@@ -64,25 +64,39 @@ def first_user(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def upstream(roots, stop=()) -> set[fx.Node]:
+    """``roots`` and every node they are computed from, not walking past the ``stop`` nodes (which are
+    included where reached): what the roots depend on once the stop nodes become inputs."""
+    out: set[fx.Node] = set()
+    stack, stop = list(roots), set(stop)
+    while stack:
+        node = stack.pop()
+        if node not in out:
+            out.add(node)
+            if node not in stop:
+                stack.extend(node.all_input_nodes)
+    return out
+
+
+def downstream(roots, within=None) -> set[fx.Node]:
+    """``roots`` and every node computed from them (only through the nodes of ``within``, if given)."""
+    out, stack = set(roots), list(roots)
+    while stack:
+        for user in stack.pop().users:
+            if user not in out and (within is None or user in within):
+                out.add(user)
+                stack.append(user)
+    return out
+
+
 def nodes_between(source: fx.Node, target: fx.Node) -> list[fx.Node]:
     """The nodes on a path from ``source`` to ``target`` (``source`` excluded, ``target`` included), in graph order.
 
     Raises:
         ValueError: if ``target`` is not computed from ``source``.
     """
-    below, stack = set(), [source]
-    while stack:
-        for u in stack.pop().users:
-            if u not in below:
-                below.add(u)
-                stack.append(u)
+    below = downstream(source.users)
     if target not in below:
         raise ValueError(f"{target.name} is not computed from {source.name}: no region to restrict")
-    above, stack = set(), [target]
-    while stack:
-        n = stack.pop()
-        if n in above:
-            continue
-        above.add(n)
-        stack.extend(n.all_input_nodes)
+    above = upstream([target])
     return [n for n in target.graph.nodes if n in below and n in above]

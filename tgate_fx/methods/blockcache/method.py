@@ -21,7 +21,14 @@ Annotation, on the captured graph:
   depends on: embeddings, timestep and rotary embeddings) that the rest of
   the graph reads;
 * the tail's outputs (the values read after it) are paired with the head's
-  output of the same stream.
+  output of the same stream; where the streams are joined into one sequence
+  between the block lists (FLUX.2: ``cat([text, image], 1)`` before its
+  single-stream blocks), the tail's *joined* output is paired with the join of
+  the head's outputs, in the graph's order: its residual is the one of each
+  stream, side by side. diffusers' hook cannot serve this case (its tail hook
+  subtracts the head's pair of outputs from one tensor and raises); the
+  residual rule is its rule applied to each stream, and is tested against the
+  hook with the joined residual split back into the streams.
 
 Every step is a :class:`~tgate_fx.core.method.Choice`: the head variant
 records the boundary and runs nothing else; :meth:`BlockCache.decide`
@@ -53,6 +60,7 @@ import torch
 import torch.fx as fx
 
 from ...core.analysis import Regions
+from ...core.graph_passes import downstream, upstream
 from ...core.method import RECORD, REUSE, CacheKey, Choice, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from .config import BlockCacheConfig
@@ -61,7 +69,7 @@ __all__ = ["BLOCK_LISTS", "BlockCache", "block_paths"]
 
 NAME = "blockcache"
 HEAD, TAIL = "head", "tail"
-IMAGE, TEXT = "image", "text"
+IMAGE, TEXT, JOINED = "image", "text", "joined"
 COMPUTE, SKIP = "compute", "skip"
 # The ModuleList names diffusers' transformer-block hooks look for (diffusers.hooks._common).
 BLOCK_LISTS = frozenset({"blocks", "transformer_blocks", "single_transformer_blocks", "layers",
@@ -98,12 +106,6 @@ def block_paths(denoiser: torch.nn.Module) -> list[str]:
     return out
 
 
-def _takes_text(block: torch.nn.Module) -> bool:
-    import inspect
-
-    return "encoder_hidden_states" in inspect.signature(block.forward).parameters
-
-
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
@@ -115,7 +117,7 @@ def _latent_dependents(graph: fx.Graph) -> set[fx.Node]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and n.name in SAMPLE_INPUTS]
     if not placeholders:
         raise ValueError(f"block cache: the graph has no latent input ({' or '.join(SAMPLE_INPUTS)})")
-    return _descendants(placeholders[:1])
+    return downstream(placeholders[:1])
 
 
 def _text_tokens(graph: fx.Graph) -> int | None:
@@ -166,24 +168,27 @@ def _residual_input(output: fx.Node, members: set[fx.Node], head: str) -> fx.Nod
     return found[0]
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    out, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in out:
-            out.add(node)
-            stack.extend(node.all_input_nodes)
-    return out
+def _join(graph: fx.Graph, streams: dict[str, fx.Node], later: tuple[str, ...]) -> fx.Node | None:
+    """The one concatenation of the two streams along the tokens outside the blocks after the first (FLUX.2
+    joins its text and image streams between its double- and single-stream blocks), or ``None``."""
+    if len(streams) != 2:
+        return None
+    later = set(later)
+    flowing = downstream(list(streams.values()))
+    joins = [n for n in graph.nodes if n.target is torch.ops.aten.cat.default and n in flowing
+             and len(n.args[0]) == 2 and (n.args[1] if len(n.args) > 1 else 0) in (1, -2)
+             and not any(p in later for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+    if len(joins) != 1 or sorted(_shape(a)[1] for a in joins[0].args[0]) != sorted(_shape(n)[1] for n in streams.values()):
+        return None
+    if _shape(streams[IMAGE])[1] == _shape(streams[TEXT])[1]:
+        raise ValueError("block cache: the streams are joined between the blocks and have as many tokens each; "
+                         "which part of the join is which stream cannot be told (choose another text length)")
+    return joins[0]
 
 
-def _descendants(nodes: list[fx.Node]) -> set[fx.Node]:
-    out, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in out:
-            out.add(node)
-            stack.extend(node.users)
-    return out
+def _stream_of(part: fx.Node, streams: dict[str, fx.Node]) -> str:
+    """Which stream a part of the join is, by its token count (the two counts differ, see :func:`_join`)."""
+    return next(s for s, n in streams.items() if _shape(n)[1] == _shape(part)[1])
 
 
 class BlockCache(Method):
@@ -196,18 +201,13 @@ class BlockCache(Method):
     def __init__(self, config: BlockCacheConfig, blocks: tuple[str, ...] = ()):
         super().__init__(config)
         self.blocks = tuple(blocks)
+        self.join_order: tuple[str, ...] = ()  # the streams' order in their join, where the tail outputs it
 
     def bind(self, denoiser) -> "BlockCache":
         blocks = block_paths(denoiser)
         if not blocks:
             raise TypeError(f"the block cache needs a transformer with blocks in {' / '.join(sorted(BLOCK_LISTS))}; "
                             f"{type(denoiser).__name__} has none. For UNets, use DeepCache")
-        head, tail = denoiser.get_submodule(blocks[0]), denoiser.get_submodule(blocks[-1])
-        if _takes_text(head) and not _takes_text(tail):
-            raise TypeError(f"the block cache cannot apply to {type(denoiser).__name__}: it joins the text and image "
-                            f"streams into one between its block lists ({type(head).__name__} takes both, "
-                            f"{type(tail).__name__} one), so the residual of the blocks after the first is not the "
-                            "residual of either stream (diffusers' hook cannot serve it either)")
         return BlockCache(self.config, tuple(blocks))
 
     def inert_reason(self, denoiser) -> str | None:
@@ -221,7 +221,7 @@ class BlockCache(Method):
         head, tail = self.blocks[0], self.blocks[-1]
         return {"image_in": CacheKey(NAME, head, "image_in"), IMAGE: CacheKey(NAME, head, "image_out"),
                 TEXT: CacheKey(NAME, head, "text_out"), "tail_" + IMAGE: CacheKey(NAME, tail, IMAGE),
-                "tail_" + TEXT: CacheKey(NAME, tail, TEXT)}
+                "tail_" + TEXT: CacheKey(NAME, tail, TEXT), "tail_" + JOINED: CacheKey(NAME, tail, JOINED)}
 
     # --- tags ------------------------------------------------------------------
     def annotate(self, graph_module: fx.GraphModule, regions: Regions) -> None:
@@ -246,9 +246,12 @@ class BlockCache(Method):
         image_in = _residual_input(streams[IMAGE], members, head)
         tails: dict[str, fx.Node] = {}
         leaving = [n for n in regions.values_leaving(tail) if n in latents]
-        returned = _ancestors(list(graph.output_node().all_input_nodes))
+        returned = upstream(list(graph.output_node().all_input_nodes))
+        join = _join(graph, streams, self.blocks[1:])
         for value in leaving:
             match = [s for s, n in streams.items() if _shape(n) == _shape(value)]
+            if not match and join is not None and _shape(value) == _shape(join):
+                match = [JOINED]
             if len(match) == 2:  # streams of one token count: the image stream is the one the output is made of
                 made_of = [v for v in leaving if v in returned]
                 match = ([IMAGE] if value is made_of[0] else [TEXT]) if len(made_of) == 1 else match
@@ -257,9 +260,14 @@ class BlockCache(Method):
                                  f"{_shape(value)}, which matches no single stream of the first block "
                                  f"({ {s: _shape(n) for s, n in streams.items()} })")
             tails[match[0]] = value
-        computed = _ancestors(list(streams.values()))  # what the head stage computes
+        if JOINED in tails:
+            if any(s in tails for s in streams):
+                raise ValueError(f"block cache: the last block {tail!r} outputs both the joined streams and a "
+                                 "stream of its own; the residual of neither is defined")
+            self.join_order = tuple(_stream_of(a, streams) for a in join.args[0])
+        computed = upstream(list(streams.values()))  # what the head stage computes
         boundary = self._boundary(computed, streams, image_in)
-        self._check_skippable(graph, regions, streams, tails, boundary)
+        self._check_skippable(graph, regions, streams, tails, boundary, join if JOINED in tails else None)
         tag = tag_key(NAME)
         slots = {image_in: "image_in", streams[IMAGE]: "image_out", **({streams[TEXT]: "text_out"} if TEXT in streams else {})}
         for node in boundary:
@@ -287,27 +295,20 @@ class BlockCache(Method):
         return list(out)
 
     def _check_skippable(self, graph: fx.Graph, regions: Regions, streams: dict, tails: dict,
-                         boundary: list[fx.Node]) -> None:
+                         boundary: list[fx.Node], join: fx.Node | None = None) -> None:
         """Refuse a graph where skipping the blocks would not be what diffusers' hooks do."""
         later = set(self.blocks[1:])
 
         def block_of(node: fx.Node) -> str | None:
             return next((p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p in later), None)
 
-        between = (_descendants(list(streams.values())) & _ancestors(list(tails.values()))) - set(streams.values())
-        outside = sorted(n.name for n in between if n.op == "call_function" and block_of(n) is None)
+        between = (downstream(list(streams.values())) & upstream(list(tails.values()))) - set(streams.values())
+        outside = sorted(n.name for n in between if n.op == "call_function" and block_of(n) is None and n is not join)
         if outside:
             raise ValueError(f"block cache: the streams pass through {outside[:5]} between the blocks; skipping the "
                              "blocks would skip them too, which diffusers' block hooks do not")
         cut = set(boundary) | set(tails.values())
-        live, stack = set(), list(graph.output_node().all_input_nodes)
-        while stack:
-            node = stack.pop()
-            if node in live:
-                continue
-            live.add(node)
-            if node not in cut:
-                stack.extend(node.all_input_nodes)
+        live = upstream(graph.output_node().all_input_nodes, stop=cut)
         inside = sorted(n.name for n in live - cut if n.op == "call_function" and block_of(n) is not None)
         if inside:
             raise ValueError(f"block cache: the final layers read values of the blocks after the first other than "
@@ -334,7 +335,8 @@ class BlockCache(Method):
         and outputs of the last computing step, and the tail residual of each stream."""
         keys = self._keys()
         state = {name: CacheKey(NAME, "state", name) for name in
-                 ("residual", "fresh", "snap_" + IMAGE, "snap_" + TEXT, "res_" + IMAGE, "res_" + TEXT)}
+                 ("residual", "fresh", "snap_" + IMAGE, "snap_" + TEXT, "res_" + IMAGE, "res_" + TEXT,
+                  "res_" + JOINED)}
         residual = caches[keys[IMAGE]] - caches[keys["image_in"]]
         previous = caches.get(state["residual"])
         compute = COMPUTE in labels
@@ -349,12 +351,18 @@ class BlockCache(Method):
                 caches[state["snap_" + s]] = caches[keys[s]]
             caches[state["fresh"]] = True
             return COMPUTE
-        tails = [s for s in streams if keys["tail_" + s] in caches]
+        tails = [s for s in (*streams, JOINED) if keys["tail_" + s] in caches]
+
+        def head(s: str, prefix: str = "") -> torch.Tensor:  # a stream's head output, or their join
+            if s != JOINED:
+                return caches[state[prefix + s]] if prefix else caches[keys[s]]
+            return torch.cat([head(part, prefix) for part in self.join_order], dim=1)
+
         if caches.pop(state["fresh"], False):  # the tail outputs are those of the last computing step
             for s in tails:
-                caches[state["res_" + s]] = caches[keys["tail_" + s]] - caches[state["snap_" + s]]
+                caches[state["res_" + s]] = caches[keys["tail_" + s]] - head(s, "snap_")
         for s in tails:
-            caches[keys["tail_" + s]] = caches[state["res_" + s]] + caches[keys[s]]
+            caches[keys["tail_" + s]] = caches[state["res_" + s]] + head(s)
         return SKIP
 
     def describe(self) -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from ...core.analysis import Regions
+from ...core.graph_passes import downstream
 from ...passes import QueryRows, RestrictQueries
 
 __all__ = ["JOINT_BLOCKS", "JOINT_KV", "JOINT_QUERY", "JOINT_TEXT", "annotate_joint", "joint_pass"]
@@ -43,21 +44,10 @@ JOINT_QUERY = "joint_query"
 # Double-stream blocks the rule serves, by class: their attention is ``<block>.attn``, with the text stream's
 # projections add_q/k/v_proj (and to_add_out where the block outputs a text stream).
 JOINT_BLOCKS = frozenset({"FluxTransformerBlock", "ChromaTransformerBlock", "JointTransformerBlock",
-                          "QwenImageTransformerBlock"})
+                          "QwenImageTransformerBlock", "Flux2TransformerBlock"})
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 CAT = torch.ops.aten.cat.default
-
-
-def _reach(start: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
-    """``start`` and the nodes of ``within`` computed from it."""
-    seen, stack = {start}, [start]
-    while stack:
-        for u in stack.pop().users:
-            if u in within and u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
 
 
 def joint_blocks(regions: Regions) -> list[str]:
@@ -88,9 +78,9 @@ def annotate_joint(regions: Regions, key: str) -> list[str]:
         key_path = f"{attn}.norm_added_k" if f"{attn}.norm_added_k" in regions.modules else f"{attn}.add_k_proj"
         text_k, text_v = regions.output_of(key_path), regions.output_of(f"{attn}.add_v_proj")
         image_q, text_q = regions.output_of(f"{attn}.to_q"), regions.output_of(f"{attn}.add_q_proj")
-        from_image, from_text = _reach(image_q, members), _reach(text_q, members)
+        from_image, from_text = downstream([image_q], members), downstream([text_q], members)
         joins = [n for n in nodes_of[block] if n.target is CAT and n in from_image and n in from_text
-                 and core in _reach(n, members) and all(a in from_image or a in from_text for a in n.args[0])]
+                 and core in downstream([n], members) and all(a in from_image or a in from_text for a in n.args[0])]
         if len(joins) != 1:
             raise ValueError(f"T-GATE expects {attn} to join its text and image queries once, found {len(joins)}")
         join = joins[0]
@@ -99,7 +89,7 @@ def annotate_joint(regions: Regions, key: str) -> list[str]:
             raise ValueError(f"T-GATE expects {join.name} to join one text and one image query part")
         text_out = []
         if f"{attn}.to_add_out" in regions.modules:
-            from_text_out = _reach(regions.output_of(f"{attn}.to_add_out"), members)
+            from_text_out = downstream([regions.output_of(f"{attn}.to_add_out")], members)
             text_out = [n for n in regions.values_leaving(block) if n in from_text_out]
         if len(text_out) > 1:
             raise ValueError(f"T-GATE expects {block} to output one text stream, found {len(text_out)}")

@@ -28,11 +28,12 @@ import torch
 import torch.fx as fx
 
 from ...core.analysis import Regions
+from ...core.graph_passes import downstream
 from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio
 
-__all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
+__all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "SINGLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
 
 # The double-stream blocks the FLUX rules serve, by class: (image attention output, text attention output,
 # image MLP, text MLP, whether the joint sequence has the text tokens first). SD3's, Qwen-Image's and
@@ -46,9 +47,19 @@ DOUBLE_STREAM_LAYOUTS = {
     "JointTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", False),
     "QwenImageTransformerBlock": ("attn.to_out", "attn.to_add_out", "img_mlp", "txt_mlp", True),
     "HunyuanVideoTransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", False),
+    "Flux2TransformerBlock": ("attn.to_out", "attn.to_add_out", "ff", "ff_context", True),
 }
-# Single-stream blocks (FLUX's, Chroma's, HunyuanVideo's) are found by their list, single_transformer_blocks;
-# the order of the text and image tokens in them does not matter to the rules (one score over all tokens).
+# Single-stream blocks (FLUX's, Chroma's, HunyuanVideo's, FLUX.2's) are found by their list,
+# single_transformer_blocks; the order of the text and image tokens in them does not matter to the rules (one
+# score over all tokens). Their parts, where they are not FLUX's (the attention ``attn``, the output projection
+# ``proj_out`` over the attention and the MLP branch, which starts at ``proj_mlp``), by class: (the module
+# whose attention output is joined with the MLP branch, the output projection, the MLP branch's first module).
+# FLUX.2's parallel block computes its attention's q, k, v and its MLP branch in one projection
+# (``attn.to_qkv_mlp_proj``) and projects both joined in ``attn.to_out``: a partial step runs that projection
+# for its fresh tokens (their q, k, v unused: the attention is read from the cache, as FLUX's partial steps read
+# it; no official counterpart, FLUX.2 postdates the official code).
+SINGLE_STREAM_LAYOUTS = {"Flux2SingleTransformerBlock": ("attn", "attn.to_out", "attn.to_qkv_mlp_proj")}
+_FLUX_SINGLE = ("attn", "proj_out", "proj_mlp")
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # What a full step records: the double stream's attention outputs and MLP outputs, the single stream's
@@ -102,6 +113,21 @@ def _single_attention(regions: Regions, path: str) -> fx.Node:
         raise ValueError(f"ToCa expects {path} to output its tokens once, or in parts joined once; "
                          f"found {len(leaving)} outputs and {len(joins)} joins")
     return joins.pop()
+
+
+def _joined_with_mlp(regions: Regions, path: str, core: fx.Node) -> fx.Node:
+    """FLUX.2's parallel block: module ``path`` projects its attention and its MLP branch together; the
+    attention output is the part of the one concatenation inside it that is made from the attention ``core``."""
+    members = set(regions.nodes_of(path))
+    below = downstream([core], within=members)
+    joins = [n for n in members if n.target is torch.ops.aten.cat.default and n in below]
+    if len(joins) != 1:
+        raise ValueError(f"ToCa expects {path} to join its attention output with its MLP branch once, "
+                         f"found {len(joins)} joins")
+    parts = [a for a in joins[0].args[0] if a in below]
+    if len(parts) != 1 or len(joins[0].args[0]) != 2:
+        raise ValueError(f"ToCa expects {path} to join one attention output with one MLP branch")
+    return parts[0]
 
 
 def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, inside, residual) -> None:
@@ -171,12 +197,16 @@ def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, insi
                 module=module, score="score_" + module, **info)
     for layer, block in enumerate(single):
         info = {"layer": layer, "depth": len(single), "block": block, "stream": "single"}
-        attn, out = _single_attention(regions, f"{block}.attn"), regions.output_of(f"{block}.proj_out")
-        core = core_of(f"{block}.attn")
+        kind = regions.modules[block].rsplit(".", 1)[-1]
+        attn_path, out_path, mlp_path = (f"{block}.{name}" for name in SINGLE_STREAM_LAYOUTS.get(kind, _FLUX_SINGLE))
+        core = core_of(attn_path)
+        attn = _joined_with_mlp(regions, attn_path, core) if kind in SINGLE_STREAM_LAYOUTS else \
+            _single_attention(regions, attn_path)
+        out = regions.output_of(out_path)
         tag(attn, "single_attn", block, "attn", **info)
         tag(out, "single_out", block, "total", **info)
         tag(core, "tokens", block, "score_tokens", core=core.name, **info)
-        tag(first_in(f"{block}.proj_mlp"), "tokens", block, "mlp_tokens", source=residual(f"{block}.proj_out", out).name,
+        tag(first_in(mlp_path), "tokens", block, "mlp_tokens", source=residual(out_path, out).name,
             output=out.name, module="mlp", cache="total", score="score", attn=attn.name, **info)
 
 

@@ -61,7 +61,7 @@ _FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "di
               "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "flux",
               "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux",
               "HunyuanVideoTransformer3DModel": "flux", "LTXVideoTransformer3DModel": "opensora",
-              "WanTransformer3DModel": "opensora",
+              "WanTransformer3DModel": "opensora", "Flux2Transformer2DModel": "flux",
               "ZImageTransformer2DModel": "flux"}  # its single-sequence blocks: see .single_sequence
 # The MLP of a block, by the block's class, where it is not ``ff`` (PixArt, DiT, LTX-Video).
 _MLP_OF = {"WanTransformerBlock": "ffn"}
@@ -137,7 +137,7 @@ class ToCa(Method):
             raise TypeError(f"ToCa cannot apply to {type(denoiser).__name__}: it follows the official rules for "
                             "PixArt (PixArtTransformer2DModel, PixArt-alpha and -sigma), DiT "
                             "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
-                            "ChromaTransformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
+                            "ChromaTransformer2DModel; Flux2Transformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
                             "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
                             "HunyuanVideoTransformer3DModel, and ZImageTransformer2DModel's single-sequence blocks) "
                             "and Open-Sora (with its rules the blocks of LTXVideoTransformer3DModel and "
