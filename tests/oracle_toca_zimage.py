@@ -13,36 +13,39 @@ batch of 2) each sample selects its own tokens, as ``cache_cutfresh`` does.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import diffusers.models.transformers.transformer_z_image as zimage_module
 
-from oracle_toca_flux import FluxToCaOracle, cache_cutfresh, force_init, new_cache_dic, update_cache
+from oracle_toca_flux import FluxToCaOracle, cache_cutfresh, force_init, update_cache
+
+
+@contextlib.contextmanager
+def _no_flux_blocks(transformer):
+    """``transformer`` seen with no FLUX block lists (the FLUX oracle's set-up and close walk them)."""
+    transformer.__dict__["transformer_blocks"] = ()
+    try:
+        yield
+    finally:
+        del transformer.__dict__["transformer_blocks"]
 
 
 class ZImageToCaOracle(FluxToCaOracle):
-    """ToCa on an eager Z-Image transformer for ONE generation; :meth:`close` restores it."""
+    """ToCa on an eager Z-Image transformer for ONE generation (one call a step); :meth:`close` restores it."""
 
-    def __init__(self, transformer, *, num_steps, fresh_threshold=4, fresh_ratio=0.1, soft_fresh_weight=0.25,
-                 ratio_scheduler="ToCa"):
-        self.transformer = transformer
-        self.num_steps, self.calls_per_step = num_steps, 1
-        self.dics = [new_cache_dic(fresh_ratio, fresh_threshold, soft_fresh_weight, ratio_scheduler)]
-        self.fresh_ratio, self.fresh_threshold = fresh_ratio, fresh_threshold
-        self.cache_counter, self.cal_threshold, self.calls = 0, None, 0
-        self.current = {"num_steps": num_steps}
-        self.dic = None
-        self.pending_map = None
-        self.steps = []
-        self.hook = transformer.register_forward_pre_hook(self._pre_hook)
-        self._dispatch = zimage_module.dispatch_attention_fn
+    def __init__(self, transformer, **rules):
+        with _no_flux_blocks(transformer):
+            super().__init__(transformer, calls_per_step=1, **rules)
+        self._zimage_dispatch = zimage_module.dispatch_attention_fn
         zimage_module.dispatch_attention_fn = self._attention
         for layer, block in enumerate(transformer.layers):
             block.forward = types.MethodType(self._zimage(layer), block)
 
     def close(self):
-        self.hook.remove()
-        zimage_module.dispatch_attention_fn = self._dispatch
+        with _no_flux_blocks(self.transformer):
+            super().close()
+        zimage_module.dispatch_attention_fn = self._zimage_dispatch
         for block in self.transformer.layers:
             del block.forward
 
