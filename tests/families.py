@@ -26,7 +26,8 @@ PIPELINES = {
     **{name: "images" for name in ("sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet",
                                    "pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "sana", "hunyuandit",
                                    "kandinsky22", "t2i_adapter", "flux", "flux_true_cfg", "flux_kontext",
-                                   "chroma", "sd3", "sd35", "qwenimage", "flux2", "flux2_klein")},
+                                   "chroma", "sd3", "sd35", "qwenimage", "flux2", "flux2_klein",
+                                   "zimage")},
     **{name: "frames" for name in ("animatediff", "svd", "ltx", "wan", "hunyuanvideo", "cogvideox")},
 }
 # Pipelines built with settings of another family's builder.

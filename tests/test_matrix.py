@@ -70,14 +70,16 @@ _CLASS = {
     "cogvideox": "CogVideoXTransformer3DModel", "lumina2": "Lumina2Transformer2DModel",
     "auraflow": "AuraFlowTransformer2DModel", "hidream": "HiDreamImageTransformer2DModel",
     "flux2": "Flux2Transformer2DModel", "flux2_klein": "Flux2Transformer2DModel",
+    "zimage": "ZImageTransformer2DModel",
 }
 _UNETS = {"sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet", "t2i_adapter", "kandinsky22",
           "animatediff", "svd"}
 _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "flux_true_cfg", "flux_kontext", "chroma",
-                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan", "flux2", "flux2_klein"}
+                "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan", "flux2", "flux2_klein",
+                "zimage"}
 _JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow",
                    "kandinsky22", "flux2", "flux2_klein"}
-_NO_CROSS = {"cogvideox", "lumina2", "hidream"}
+_NO_CROSS = {"cogvideox", "lumina2", "hidream", "zimage"}
 # T-GATE's joint-attention rule: the double-stream blocks of these (HunyuanVideo's, AuraFlow's and Kandinsky's
 # added K/V are refused).
 _TGATE_JOINT_SERVES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "flux2",

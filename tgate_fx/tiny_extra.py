@@ -4,7 +4,7 @@ Video and newer image families, each tested on its own (``tests/test_families_ex
 ``tests/test_tiny_extra.py``): AnimateDiff (``UNetMotionModel``), Stable Video Diffusion
 (``UNetSpatioTemporalConditionModel``), Sana, HunyuanDiT, Wan 2.1,
 LTX-Video, Kandinsky 2.2, FLUX.1 (and Kontext), Chroma, Stable Diffusion 3
-(and SD3.5's dual attention), Qwen-Image, HunyuanVideo and CogVideoX. Each
+(and SD3.5's dual attention), Qwen-Image, HunyuanVideo, CogVideoX and Z-Image. Each
 builder returns ``(pipeline, call_kwargs)``; the pipeline's progress bar is
 off and every call kwarg needed for a 32x32 generation of a few frames is
 given (HunyuanDiT: 64x64, its rotary grid assumes a VAE factor of 8). Shapes
@@ -13,7 +13,7 @@ multiple of 11.
 
 Sana (Gemma), HunyuanDiT (BERT and mT5), Wan (UMT5), LTX-Video (T5), FLUX.1
 and SD3 (CLIP and T5), Chroma and CogVideoX (T5), Qwen-Image (Qwen2.5-VL) and
-HunyuanVideo (Llama and CLIP) ship no text encoder here: their tokenizers
+HunyuanVideo (Llama and CLIP) and Z-Image (Qwen3) ship no text encoder here: their tokenizers
 cannot be built offline, so the call kwargs carry seeded ``prompt_embeds``/
 ``negative_prompt_embeds`` (and the pooled embeddings and masks each pipeline
 wants with them), as a user of prompt-weighting tools calls them.
@@ -27,7 +27,8 @@ from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
            "tiny_t2i_adapter", "tiny_wan", "tiny_wan22", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
-           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_flux2"]
+           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_flux2",
+           "tiny_zimage"]
 
 
 def _seeded(seed: int):
@@ -490,4 +491,39 @@ def tiny_flux2(seed: int = 0, *, klein: bool = False, guidance_scale: float = 4.
                 guidance_scale=guidance_scale, max_sequence_length=9)
     if klein and guidance_scale > 1:
         call.update(negative_prompt_embeds=torch.randn(1, 9, 32, generator=g))
+    return pipe, call
+
+
+def tiny_zimage(seed: int = 0, *, guidance_scale: float = 3.0, num_layers: int = 2):
+    """Z-Image text to image (``ZImageTransformer2DModel``: single-stream ``layers`` over image and caption
+    tokens, after a noise and a context refiner), 32 x 32; CFG (``guidance_scale > 0``: Z-Image's pipeline
+    guides at any positive scale) runs as one denoiser call per step on a batch of 2, the conditional half first.
+
+    Sizes are diffusers' fast test's (``tests/pipelines/z_image/test_z_image.py``), its pad tokens fixed to
+    ones as there. The transformer takes lists of per-sample tensors: latents ``(16, 1, 16, 16)``, 64 image
+    tokens after the 2 x 2 patches, and captions of 9 seeded tokens (in place of Qwen3's hidden states, whose
+    tokenizer cannot be built offline), which the transformer pads to 32: 96 tokens in the main blocks.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    _seeded(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=num_layers, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                           norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0,
+                                           t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]).eval()
+    with torch.no_grad():  # torch.empty in diffusers: fixed as its fast test does
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    _seeded(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
+                        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159).eval()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                          transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed + 5)
+    call = dict(prompt_embeds=[torch.randn(9, 16, generator=g)], height=32, width=32, guidance_scale=guidance_scale)
+    if guidance_scale > 0:
+        call["negative_prompt_embeds"] = [torch.randn(9, 16, generator=g)]
     return pipe, call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.conventions import convention_of
 from ..core.variants import CapturedGraphs
 from ._format import roles_summary, sites_table, table
 from .inspection import computed_sites
@@ -91,7 +92,14 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
     runtime = get_runtime(pipe)
     lines = [f"tgate_fx: {type(runtime.denoiser).__name__} in {type(pipe).__name__}"]
     lines += [f"{m.title}: {m.describe()}" + _inert(m, runtime) for m in runtime.methods]
-    lines += [f"methods that apply to {type(runtime.denoiser).__name__}: {_applicable(runtime.denoiser)}", ""]
+    lines += [f"methods that apply to {type(runtime.denoiser).__name__}: {_applicable(runtime.denoiser)}"]
+    convention = convention_of(runtime.denoiser)
+    if convention is not None:
+        lines.append(f"calls: {type(runtime.denoiser).__name__} takes {', '.join(convention.lists)} as lists of "
+                     "per-sample tensors, served as one batch (" +
+                     ", ".join(f"{a} as {b}" for a, b in convention.names) + "; equal-shaped samples only, one "
+                     "export per batch size)")
+    lines.append("")
     if num_inference_steps is not None:
         plan = runtime.plan(num_inference_steps, True if cfg is None else cfg)
     else:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .conventions import forward_parameters
 from .cost import node_macs
 from .meta import TAG
 
@@ -93,10 +94,7 @@ def cross_attention_modules(denoiser: torch.nn.Module) -> list[str]:
 def conditioning_inputs(denoiser: torch.nn.Module) -> list[str]:
     """The conditioning arguments of the denoiser's ``forward``: text (``encoder_hidden_states`` and the
     per-encoder ``encoder_hidden_states_*`` of HunyuanDiT or HiDream) and classes (``class_labels``)."""
-    import inspect
-
-    return [name for name in inspect.signature(denoiser.forward).parameters
-            if name.startswith(TEXT_INPUT) or name == "class_labels"]
+    return [name for name in forward_parameters(denoiser) if name.startswith(TEXT_INPUT) or name == "class_labels"]
 
 
 def is_text_conditioned(denoiser: torch.nn.Module) -> bool:

@@ -22,6 +22,7 @@ call); :func:`parameter_paths` maps the flat names back to the denoiser's.
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .capture_store import DEFAULT, resolve_store
+from .conventions import convention_of
 from .captured import Capture, flat_graph_module, fresh_containers, parameter_paths, signature_of, tensor_inputs
 from .hook import bypassed
 
@@ -41,6 +43,30 @@ __all__ = ["as_traced", "capture_denoiser", "state_paths"]
 # Shapes are static here, so they guard nothing at run time, and they would
 # keep otherwise dead attention subgraphs alive.
 _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_WRAP_WITH_AUTOCAST = torch.ops.higher_order.wrap_with_autocast
+
+
+def _disabled_autocast(node: fx.Node) -> bool:
+    """Whether ``node`` runs a subgraph under an autocast region that changes nothing: ``autocast(device,
+    enabled=False)`` while no autocast of that device is on (Z-Image's timestep and rotary embeddings)."""
+    return (node.op == "call_function" and node.target is _WRAP_WITH_AUTOCAST and node.args[2] is False
+            and not torch.is_autocast_enabled(node.args[0]))
+
+
+def _inline(graph: fx.Graph, sub: fx.GraphModule, inputs: tuple, env: dict) -> tuple:
+    """Copy ``sub``'s nodes into ``graph`` on ``inputs``; its outputs."""
+    sub_env: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            sub_env[node] = env[next(placeholders)]
+        elif node.op == "output":
+            return tuple(fx.node.map_arg(node.args[0], lambda n: sub_env[n]))
+        elif node.op == "call_function" and node.target in _METADATA_ASSERTS:
+            continue
+        else:
+            sub_env[node] = graph.node_copy(node, lambda n: sub_env[n])
+    raise ValueError("an autocast subgraph without an output")
 
 
 def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]:
@@ -49,6 +75,14 @@ def _flatten_exported(exported: torch.export.ExportedProgram) -> tuple[fx.GraphM
     env: dict[fx.Node, Any] = {}
     input_names: list[str] = []
     for node in unlifted.graph.nodes:
+        if _disabled_autocast(node):  # its ops, in line: the passes and the capture store see them
+            env[node] = _inline(graph, getattr(unlifted, node.args[4].target), node.args[5:], env)
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]
+            continue
+        if node.op == "get_attr" and all(_disabled_autocast(u) for u in node.users) and node.users:
+            continue  # the subgraph of an inlined autocast region
         if node.op == "placeholder":
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
@@ -111,19 +145,40 @@ def _export(module: torch.nn.Module, call: dict[str, Any], signature: Any, store
 def as_traced(module: torch.nn.Module):
     """Within the block, ``module`` runs as a capture traces it: in eval mode, without autograd, its own
     ``forward`` (tgate_fx's hook bypassed, in this thread) and without the accelerate hook on it (which
-    moves weights; see :func:`capture_denoiser`)."""
+    moves weights; see :func:`capture_denoiser`); a denoiser with a call convention (:mod:`.conventions`)
+    takes calls in the engine's form."""
     was_training = module.training
     hooked = "forward" in vars(module) and hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
     if hooked:
         wrapped, module.forward = module.forward, module._old_forward
     module.eval()
     try:
-        with torch.no_grad(), bypassed(module):
+        with torch.no_grad(), bypassed(module), _engine_form(module):
             yield module
     finally:
         module.train(was_training)
         if hooked:
             module.forward = wrapped
+
+
+@contextlib.contextmanager
+def _engine_form(module: torch.nn.Module):
+    """Within the block, a denoiser with a call convention (:mod:`.conventions`) takes calls in the engine's
+    form (entered after :func:`bypassed`, which finds tgate_fx's hook as the module's ``forward``)."""
+    convention = convention_of(module)
+    if convention is None:
+        yield
+        return
+    convention.prepare(module)
+    own = vars(module).get("forward")
+    module.forward = convention.forward_of(module, module.forward)
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.__dict__["forward"]
+        else:
+            module.forward = own
 
 
 def state_paths(module: torch.nn.Module, gm: fx.GraphModule) -> frozenset[str]:

@@ -353,7 +353,15 @@ class GenerationTracker:
 
     @staticmethod
     def _declared_cfg(pipe, local: dict | None) -> bool | None:
-        """CFG as the calling pipeline declares it right now, or ``None`` if it does not say."""
+        """CFG as the calling pipeline declares it right now, or ``None`` if it does not say.
+
+        A pipeline that decides guidance per step says so in its ``__call__``'s ``apply_cfg`` (Z-Image:
+        ``cfg_truncation`` drops it at the late steps, while ``do_classifier_free_guidance`` stays on); that
+        decision comes first.
+        """
+        step_cfg = (local or {}).get("apply_cfg")
+        if isinstance(step_cfg, bool):
+            return step_cfg
         if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
             try:
                 return bool(pipe.do_classifier_free_guidance)

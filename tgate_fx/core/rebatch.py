@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import as_traced, capture_denoiser, state_paths
 from .capture_store import DEFAULT, resolve_store
+from .conventions import convention_of
 from .captured import Capture, InputSignature, fresh_containers, signature_of
 from .meta import ATTR_PATH
 from .generation import batched_sizes
@@ -232,6 +233,9 @@ class BatchCaptures:
 
     def __call__(self, call: dict[str, Any]) -> Capture:
         start = time.perf_counter()
+        convention = convention_of(self.module)
+        if convention is not None and convention.unrolled_batch:  # its trace loops over the batch: one per size
+            return capture_denoiser(self.module, call, resolve_store(self.store))
         sample = call[self.sample_arg]
         batch, sizes = sample.shape[0], batched_sizes(sample, type(self.module).__name__)
         if self._module_dims is None:

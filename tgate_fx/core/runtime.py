@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 import weakref
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext
 
 from .blockwise import RegionalCompiler
 from .captured import InputSignature, normalize_call, signature_of
+from .conventions import convention_of, forward_parameters
 from .generation import GenerationTracker, output_class, split_spec, take_half
 from .method import Method
 from .plan import Plan
@@ -87,7 +87,8 @@ class DenoiserRuntime:
         # GenerationTracker); its generations are those steps.
         self.segment = segment
         # From the class: the instance may be a deep copy still being filled in (see `copy_for`).
-        self._sample_arg = list(inspect.signature(type(denoiser).forward).parameters)[1]
+        self._sample_arg = forward_parameters(type(denoiser))[0]
+        self._convention = convention_of(type(denoiser))
         self._output_class = output_class(denoiser)
         self._captures: dict[InputSignature, CapturedGraphs] = {}
         self._batches = BatchCaptures(denoiser, self._sample_arg)  # one export per resolution, any batch
@@ -275,13 +276,24 @@ class DenoiserRuntime:
             label = self._method(choice.method).decide(step.plan.step, step.caches, labels)
             spec = choice.alternative(label)
         prediction = self._run(graphs, spec, step, inputs)
-        return step.finish(prediction, return_dict, self._output_class)
+        out = step.finish(prediction, return_dict, self._output_class)
+        if self._convention is None:
+            return out
+        # the denoiser's own output form (per-sample lists), from the graph's batched prediction
+        prediction = self._convention.output(out[0] if not return_dict else out.sample)
+        return (prediction,) if not return_dict else self._output_class(sample=prediction)
 
     def _run(self, graphs: CapturedGraphs, spec, step, inputs: dict[str, Any]):
         """Run the variant of the plan's ``spec`` for one call, store the caches it writes; its prediction."""
         with self._lock:
             variant = graphs.variant(step.spec_of(spec), step.caches)
         for key, name in variant.cache_inputs.items():
+            if key not in step.caches:
+                raise RuntimeError(
+                    f"variant {variant.name!r} reads the cache {key}, which no step of this generation since "
+                    "guidance was last switched on or off wrote (a switch drops every cache: Z-Image's "
+                    f"cfg_truncation, a dynamic-CFG callback); the {key.method} method cannot follow that switch. "
+                    "Keep guidance on or off for the whole generation, or tgate_fx.restore(pipe)")
             inputs[name] = _checked_cache(step.caches[key], variant, name)
         if variant.call_means and step.role is None:
             raise RuntimeError(f"variant {variant.name!r} writes {sorted(map(str, variant.call_means))} as one call's "

@@ -51,6 +51,7 @@ from ...core.meta import tag_key
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio, official_step, step_kinds, step_weighted
 from .flux import FLUX_GROUPS, annotate_flux, flux_pass
+from .single_sequence import BLOCK_LIST, annotate_single_sequence
 
 __all__ = ["ToCa"]
 
@@ -60,7 +61,8 @@ _FAMILY_OF = {"PixArtTransformer2DModel": "pixart", "DiTTransformer2DModel": "di
               "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "flux",
               "QwenImageTransformer2DModel": "flux", "CogVideoXTransformer3DModel": "flux",
               "HunyuanVideoTransformer3DModel": "flux", "LTXVideoTransformer3DModel": "opensora",
-              "WanTransformer3DModel": "opensora", "Flux2Transformer2DModel": "flux"}
+              "WanTransformer3DModel": "opensora", "Flux2Transformer2DModel": "flux",
+              "ZImageTransformer2DModel": "flux"}  # its single-sequence blocks: see .single_sequence
 # The MLP of a block, by the block's class, where it is not ``ff`` (PixArt, DiT, LTX-Video).
 _MLP_OF = {"WanTransformerBlock": "ffn"}
 
@@ -137,8 +139,9 @@ class ToCa(Method):
                             "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
                             "ChromaTransformer2DModel; Flux2Transformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
                             "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
-                            "HunyuanVideoTransformer3DModel) and Open-Sora (with its rules the blocks of "
-                            "LTXVideoTransformer3DModel and WanTransformer3DModel) transformer blocks only")
+                            "HunyuanVideoTransformer3DModel, and ZImageTransformer2DModel's single-sequence blocks) "
+                            "and Open-Sora (with its rules the blocks of LTXVideoTransformer3DModel and "
+                            "WanTransformer3DModel) transformer blocks only")
         if self.config.family not in (None, family):
             raise ValueError(f"ToCaConfig(family={self.config.family!r}) does not fit {type(denoiser).__name__} "
                              f"(family {family!r}); use family=None or {family!r}")
@@ -149,6 +152,8 @@ class ToCa(Method):
         """Tag each block's cached outputs and the nodes its transform acts on; each ``tokens`` tag names
         (by node name) the block's score core, and the token source and output of the module it refreshes."""
         c = self._config()
+        if c.family == "flux" and regions.children("", BLOCK_LIST):  # Z-Image: self-attention then MLP, one sequence
+            return annotate_single_sequence(graph_module, regions, tag_key(NAME), _in, _residual)
         if c.family == "flux":
             return annotate_flux(graph_module, regions, tag_key(NAME), _in, _residual)
         blocks = regions.children("", "transformer_blocks") or regions.children("", "blocks")  # Wan: blocks

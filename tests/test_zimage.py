@@ -1,0 +1,308 @@
+"""Z-Image (``ZImageTransformer2DModel``: lists of per-sample tensors, single-stream ``layers``) served by tgate_fx.
+
+* The capture: the engine's batched form of the call (:mod:`tgate_fx.core.conventions`) traced through the
+  transformer's own forward predicts what the eager transformer does, bit for bit, and the optimized pipeline
+  gets the transformer's list output back.
+* The block cache equals diffusers' own ``FirstBlockCacheConfig`` hook (``ZImageTransformerBlock`` is in its
+  block registry) bit for bit, with CFG (one batch of 2 a step, the conditional half first) and without, and
+  a wrong threshold gives another image; FORA (``fora_interval``) equals the hook forced to that schedule.
+* T-GATE, DeepCache and ToDo refuse it at ``optimize`` with their reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import tgate_fx
+from tgate_fx import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToDoConfig
+from tgate_fx.core.capture import capture_denoiser
+from tgate_fx.core.captured import normalize_call
+from tgate_fx.methods.blockcache.method import BlockCache
+from tgate_fx.tiny_extra import tiny_zimage
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 6
+THRESHOLD = 0.7  # the hook computes at steps 0, 2, 4 and skips at 1, 3, 5 (CFG on and off)
+OTHER_THRESHOLD = 0.6  # it skips at step 1 only
+
+
+def _generate(pipe, call: dict, steps: int = STEPS) -> torch.Tensor:
+    return pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=steps,
+                **call).images
+
+
+@contextlib.contextmanager
+def _spy(cls, name: str, log: list, replace=None):
+    original = getattr(cls, name)
+
+    def spy(self, *args):
+        out = original(self, *args) if replace is None else replace(self, *args)
+        log.append(out)
+        return out
+
+    setattr(cls, name, spy)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def _block_input_named_x():
+    """diffusers 0.42.1's hooks read a block's input as ``hidden_states`` by name, which ZImageTransformerBlock
+    calls ``x`` (its registry entry keeps the default name), and raise ``ValueError``; the oracle is the hook
+    with that one lookup asking for ``x``."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    lookup = TransformerBlockMetadata._get_parameter_from_args_kwargs
+
+    def named_x(self, identifier, args=(), kwargs=None):
+        if self._cls is ZImageTransformerBlock and identifier == "hidden_states":
+            identifier = "x"
+        return lookup(self, identifier, args, kwargs)
+
+    TransformerBlockMetadata._get_parameter_from_args_kwargs = named_x
+    try:
+        yield
+    finally:
+        TransformerBlockMetadata._get_parameter_from_args_kwargs = lookup
+
+
+def _hook(pipe, call: dict, threshold: float, decide=None) -> tuple[torch.Tensor, list[bool]]:
+    """A generation under diffusers' First Block Cache hook (one cache context around it: ZImagePipeline sets
+    none; the block's input looked up as ``x``, see :func:`_block_input_named_x`); ``decide(hook, residual)``
+    replaces its decision."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks import first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    transformer = pipe.transformer
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.invalidate_child_registries_cache()
+    decisions: list[bool] = []
+    _set_cache_context(transformer, CacheContext("all"))
+    try:
+        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions, decide), \
+                _block_input_named_x():
+            out = _generate(pipe, call)
+    finally:
+        _set_cache_context(transformer, None)
+        registry.remove_hook(first_block_cache._FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
+    return out, decisions
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
+def test_capture_predicts_the_eager_transformer(guidance_scale):
+    pipe, call = tiny_zimage(guidance_scale=guidance_scale)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        _generate(pipe, call, steps=2)
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    assert isinstance(args[0], list) and len(args[0]) == (2 if guidance_scale else 1)
+    engine, _ = normalize_call(pipe.transformer, args, kwargs)
+    assert tuple(engine["hidden_states"].shape) == (len(args[0]), 16, 1, 16, 16)
+    assert tuple(engine["encoder_hidden_states"].shape) == (len(args[0]), 9, 16)
+    capture = capture_denoiser(pipe.transformer, engine, store=None)
+    sdpa = [n for n in capture.graph_module.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 4  # noise refiner, context refiner, two layers
+    with torch.no_grad():
+        expected = torch.stack(pipe.transformer(*args, **kwargs)[0])
+        prediction = capture.graph_module(**capture.flat_inputs(engine))[0]
+    assert torch.equal(prediction, expected)
+    # the autocast(enabled=False) regions of its timestep and rotary embeddings are inlined: no subgraph
+    # modules, so the disk capture store can describe the graph
+    assert not any(n.target is torch.ops.higher_order.wrap_with_autocast for n in capture.graph_module.graph.nodes)
+
+
+def test_the_capture_store_serves_a_second_process(tmp_path):
+    from tgate_fx.core.capture_store import CaptureStore
+
+    pipe, call = tiny_zimage()
+    plain = _generate(pipe, call, steps=3)
+    outs = []
+    for _ in range(2):  # the second runtime loads the first one's entry
+        tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+        tgate_fx.get_runtime(pipe).capture_store = CaptureStore(str(tmp_path))
+        outs.append(_generate(pipe, call, steps=3))
+        outs.append([g.capture.from_store for g in tgate_fx.get_runtime(pipe).captures])
+        tgate_fx.restore(pipe)
+    assert outs[1] == [False] and outs[3] == [True]
+    assert torch.equal(outs[0], plain) and torch.equal(outs[2], plain)
+
+
+def test_ragged_captions_are_refused_with_their_shapes():
+    pipe, call = tiny_zimage()
+    call["negative_prompt_embeds"] = [torch.randn(5, 16)]
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    with pytest.raises(ValueError, match=r"cap_feats.*\(9, 16\), \(5, 16\)"):
+        _generate(pipe, call, steps=2)
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
+def test_block_cache_equals_diffusers_first_block_cache(guidance_scale):
+    pipe, call = tiny_zimage(guidance_scale=guidance_scale)
+    baseline = _generate(pipe, call)
+    reference, hook_decisions = _hook(pipe, call, THRESHOLD)
+    assert (reference - baseline).abs().max() > 0, "the hook changed nothing: the test could not fail"
+    assert not all(hook_decisions), "the hook never skipped"
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        result = _generate(pipe, call)
+    assert [d == "compute" for d in ours] == hook_decisions
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    torch.testing.assert_close(_generate(pipe, call), reference, rtol=0, atol=0)  # a second generation afresh
+    # the test can fail: another threshold skips at other steps and gives another image
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=OTHER_THRESHOLD))
+    assert not torch.equal(_generate(pipe, call), reference)
+    # threshold 0 computes every step: the unoptimized pipeline, bit for bit
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(_generate(pipe, call), baseline, rtol=0, atol=0)
+
+
+def test_fora_interval_equals_the_hook_forced_to_that_schedule():
+    pipe, call = tiny_zimage()
+    plain = _generate(pipe, call)
+    expected, _ = _hook(pipe, call, 0.0, decide=lambda hook, residual, n=iter(range(99)): next(n) % 3 == 0)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(fora_interval=3))
+    ours: list[str] = []
+    with _spy(BlockCache, "decide", ours):
+        got = _generate(pipe, call)
+    assert ours == ["compute" if step % 3 == 0 else "skip" for step in range(STEPS)]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, plain)
+
+
+def test_the_optimized_transformer_returns_its_list_form():
+    pipe, call = tiny_zimage()
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        _generate(pipe, call, steps=2)
+    finally:
+        handle.remove()
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    outputs = [o for o in outputs if not isinstance(o[0], FakeTensor)]  # the export runs the forward too
+    assert len(outputs) == 2
+    assert all(isinstance(o[0], list) and [tuple(t.shape) for t in o[0]] == [(16, 1, 16, 16)] * 2 for o in outputs)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(tgate=TGateConfig(gate_step=1)),
+     "T-GATE cannot apply to ZImageTransformer2DModel: it caches cross-attention"),
+    (dict(deepcache=DeepCacheConfig()), "DeepCache needs a UNet"),
+    (dict(todo=ToDoConfig()), "ToDo cannot apply to ZImageTransformer2DModel: none of its attention modules is a "
+                              "cross-attention"),
+], ids=["tgate", "deepcache", "todo"])
+def test_refusals(kwargs, reason):
+    pipe, _ = tiny_zimage()
+    with pytest.raises(TypeError, match=reason):
+        tgate_fx.optimize(pipe, **kwargs)
+
+
+# --- ToCa: the FLUX rules on Z-Image's single-sequence blocks (chosen; methods/toca/single_sequence.py) --------
+
+
+def _toca_oracle(pipe, call, steps: int, c) -> tuple[torch.Tensor, list[str]]:
+    from oracle_toca_zimage import ZImageToCaOracle
+
+    oracle = ZImageToCaOracle(pipe.transformer, num_steps=steps, fresh_threshold=c.interval, fresh_ratio=c.ratio,
+                              soft_fresh_weight=c.cache_weight,
+                              ratio_scheduler="ToCa" if c.schedule == "ToCa-flux" else c.schedule)
+    try:
+        return _generate(pipe, call, steps), oracle.steps
+    finally:
+        oracle.close()
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("settings", [{}, {"ratio": 0.3, "interval": 3}], ids=["default", "ratio0.3"])
+def test_toca_equals_the_oracle_of_the_chosen_rules(settings, guidance_scale):
+    from tgate_fx import ToCaConfig
+
+    steps = 10
+    pipe, call = tiny_zimage(guidance_scale=guidance_scale)
+    plain = _generate(pipe, call, steps)
+    c = ToCaConfig(**settings).resolved("flux")
+    expected, kinds = _toca_oracle(pipe, call, steps, c)
+    assert "ToCa" in kinds and not torch.equal(expected, plain)
+    tgate_fx.optimize(pipe, toca=ToCaConfig(**settings))
+    got = _generate(pipe, call, steps)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plan = tgate_fx.get_runtime(pipe).last_plan
+    assert [s.methods["toca"].columns[0][1] for s in plan.steps] == \
+        ["full" if k == "full" else "partial" for k in kinds]
+    # the test can fail: another ratio refreshes other tokens and gives another image
+    tgate_fx.optimize(pipe, toca=ToCaConfig(**{**settings, "ratio": c.ratio / 2}))
+    assert not torch.equal(_generate(pipe, call, steps), expected)
+
+
+def test_toca_partial_step_computes_no_main_attention():
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    runtime = tgate_fx.get_runtime(pipe)
+    with runtime.tracing() as trace:
+        _generate(pipe, call, 4)
+    partial = next(v for p, _, v in trace if p.methods["toca"].columns[0][1] == "partial")
+    cores = [p for n in partial.graph_module.graph.nodes
+             if n.target is torch.ops.aten.scaled_dot_product_attention.default
+             for p, _ in list((n.meta.get("nn_module_stack") or {}).values())[-1:]]
+    assert cores == ["noise_refiner.0.attention", "context_refiner.0.attention"]  # the refiners run in full
+
+
+def test_block_cache_composes_with_toca():
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    plain = _generate(pipe, call, 8)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD), toca=ToCaConfig())
+    got = _generate(pipe, call, 8)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)
+
+
+def test_report_says_what_applies_and_how_calls_are_served():
+    pipe, call = tiny_zimage()
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    _generate(pipe, call, steps=2)
+    text = tgate_fx.report(pipe)
+    assert "ToCa yes" in text and "Block cache (First Block Cache) yes" in text
+    assert "T-GATE no (it caches cross-attention" in text and "ToDo no (none of its attention modules" in text
+    assert "DeepCache no (DeepCache needs a UNet" in text
+    assert "calls: ZImageTransformer2DModel takes x, cap_feats as lists of per-sample tensors" in text
+
+
+def test_cfg_truncation_switches_guidance_off_part_way():
+    """``cfg_truncation=0.5``: Z-Image's pipeline drops guidance at its late steps (a batch of 1) while
+    ``do_classifier_free_guidance`` stays on; its per-step ``apply_cfg`` decides, and the block cache follows
+    the switch (caches dropped, the no-CFG plan from there). ToCa's partial steps cannot: a clear error."""
+    from tgate_fx import ToCaConfig
+
+    pipe, call = tiny_zimage()
+    call["cfg_truncation"] = 0.5
+    plain = _generate(pipe, call)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(_generate(pipe, call), plain, rtol=0, atol=0)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        got = _generate(pipe, call)
+    cfg = [s.cfg for s, _, _ in trace]
+    assert True in cfg and False in cfg and cfg == sorted(cfg, reverse=True)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    with pytest.raises(RuntimeError, match="cannot follow that switch"):
+        _generate(pipe, call, 10)
