@@ -146,7 +146,8 @@ def _joined():
     from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
 
-    head_forward, block_forward = first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward
+    hooks = first_block_cache.FBCHeadBlockHook, first_block_cache.FBCBlockHook
+    head_forward, block_forward = hooks[0].new_forward, hooks[1].new_forward
 
     def head(self, module, *args, **kwargs):
         state = self.state_manager.get_state()
@@ -166,14 +167,13 @@ def _joined():
         state.tail_block_residuals = (output - torch.cat([text, image], dim=1), None)
         return output
 
-    first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward = head, block
+    hooks[0].new_forward, hooks[1].new_forward = head, block
     TransformerBlockRegistry.register(ChromaTransformerBlock, TransformerBlockMetadata(1, 0))
     TransformerBlockRegistry.register(ChromaSingleTransformerBlock, TransformerBlockMetadata(0, None))
     try:
         yield
     finally:
-        first_block_cache.FBCHeadBlockHook.new_forward, first_block_cache.FBCBlockHook.new_forward = \
-            head_forward, block_forward
+        hooks[0].new_forward, hooks[1].new_forward = head_forward, block_forward
         for cls in (ChromaTransformerBlock, ChromaSingleTransformerBlock):
             TransformerBlockRegistry._registry.pop(cls)
 

@@ -77,8 +77,8 @@ _UNETS = {"sd15", "sd21", "sdxl", "lcm_sdxl", "sd15_img2img", "sd15_controlnet",
 _TOCA_SERVES = {"pixart_alpha", "pixart_sigma", "lcm_pixart", "dit", "flux", "flux_true_cfg", "flux_kontext", "chroma",
                 "sd3", "sd35", "qwenimage", "cogvideox", "hunyuanvideo", "ltx", "wan", "flux2", "flux2_klein",
                 "zimage"}
-_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo", "auraflow",
-                   "kandinsky22", "flux2", "flux2_klein"}
+_JOINT_FAMILIES = {"flux", "flux_true_cfg", "flux_kontext", "chroma", "sd3", "sd35", "qwenimage", "hunyuanvideo",
+                   "auraflow", "kandinsky22", "flux2", "flux2_klein"}
 _NO_CROSS = {"cogvideox", "lumina2", "hidream", "zimage"}
 # T-GATE's joint-attention rule: the double-stream blocks of these (HunyuanVideo's, AuraFlow's and Kandinsky's
 # added K/V are refused).

@@ -4,19 +4,19 @@ Video and newer image families, each tested on its own (``tests/test_families_ex
 ``tests/test_tiny_extra.py``): AnimateDiff (``UNetMotionModel``), Stable Video Diffusion
 (``UNetSpatioTemporalConditionModel``), Sana, HunyuanDiT, Wan 2.1,
 LTX-Video, Kandinsky 2.2, FLUX.1 (and Kontext), Chroma, Stable Diffusion 3
-(and SD3.5's dual attention), Qwen-Image, HunyuanVideo, CogVideoX and Z-Image. Each
-builder returns ``(pipeline, call_kwargs)``; the pipeline's progress bar is
+(and SD3.5's dual attention), Qwen-Image, HunyuanVideo, CogVideoX, FLUX.2 (and
+[klein]) and Z-Image. Each builder returns ``(pipeline, call_kwargs)``; the pipeline's progress bar is
 off and every call kwarg needed for a 32x32 generation of a few frames is
 given (HunyuanDiT: 64x64, its rotary grid assumes a VAE factor of 8). Shapes
 follow diffusers' own pipeline tests; no token count (text or image) is a
 multiple of 11.
 
 Sana (Gemma), HunyuanDiT (BERT and mT5), Wan (UMT5), LTX-Video (T5), FLUX.1
-and SD3 (CLIP and T5), Chroma and CogVideoX (T5), Qwen-Image (Qwen2.5-VL) and
-HunyuanVideo (Llama and CLIP) and Z-Image (Qwen3) ship no text encoder here: their tokenizers
-cannot be built offline, so the call kwargs carry seeded ``prompt_embeds``/
-``negative_prompt_embeds`` (and the pooled embeddings and masks each pipeline
-wants with them), as a user of prompt-weighting tools calls them.
+and SD3 (CLIP and T5), Chroma and CogVideoX (T5), Qwen-Image (Qwen2.5-VL),
+HunyuanVideo (Llama and CLIP), FLUX.2 (Mistral; [klein]: Qwen3) and Z-Image
+(Qwen3) ship no text encoder here: their tokenizers cannot be built offline,
+so the call kwargs carry seeded ``prompt_embeds``/``negative_prompt_embeds`` (and the pooled
+embeddings and masks each pipeline wants with them), as a user of prompt-weighting tools calls them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from .tiny import tiny_pipeline
 
 __all__ = ["tiny_animatediff", "tiny_hunyuandit", "tiny_kandinsky22", "tiny_ltx", "tiny_sana", "tiny_svd",
            "tiny_t2i_adapter", "tiny_wan", "tiny_wan22", "tiny_flux", "tiny_chroma", "tiny_sd3", "tiny_qwenimage",
-           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_flux2",
-           "tiny_zimage"]
+           "tiny_hunyuanvideo", "tiny_cogvideox", "tiny_flux2", "tiny_zimage"]
 
 
 def _seeded(seed: int):

@@ -178,7 +178,9 @@ def _join(graph: fx.Graph, streams: dict[str, fx.Node], later: tuple[str, ...]) 
     joins = [n for n in graph.nodes if n.target is torch.ops.aten.cat.default and n in flowing
              and len(n.args[0]) == 2 and (n.args[1] if len(n.args) > 1 else 0) in (1, -2)
              and not any(p in later for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
-    if len(joins) != 1 or sorted(_shape(a)[1] for a in joins[0].args[0]) != sorted(_shape(n)[1] for n in streams.values()):
+    if len(joins) != 1:
+        return None
+    if sorted(_shape(a)[1] for a in joins[0].args[0]) != sorted(_shape(n)[1] for n in streams.values()):
         return None
     if _shape(streams[IMAGE])[1] == _shape(streams[TEXT])[1]:
         raise ValueError("block cache: the streams are joined between the blocks and have as many tokens each; "

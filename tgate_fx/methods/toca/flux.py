@@ -33,7 +33,8 @@ from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, fresh_count, fresh_ratio
 
-__all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "SINGLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass", "FLUX_GROUPS"]
+__all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "SINGLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass",
+           "FLUX_GROUPS"]
 
 # The double-stream blocks the FLUX rules serve, by class: (image attention output, text attention output,
 # image MLP, text MLP, whether the joint sequence has the text tokens first). SD3's, Qwen-Image's and
