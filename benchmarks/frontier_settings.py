@@ -186,8 +186,8 @@ def _flux_settings(steps: int) -> list[Setting]:
     for label, c in zip(labels, toca):
         params = _describe(c) + (" (FLUX defaults: interval 4, ratio 0.10)" if label == "ToCa defaults" else "")
         out.append(Setting(label, "ToCa", True, params, _fx(c)))
-    caches = [BlockCacheConfig(threshold=t) for t in (0.05, 0.1, 0.2)] + \
-        [BlockCacheConfig(fora_interval=i) for i in (2, 3)]
+    caches = [BlockCacheConfig(threshold=t) for t in (0.05, 0.1, 0.2, 0.3, 0.4)] + \
+        [BlockCacheConfig(fora_interval=i) for i in (2, 3, 4, 5)]
     for c in caches:
         label = f"block cache FORA {c.fora_interval}" if c.fora_interval else f"block cache {c.threshold}"
         out.append(Setting(label, "block cache", True, _describe(c), _fx(c)))
@@ -196,6 +196,12 @@ def _flux_settings(steps: int) -> list[Setting]:
                                   "block cache + T-GATE"),
                                  (ToCaConfig(), "block cache 0.1 + ToCa defaults", "block cache + ToCa")):
         out.append(Setting(label, family, True, _describe(bc) + " + " + _describe(other), _fx(bc, other)))
+    # further along: each cache with ToCa on the steps it computes
+    for c in (BlockCacheConfig(threshold=0.2), BlockCacheConfig(threshold=0.3), BlockCacheConfig(fora_interval=3),
+              BlockCacheConfig(fora_interval=4)):
+        label = f"block cache FORA {c.fora_interval}" if c.fora_interval else f"block cache {c.threshold}"
+        out.append(Setting(label + " + ToCa defaults", "block cache + ToCa", True,
+                           _describe(c) + " + " + _describe(ToCaConfig()), _fx(c, ToCaConfig())))
     # DeepCache and ToDo: rows so that optimize's answer on FLUX is recorded (it refuses or runs them).
     out.append(Setting("DeepCache interval 3", "DeepCache", True, _describe(DeepCacheConfig(3, 0)),
                        _fx(DeepCacheConfig(3, 0))))
@@ -442,9 +448,9 @@ def _flux_peers() -> list[Setting]:
 
     out = [Setting(f"FirstBlockCache {t}", "FirstBlockCache", False,
                    f"transformer.enable_cache(FirstBlockCacheConfig(threshold={t}))", _cache_mixin(_fbc_config(t)))
-           for t in (0.05, 0.1, 0.2)]
+           for t in (0.05, 0.1, 0.2, 0.3, 0.4)]
     if importlib.util.find_spec("cache_dit") is not None:
-        for t, warmup in ((0.08, 8), (0.1, 4), (0.2, 4)):
+        for t, warmup in ((0.08, 8), (0.1, 4), (0.2, 4), (0.3, 4), (0.4, 4)):
             kw = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=t, max_warmup_steps=warmup,
                       enable_separate_cfg=True)
             out.append(Setting(f"cache-dit DBCache F1B0 {t}, warm-up {warmup}", "cache-dit DBCache", False,
