@@ -189,3 +189,23 @@ def test_a_check_passed_in_one_process_is_not_repeated_by_the_next(tmp_path, mon
     assert store.has_fact(key, "batch2.checked")  # same bytes, same digest
     entry.write_bytes(entry.read_bytes() + b" ")
     assert not store.has_fact(key, "batch2.checked")
+
+
+def test_a_meta_call_whose_derived_size_is_a_multiple_of_the_probe_gets_its_own_shapes(tmp_path, monkeypatch):
+    """On the meta device there are no values to compare, but the specialised graph must still compute the
+    shapes it records: FLUX's joint sequence of 1024 image + 32 text tokens is 1056 = 96 x 11, a multiple of
+    the first probe batch that no input dimension is. Specialised to batch 1 without a check, the graph said
+    every attention attends over 96 tokens, and every count made from it was wrong."""
+    from dataclasses import replace
+
+    from tgate_fx.archs import ArchGraphs, get_arch
+
+    monkeypatch.setenv("TGATE_FX_CACHE_DIR", str(tmp_path))
+    base = get_arch("flux_dev")
+    arch = replace(base, name="flux_two_blocks", config={**base.config, "num_layers": 1, "num_single_layers": 1},
+                   height=512, width=512, text_tokens=32, num_steps=2)
+    assert arch.image_tokens + arch.text_tokens == 96 * 11
+    graphs = ArchGraphs(arch, progress=lambda line: None)(1)
+    cores = [n.meta["val"].shape[2] for n in graphs.capture.graph_module.graph.nodes
+             if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert cores == [1056, 1056]

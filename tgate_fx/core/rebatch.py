@@ -24,7 +24,8 @@ is checked once, on the real call that asked for it, against the denoiser
 itself run eagerly: every node must compute the shape and dtype it records
 (the passes that build the variants read those records), and the outputs
 must agree within ``TOLERANCE`` of their largest magnitude (calls on the
-meta device, which are only counted and inspected, are not checked). A trace
+meta device, which are only counted and inspected, have no values: their
+graphs are checked for the shapes alone). A trace
 that depends on the batch in another way (a loop over the batch, a batch
 split inside the model) fails to specialise or fails the check; that batch
 size is then exported on its own, with a :class:`RebatchWarning`, and the
@@ -154,12 +155,19 @@ def check_capture(capture: Capture, module: torch.nn.Module, call: dict[str, Any
 
     Agree: every node of the graph computes the shape and dtype it records (what the passes read);
     the same number of outputs as the denoiser, of the same shapes and dtypes, and values within
-    ``TOLERANCE`` of the largest magnitude of the eager output. A call on the meta device is not
-    checked: it has no values, and its graphs are only counted and inspected, never run for a
-    picture (``tgate-fx inspect --arch``, :mod:`tgate_fx.accounting`).
+    ``TOLERANCE`` of the largest magnitude of the eager output. A call on the meta device has no
+    values: its graph is run on it for the shapes alone (its graphs are counted and inspected, never
+    run for a picture: ``tgate-fx inspect --arch``, :mod:`tgate_fx.accounting`; a wrong shape there
+    is a wrong count).
     """
     inputs = capture.flat_inputs(call)
     if any(t.device.type == "meta" for t in inputs.values()):
+        try:  # no values to compare, but every node must still compute the shape it records
+            _ShapeChecked(capture.graph_module).run(*(inputs[name] for name in capture.input_names))
+        except RebatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a graph that does not run is a graph that does not fit
+            raise RebatchError(f"the graph does not run on the meta device: {type(e).__name__}: {e}") from None
         return
     with as_traced(module):
         expected = [t for t in pytree.tree_leaves(module(**fresh_containers(call), return_dict=False)) if isinstance(t, torch.Tensor)]
@@ -283,7 +291,10 @@ class BatchCaptures:
         capture = specialize(traced, probe, batch)
         # A specialisation depends on nothing but the stored probe graph and the batch: once checked, it is
         # known good in every process that loads that same entry (the store key covers the model and its state).
-        fact = f"batch{batch}.checked"
+        # on the meta device only the shapes can be checked (its own fact: before the shape check, meta calls
+        # were not checked at all, and stores may hold their "checked" facts)
+        meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in pytree.tree_leaves(call))
+        fact = f"batch{batch}.shapes.checked" if meta else f"batch{batch}.checked"
         if stored_as is None or not store.has_fact(stored_as, fact):
             check_capture(capture, self.module, call)
             if stored_as is not None:
