@@ -199,7 +199,9 @@ def test_toca_with_tgate_equals_composed_oracles(gate, steps):
     diff = (got - expected).abs().max().item()
     assert diff <= TOL, diff
     plan = tgate_fx.get_runtime(pipe).last_plan
-    assert plan.steps[gate - 1].variant.name == "gate+toca_full" and plan.steps[gate].variant.name == "fi_record+toca_full"
+    # full steps at the gate (their scores read by a later partial step: each full step's readers are its own)
+    assert plan.steps[gate - 1].variant.name.startswith("gate+toca_full_")
+    assert plan.steps[gate].variant.name.startswith("fi_record+toca_full_")
     assert any(s.variant.name.startswith("fi_record+toca_partial") for s in plan.steps)
 
 
@@ -222,7 +224,7 @@ def test_partial_graph_gathers_k_tokens_and_skips_self_attention():
         latents(pipe, num_inference_steps=20)
     aten = torch.ops.aten
     by_name = {v.name: v for _, _, v in trace}
-    full = by_name["toca_full"]
+    full = next(v for name, v in by_name.items() if name.startswith("toca_full_") and "unread" not in name)
     sdpa = lambda v: [n for n in v.graph_module.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
     assert len(sdpa(full)) == 4
     plan = tgate_fx.get_runtime(pipe).last_plan
