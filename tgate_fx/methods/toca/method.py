@@ -119,8 +119,9 @@ def score_readers(c: ToCaConfig, kinds: list[str], i: int, suffix: str, alone: b
     written at step ``i`` in the blocks of group ``suffix``: the refreshing steps after ``i``, up to the next
     step that writes the score anew (``alone``) or to the end of the generation (composed with other methods,
     whose rewrites may leave a later full step's score unwritten, e.g. a block cache skipping the blocks).
-    Empty with ``score="random"`` (the selection draws its scores). Deduplicated and sorted (``None`` once)."""
-    if c.score == "random":
+    Empty with ``score="random"`` (the selection draws its scores) and with ``ratio=0`` (every k is 0).
+    Deduplicated and sorted (``None`` once)."""
+    if c.score == "random" or c.ratio == 0:
         return ()
     num_steps, out = len(kinds), set()
     for j in range(i + 1, num_steps):
