@@ -32,7 +32,7 @@ aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 # The largest per-head map ``B x H x rows x Lk`` formed at once (its logits and softmax each at most this; read
 # at pass time, so a test may lower it): a larger map is formed in query chunks. 1 GiB: FLUX.1 at 1024^2
-# (24 heads, 4608 tokens, bf16: 1.02 GB) is one chunk; HunyuanVideo at 720p x 129 frames (680 GB) is ~640.
+# (24 heads, 4608 tokens, bf16: 1.02 GB) is one chunk; HunyuanVideo at 720p x 129 frames (680 GB) is 637.
 MAP_CHUNK_BYTES = 2 ** 30
 
 
