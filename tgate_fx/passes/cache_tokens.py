@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
+from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user, new_node
 from . import compute_attention_map
 from .compute_attention_map import ComputeAttentionMap, query_chunks
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
@@ -200,9 +200,18 @@ class CacheTokens(GraphPass):
             with graph.inserting_before(amap.next):
                 if chunks is None:
                     return call_traced(graph, _score_of, amap, rule, pairs, like=core)
-                parts.append(call_traced(graph, _chunk_score, amap, rule, pairs, like=core))
+                if rule.startswith("entropy"):
+                    parts.append(call_traced(graph, _chunk_score, amap, rule, pairs, like=core))
+                else:  # one node, not a traced call: a large map has hundreds of chunks per core
+                    parts.append(new_node(graph, aten.sum.dim_IntList, (amap, [1]), like=core))
         with graph.inserting_before(parts[-1].next):
-            return call_traced(graph, _joined_score, rule, core.args[0].meta["val"].shape[-2], *parts, like=core)
+            queries = core.args[0].meta["val"].shape[-2]
+            if rule.startswith("entropy"):
+                return call_traced(graph, _joined_score, rule, queries, *parts, like=core)
+            total = parts[0]  # _joined_score's sum, node by node
+            for part in parts[1:]:
+                total = new_node(graph, aten.add.Tensor, (total, part), like=core)
+            return new_node(graph, aten.div.Tensor, (total, queries), like=core) if rule == "received_mean" else total
 
     def _refresh(self, graph: fx.Graph, r: TokenRefresh) -> None:
         io, output = self.caches, r.output
