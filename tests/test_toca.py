@@ -199,7 +199,9 @@ def test_toca_with_tgate_equals_composed_oracles(gate, steps):
     diff = (got - expected).abs().max().item()
     assert diff <= TOL, diff
     plan = tgate_fx.get_runtime(pipe).last_plan
-    assert plan.steps[gate - 1].variant.name == "gate+toca_full" and plan.steps[gate].variant.name == "fi_record+toca_full"
+    # full steps at the gate (their scores read by a later partial step: each full step's readers are its own)
+    assert plan.steps[gate - 1].variant.name.startswith("gate+toca_full_")
+    assert plan.steps[gate].variant.name.startswith("fi_record+toca_full_")
     assert any(s.variant.name.startswith("fi_record+toca_partial") for s in plan.steps)
 
 
@@ -222,7 +224,7 @@ def test_partial_graph_gathers_k_tokens_and_skips_self_attention():
         latents(pipe, num_inference_steps=20)
     aten = torch.ops.aten
     by_name = {v.name: v for _, _, v in trace}
-    full = by_name["toca_full"]
+    full = next(v for name, v in by_name.items() if name.startswith("toca_full_") and "unread" not in name)
     sdpa = lambda v: [n for n in v.graph_module.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
     assert len(sdpa(full)) == 4
     plan = tgate_fx.get_runtime(pipe).last_plan
@@ -283,3 +285,66 @@ def test_official_defaults_per_family():
     assert ToCaConfig().resolved("dit") == ToCaConfig("dit", 3, 0.07, "ToCa-ddim50", "attention", 0.25, 0.6, 2)
     assert ToCaConfig(schedule="ToCa-ddpm250").resolved("dit").interval == 4
     assert dataclasses.asdict(ToCaConfig())["compat"] == "official"
+
+
+# --- scores nothing reads --------------------------------------------------------------------------------------
+
+
+def _maps_per_step(pipe, run):
+    """Run ``run()`` and return, per step, the softmax nodes of its graph (the explicit attention maps) and the
+    graph, as the runtime ran them."""
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        got = run()
+    softmax = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+    steps = [(sum(n.target in softmax for n in v.graph_module.graph.nodes), v) for _, _, v in trace]
+    return got, steps
+
+
+@pytest.mark.e2e
+def test_a_score_nothing_reads_is_not_computed_and_results_are_unchanged():
+    """DiT, 20 steps: the oracle's log says which full layer's score a later partial step reads (k > 0 before the
+    layer's next full step); each graph has the map of exactly those layers (the first full step's readers of layer 0
+    all have k = 0, the last full step has none), and the MACs of a graph without maps are the plain model's."""
+    from tgate_fx.accounting.macs import count_macs
+
+    pipe = tiny_pipeline("dit")
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    config = tgate_fx.get_runtime(pipe).method_config("toca")
+    expected, oracle = oracle_latents(pipe, "dit", config, 20, True, {})
+    got, steps = _maps_per_step(pipe, lambda: dit_latents(pipe, 20))
+    assert (got - expected).abs().max().item() <= TOL
+    log = {(call, layer): kind for call, layer, kind in oracle.log}
+    depth = 1 + max(layer for _, layer in log)
+
+    def read(call: int, layer: int) -> bool:
+        for later in range(call + 1, 20):
+            kind = log[later, layer]
+            if kind == "full":
+                return False
+            if any(k > 0 for k in kind[1].values()):
+                return True
+        return False
+
+    wanted = [sum(log[i, layer] == "full" and read(i, layer) for layer in range(depth)) for i in range(20)]
+    assert [maps for maps, _ in steps] == wanted
+    # step 0: layer 0's readers (steps 1-3) all have k = 0; the last step is full and nothing follows it
+    assert wanted[0] < depth and wanted[19] == 0 and max(wanted) == depth
+    base = count_macs(tgate_fx.get_runtime(pipe).captures[0].capture.graph_module).total
+    assert count_macs(steps[19][1].graph_module).total == base  # everything, and no map
+    assert count_macs(steps[wanted.index(depth)][1].graph_module).total > base
+
+
+@pytest.mark.e2e
+def test_fora_computes_no_score():
+    """``ratio=0`` (FORA): no step refreshes a token, so no graph forms a map; the latents equal the oracle's."""
+    pipe = tiny_pipeline("pixart_alpha")
+    tgate_fx.optimize(pipe, toca=ToCaConfig(ratio=0))
+    config = tgate_fx.get_runtime(pipe).method_config("toca")
+    expected, _ = oracle_latents(pipe, "pixart", config, 10, True, {})
+    got, steps = _maps_per_step(pipe, lambda: latents(pipe, num_inference_steps=10))
+    assert (got - expected).abs().max().item() <= TOL
+    assert [maps for maps, _ in steps] == [0] * 10
+    names = [p.variant.name for p in tgate_fx.get_runtime(pipe).last_plan.steps]
+    assert "toca_full_unread" in names and not any(n.startswith("toca_full") and n != "toca_full_unread"
+                                                    for n in names)
+    assert not any("score" in str(k) for _, v in steps for k in v.records)

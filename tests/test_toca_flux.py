@@ -256,13 +256,19 @@ def test_partial_steps_share_one_graph_without_attention():
     with runtime.tracing() as trace:
         final_latents(pipe, call, 10)
     variants = {plan.variant.name: variant for plan, _, variant in trace}
-    assert len(variants) == 2  # one full graph, one graph for every partial step
-    full = next(v for name, v in variants.items() if name == "toca_full")
-    partial = next(v for name, v in variants.items() if name != "toca_full")
+    # full steps 0, 1 (a full step follows: their scores are unread), 2, 6; one graph for every partial step
+    assert set(variants) == {"toca_full_unread", "toca_full", next(n for n in variants if "partial" in n)}
+    assert [p.variant.name for p in runtime.last_plan.steps][:3] == ["toca_full_unread"] * 2 + ["toca_full"]
+    full, unread = variants["toca_full"], variants["toca_full_unread"]
+    partial = next(v for name, v in variants.items() if "partial" in name)
     count = lambda v, target: sum(n.target is target for n in v.graph_module.graph.nodes)
     assert count(full, SDPA) == 4 and count(partial, SDPA) == 0  # every attention is read from the cache
-    # the full graph computes each block's map (softmax of the scaled logits), the partial graph none
+    # the full graph computes each block's map (softmax of the scaled logits), the unread and partial graphs none
     assert count(full, torch.ops.aten.softmax.int) == 4 and count(partial, torch.ops.aten.softmax.int) == 0
+    assert count(unread, SDPA) == 4 and count(unread, torch.ops.aten.softmax.int) == 0
+    assert not any("score" in str(k) for k in unread.records)
+    # the text MLP refreshes no token (below): its score column is not recorded either
+    assert {str(k).split(":", 2)[2] for k in full.records if "score" in str(k)} == {"score_img_mlp", "score"}
     reads = {str(k).split(":", 2)[2] for k in partial.cache_inputs}
     # k of the 9 text tokens is int(0.1 * 1.5 * 0.4 * 9) = 0: the text MLP is its cache, its score unread
     assert {"attn_img", "attn_txt", "img_mlp", "txt_mlp", "attn", "total", "score_img_mlp", "score",

@@ -123,3 +123,54 @@ def test_compute_attention_map_equals_the_official_formula(captured):
         k = attn.to_k(context).view(2, -1, 2, 8).transpose(1, 2)
         expected = ((q * (1.0 / 8 ** 0.5)) @ k.transpose(-2, -1)).softmax(-1).mean(1)
     assert torch.equal(outs[1], expected)
+
+
+def _scores(capture, call, sites):
+    """The graph of ``capture`` with ToCa's score ``sites`` (``(core index, rule, pairs, scale_logits)``) written,
+    run on ``call``: (graph module, the scores in the order given)."""
+    from tgate_fx.core.method import CacheKey
+    from tgate_fx.core.variants import CacheIO
+    from tgate_fx.passes import CacheTokens, ScoreSite
+
+    gm = copy_graph_module(capture.graph_module)
+    cores = [n for n in gm.graph.nodes if n.target is SDPA]
+    io = CacheIO(gm.graph)
+    CacheTokens(io, scores=[ScoreSite(cores[i], CacheKey("t", str(j), rule), rule, pairs, scale_logits=scaled)
+                            for j, (i, rule, pairs, scaled) in enumerate(sites)])(gm)
+    ExposeValues(list(io.writes.values()))(gm)
+    EliminateDeadCode()(gm)
+    gm.recompile()
+    return gm, _run(gm, capture, call)[1:]
+
+
+def _largest_map(gm) -> int:
+    """Bytes of the largest value of an attention map ``gm`` forms: its logits (``q k^T``), probabilities
+    (softmax), head mean."""
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.target in (aten.matmul.default, aten.softmax.int, aten.mean.dim)]
+    return max(v.numel() * v.element_size() for v in vals)
+
+
+def test_score_map_in_query_chunks_is_the_unchunked_score_up_to_rounding(captured, monkeypatch):
+    """Forced small chunks (3 queries of the 16 self-attention queries, 9 of the cross-attention's): every rule's
+    score within 1e-6 of the one-chunk score, the same top-k tokens, and no value of a map larger than the limit."""
+    from tgate_fx.passes import TokenSelection, compute_attention_map
+    from tgate_fx.passes.token_math import select_tokens
+
+    block, call, capture = captured
+    sites = [(0, "received", False, False), (0, "received_mean", False, True), (2, "received_mean", False, False),
+             (1, "entropy", True, False), (3, "entropy_part", False, False)]
+    whole_gm, whole = _scores(capture, call, sites)
+    limit = 2 * 2 * 16 * 4 * 3  # B x H x Lk x float32 x 3 queries of self-attention
+    assert _largest_map(whole_gm) == 2 * 2 * 16 * 16 * 4 > limit  # one map, unchunked
+    monkeypatch.setattr(compute_attention_map, "MAP_CHUNK_BYTES", limit)
+    chunked_gm, chunked = _scores(capture, call, sites)
+    softmaxes = [n for n in chunked_gm.graph.nodes if n.target is aten.softmax.int]
+    assert len(softmaxes) == 3 * 6 + 2 * 2  # self-attention 16 = 5 x 3 + 1 queries; cross 16 = 9 + 7
+    assert _largest_map(chunked_gm) <= limit
+    sel = TokenSelection(3, 0.25, False, False, False, 0.0, 1)
+    for (_, rule, *_), a, b in zip(sites, whole, chunked):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-6, rule
+        ranked = a.sort(-1, descending=True).values
+        assert (ranked[:, 4] - ranked[:, 5]).abs().min().item() > 1e-4, rule  # no near-tie at the 5th token
+        zeros = torch.zeros(a.shape, dtype=torch.int32)
+        assert torch.equal(select_tokens(a, zeros, 5, sel), select_tokens(b, zeros, 5, sel)), rule

@@ -36,8 +36,9 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user
-from .compute_attention_map import ComputeAttentionMap
+from ..core.graph_passes import GraphPass, PassResult, call_traced, first_user, new_node
+from . import compute_attention_map
+from .compute_attention_map import ComputeAttentionMap, query_chunks
 from .restrict_to_tokens import RestrictToTokens, TokenRegion
 from .token_math import (TokenSelection, attention_entropy, attention_entropy_part, attention_received,
                          attention_received_mean, refreshed_counts, scatter_rows, scatter_tokens, select_tokens)
@@ -129,6 +130,23 @@ def _score_of(amap: torch.Tensor, rule: str, pairs: bool) -> torch.Tensor:
     return attention_received(amap) if rule == "received" else attention_received_mean(amap)
 
 
+def _chunk_score(amap: torch.Tensor, rule: str, pairs: bool) -> torch.Tensor:
+    """One query chunk's part of the score: its queries' scores (entropy), or the attention each key receives
+    from them, summed (received)."""
+    return _score_of(amap, rule, pairs) if rule.startswith("entropy") else amap.sum(1)
+
+
+def _joined_score(rule: str, queries: int, *parts: torch.Tensor) -> torch.Tensor:
+    """The score from its query chunks' parts: the chunks' queries side by side (entropy), or the sum of the
+    received attention over the chunks (divided by the queries for ``received_mean``)."""
+    if rule.startswith("entropy"):
+        return torch.cat(parts, 1)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total / queries if rule == "received_mean" else total
+
+
 def _columns(score: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
     return score[:, start:stop]
 
@@ -167,15 +185,33 @@ class CacheTokens(GraphPass):
         return PassResult(graph_module, bool(self.scores or self.resets or self.refreshes))
 
     def _score(self, graph: fx.Graph, core: fx.Node, rule: str, pairs: bool, scale_logits: bool = False) -> fx.Node:
-        """The score source of ``core``, inserted before the core's first user."""
-        maps = ComputeAttentionMap([core], scale_logits)
-        maps(graph.owning_module)
-        amap = maps.maps[0]
-        probs = amap.args[0]
-        if probs.target is aten._softmax.default:  # the same kernel; the ONNX exporters know only aten.softmax
-            probs.target, probs.args = aten.softmax.int, probs.args[:2]
-        with graph.inserting_before(amap.next):
-            return call_traced(graph, _score_of, amap, rule, pairs, like=core)
+        """The score source of ``core``, inserted before the core's first user; where the per-head map is larger
+        than :data:`~tgate_fx.passes.compute_attention_map.MAP_CHUNK_BYTES`, formed and reduced chunk by chunk of
+        queries (the same score up to the rounding of the sum over the chunks)."""
+        chunks = query_chunks(core, compute_attention_map.MAP_CHUNK_BYTES) if first_user(core) is not None else None
+        parts = []
+        for rows in chunks or [None]:
+            maps = ComputeAttentionMap([core], scale_logits, rows)
+            maps(graph.owning_module)
+            amap = maps.maps[0]
+            probs = amap.args[0]
+            if probs.target is aten._softmax.default:  # the same kernel; the ONNX exporters know only aten.softmax
+                probs.target, probs.args = aten.softmax.int, probs.args[:2]
+            with graph.inserting_before(amap.next):
+                if chunks is None:
+                    return call_traced(graph, _score_of, amap, rule, pairs, like=core)
+                if rule.startswith("entropy"):
+                    parts.append(call_traced(graph, _chunk_score, amap, rule, pairs, like=core))
+                else:  # one node, not a traced call: a large map has hundreds of chunks per core
+                    parts.append(new_node(graph, aten.sum.dim_IntList, (amap, [1]), like=core))
+        with graph.inserting_before(parts[-1].next):
+            queries = core.args[0].meta["val"].shape[-2]
+            if rule.startswith("entropy"):
+                return call_traced(graph, _joined_score, rule, queries, *parts, like=core)
+            total = parts[0]  # _joined_score's sum, node by node
+            for part in parts[1:]:
+                total = new_node(graph, aten.add.Tensor, (total, part), like=core)
+            return new_node(graph, aten.div.Tensor, (total, queries), like=core) if rule == "received_mean" else total
 
     def _refresh(self, graph: fx.Graph, r: TokenRefresh) -> None:
         io, output = self.caches, r.output

@@ -7,9 +7,13 @@ computes: ``softmax((q * scale) @ k^T + mask, -1).mean(1)``, with ``scale``
 the core's (default ``1 / d ** 0.5``); with ``scale_logits``, the official
 FLUX code's ``softmax((q @ k^T) * scale + mask, -1).mean(1)``. The core itself is unchanged (its output
 is still computed by the fused kernel); dead-code elimination drops the map
-where nothing reads it. Guarantees: new nodes carry ``meta["val"]`` and the
-core's provenance; :attr:`ComputeAttentionMap.maps` holds the ``(B, Lq, Lk)``
-map node of each core, in the order given.
+where nothing reads it. With ``rows=(start, stop)``, only the map of those
+queries is formed (``(B, stop - start, Lk)``; the mask's rows too, where it has
+one per query): a consumer that reduces the map (ToCa's score) forms it in
+query chunks of at most :data:`MAP_CHUNK_BYTES` (:func:`query_chunks`).
+Guarantees: new nodes carry ``meta["val"]`` and the core's provenance;
+:attr:`ComputeAttentionMap.maps` holds the map node of each core, in the order
+given.
 """
 
 from __future__ import annotations
@@ -22,16 +26,34 @@ import torch.fx as fx
 from ..core.graph_passes import GraphPass, PassResult, first_user
 from ..core.graph_passes import new_node
 
-__all__ = ["ComputeAttentionMap"]
+__all__ = ["MAP_CHUNK_BYTES", "ComputeAttentionMap", "query_chunks"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+# The largest per-head map ``B x H x rows x Lk`` formed at once (its logits and softmax each at most this; read
+# at pass time, so a test may lower it): a larger map is formed in query chunks. 1 GiB: FLUX.1 at 1024^2
+# (24 heads, 4608 tokens, bf16: 1.02 GB) is one chunk; HunyuanVideo at 720p x 129 frames (680 GB) is 637.
+MAP_CHUNK_BYTES = 2 ** 30
+
+
+def query_chunks(core: fx.Node, limit: int | None = None) -> list[tuple[int, int]] | None:
+    """The query ranges ``(start, stop)`` whose maps are each at most ``limit`` bytes (default
+    :data:`MAP_CHUNK_BYTES`) for the attention core ``core``; ``None`` if the whole map fits (one chunk)."""
+    limit = MAP_CHUNK_BYTES if limit is None else limit
+    q, k = core.args[0].meta["val"], core.args[1].meta["val"]
+    batch, heads, queries = q.shape[0], q.shape[1], q.shape[-2]
+    row = batch * heads * k.shape[-2] * q.element_size()  # one query's map, all heads
+    if row * queries <= limit:
+        return None
+    rows = max(1, limit // row)
+    return [(start, min(start + rows, queries)) for start in range(0, queries, rows)]
 
 
 class ComputeAttentionMap(GraphPass):
-    def __init__(self, cores: Sequence[fx.Node], scale_logits: bool = False):
+    def __init__(self, cores: Sequence[fx.Node], scale_logits: bool = False, rows: tuple[int, int] | None = None):
         self.cores = list(cores)
         self.scale_logits = scale_logits
+        self.rows = rows
         self.maps: list[fx.Node] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -50,6 +72,12 @@ class ComputeAttentionMap(GraphPass):
                 scale = 1.0 / q.meta["val"].shape[-1] ** 0.5  # as the official code (and d ** -0.5 may differ by an ulp)
             anchor = first_user(core)
             with graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(core):
+                if self.rows is not None:  # the queries of the range, and the mask's rows where it has them
+                    start, stop = self.rows
+                    queries = q.meta["val"].shape[-2]
+                    q = new_node(graph, aten.slice.Tensor, (q, -2, start, stop), like=core)
+                    if mask is not None and mask.meta["val"].dim() >= 2 and mask.meta["val"].shape[-2] == queries > 1:
+                        mask = new_node(graph, aten.slice.Tensor, (mask, -2, start, stop), like=core)
                 keys_t = new_node(graph, aten.transpose.int, (k, -2, -1), like=core)
                 if self.scale_logits:
                     logits = new_node(graph, aten.matmul.default, (q, keys_t), like=core)

@@ -211,10 +211,12 @@ def annotate_flux(graph_module: fx.GraphModule, regions: Regions, key: str, insi
             output=out.name, module="mlp", cache="total", score="score", attn=attn.name, **info)
 
 
-def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, key: str) -> CacheTokens:
+def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, key: str,
+              read=frozenset()) -> CacheTokens:
     """The step's :class:`~tgate_fx.passes.CacheTokens` on FLUX's tagged ``nodes``: on a full step the scores
-    (per stream in the double-stream blocks) and zero counters; on a partial step the refresh of each MLP
-    (double stream) and of each single-stream block's MLP branch and output projection."""
+    (per stream in the double-stream blocks) a later step reads (``read``: their ``(site, slot)``) and zero
+    counters; on a partial step the refresh of each MLP (double stream) and of each single-stream block's MLP
+    branch and output projection."""
     by_name = {n.name: n for n in nodes[0].graph.nodes}
     scores, resets, refreshes = [], [], []
     for node in nodes:
@@ -225,9 +227,10 @@ def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, 
                 core = by_name[tag["core"]]
                 if tag["stream"] == "double":
                     for module, columns in tag["columns"].items():
-                        scores.append(ScoreSite(core, site("score_" + module), "received_mean", columns=columns,
-                                                scale_logits=True))
-                else:
+                        if (tag["site"], "score_" + module) in read:
+                            scores.append(ScoreSite(core, site("score_" + module), "received_mean", columns=columns,
+                                                    scale_logits=True))
+                elif (tag["site"], "score") in read:
                     scores.append(ScoreSite(core, site("score"), "received_mean", scale_logits=True))
             continue
         source, output = by_name[tag["source"]], by_name[tag["output"]]

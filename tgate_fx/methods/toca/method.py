@@ -99,6 +99,66 @@ def _residual(ff: str, out: fx.Node) -> fx.Node:
     return stream
 
 
+def _writes_score(family: str, kind: str, suffix: str) -> bool:
+    """Whether a step of ``kind`` writes the score of the blocks of group ``suffix`` (``"0"``: layer 0)."""
+    if family in ("flux", "opensora"):  # one kind for every layer; Open-Sora's cross_cached keeps the score
+        return kind == "full"
+    return kind == "full" or (kind == "mixed" and suffix == "0")
+
+
+def _reads_score(family: str, kind: str, suffix: str) -> bool:
+    """Whether a step of ``kind`` refreshes tokens of the blocks of group ``suffix`` (reads their score if its
+    k > 0)."""
+    if family in ("flux", "opensora"):
+        return kind == "partial"
+    return kind == "partial" or (kind == "mixed" and suffix == "")
+
+
+def score_readers(c: ToCaConfig, kinds: list[str], i: int, suffix: str, alone: bool) -> tuple:
+    """The official steps (``None`` where k does not depend on the step) of the steps that may read the score
+    written at step ``i`` in the blocks of group ``suffix``: the refreshing steps after ``i``, up to the next
+    step that writes the score anew (``alone``) or to the end of the generation (composed with other methods,
+    whose rewrites may leave a later full step's score unwritten, e.g. a block cache skipping the blocks).
+    Empty with ``score="random"`` (the selection draws its scores) and with ``ratio=0`` (every k is 0).
+    Deduplicated and sorted (``None`` once)."""
+    if c.score == "random" or c.ratio == 0:
+        return ()
+    num_steps, out = len(kinds), set()
+    for j in range(i + 1, num_steps):
+        if alone and _writes_score(c.family, kinds[j], suffix):
+            break
+        if _reads_score(c.family, kinds[j], suffix):
+            out.add(official_step(c.family, j, num_steps) if step_weighted(c) else None)
+    return tuple(sorted(out, key=lambda s: -1 if s is None else s))
+
+
+def refresh_count(c: ToCaConfig, tag: dict, step, num_steps: int, tokens: int) -> int:
+    """k of the tagged refresh ``tag`` (a ``*_tokens`` node over ``tokens`` tokens) at official step ``step``."""
+    if c.family == "flux":
+        return fresh_count(c, fresh_ratio(c, None, num_steps, tag["layer"], tag["stream"], tag["depth"]), tokens)
+    module = {"cross_tokens": "cross", "mlp_tokens": "mlp"}[tag["slot"]]
+    if module == "cross" and c.family == "opensora":
+        return 0  # Open-Sora reads its cross-attention from the cache on partial steps
+    return fresh_count(c, fresh_ratio(c, step, num_steps, tag["layer"], module, tag["depth"]), tokens)
+
+
+def read_scores(c: ToCaConfig, nodes: list[fx.Node], option, key: str) -> frozenset[tuple[str, str]]:
+    """``(site, slot)`` of the scores a full step's ``option`` says a later step reads: those of a block whose
+    refresh (a tagged node among ``nodes``) has k > 0 at one of the option's reader steps. The others are not
+    computed (a score nothing reads is pure cost: the explicit attention map)."""
+    _, _, _, num_steps, readers = option
+    by_name = {n.name: n for n in nodes[0].graph.nodes} if nodes else {}
+    out = set()
+    for node in nodes:
+        tag = node.meta[key]
+        if "source" not in tag:  # a score core
+            continue
+        tokens = by_name[tag["source"]].meta["val"].shape[1]
+        if any(refresh_count(c, tag, s, num_steps, tokens) > 0 for s in readers):
+            out.add((tag["site"], tag.get("score", "score")))
+    return frozenset(out)
+
+
 def _opensora_rewrites(kind: str, full, partial) -> list[Rewrite]:
     """Open-Sora's modules at a step of ``kind``: full records self-attention, cross-attention and MLP and
     scores the tokens; ``"cross_cached"`` records self-attention and MLP (counters reset), with
@@ -110,7 +170,7 @@ def _opensora_rewrites(kind: str, full, partial) -> list[Rewrite]:
         if kind == "full":
             rewrites.append(Rewrite(NAME, g, TRANSFORM, option=full) if module == "tokens" else Rewrite(NAME, g, RECORD))
         elif kind == "cross_cached":
-            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=("reset", *full[1:])) if module == "tokens"
+            rewrites.append(Rewrite(NAME, g, TRANSFORM, option=("reset", *full[1:3])) if module == "tokens"
                             else Rewrite(NAME, g, REUSE if module == "cross" else RECORD))
         elif module == "tokens":  # the MLP's refresh writes its cache
             rewrites.append(Rewrite(NAME, g, TRANSFORM, option=partial))
@@ -128,6 +188,7 @@ class ToCa(Method):
 
     def __init__(self, config: ToCaConfig):
         super().__init__(config if config.family is None else config.resolved())
+        self._alone = False  # until compose says so: then a score is kept wherever any later step may read it
 
     # --- which denoisers -------------------------------------------------------
     def bind(self, denoiser) -> "ToCa":
@@ -220,34 +281,46 @@ class ToCa(Method):
             pairs = ctx.pairs(i)
             s = official_step(c.family, i, num_steps) if step_weighted(c) else None
             split = ctx.split and pairs  # the pair's halves are the step's two calls
-            full = ("full", pairs, split)
+            # a full step's option names the steps that may read its scores (see score_readers)
+            full = lambda suffix="": ("full", pairs, split, num_steps, score_readers(c, kinds, i, suffix, self._alone))
             partial = ("partial", s, num_steps, pairs, split)
-            rewrites = []
+            rewrites, fulls = [], []
             if c.family == "flux":  # one kind for every layer (flux-ToCa's cal_type runs once per call)
                 if kind == "full":
+                    fulls.append(full())
                     rewrites += [Rewrite(NAME, g, RECORD) for g in FLUX_GROUPS]
-                    rewrites.append(Rewrite(NAME, "tokens", TRANSFORM, option=full))
+                    rewrites.append(Rewrite(NAME, "tokens", TRANSFORM, option=fulls[-1]))
                 else:
                     rewrites += [Rewrite(NAME, "attn", REUSE), Rewrite(NAME, "tokens", TRANSFORM, option=partial)]
             if c.family == "opensora":  # each module on its own cycle, one kind for every layer
-                rewrites += _opensora_rewrites(kind, full, partial)
+                fulls += [full()] if kind == "full" else []
+                rewrites += _opensora_rewrites(kind, full(), partial)
             for suffix, layer_full in (("0", kind != "partial"), ("", kind == "full")) \
                     if c.family not in ("flux", "opensora") else ():
                 modules = ("attn", "cross", "mlp") if c.family == "pixart" else ("attn", "mlp")
                 if layer_full:
+                    fulls.append(full(suffix))
                     rewrites += [Rewrite(NAME, m + suffix, RECORD) for m in modules]
-                    rewrites.append(Rewrite(NAME, "tokens" + suffix, TRANSFORM, option=full))
+                    rewrites.append(Rewrite(NAME, "tokens" + suffix, TRANSFORM, option=fulls[-1]))
                 else:
                     rewrites += [Rewrite(NAME, "attn" + suffix, REUSE),
                                  Rewrite(NAME, "tokens" + suffix, TRANSFORM, option=partial)]
             label = {"full": "toca_full", "mixed": "toca_mixed", "partial": "toca_partial",
                      "cross_cached": "toca_cross_cached"}[kind]
+            if kind == "full" and not any(f[-1] for f in fulls):
+                label += "_unread"  # no score is read before the next full step (or at all)
+            elif kind == "full" and (step_weighted(c) or not all(f[-1] for f in fulls)):
+                label += "_" + hashlib.sha1(repr(fulls).encode()).hexdigest()[:6]  # its readers are its own
             if kind not in ("full", "cross_cached"):  # a partial step whose k depends on the step has its own graph
-                label += "_" + hashlib.sha1(repr(partial).encode()).hexdigest()[:6]
+                label += "_" + hashlib.sha1(repr((partial, fulls)).encode()).hexdigest()[:6]
             out.append(MethodStep(label, frozenset(rewrites), phase="", columns=(("toca", kind),)))
         return out
 
     def compose(self, others: list[Method]) -> None:
+        # Alone, every full step writes every score of its blocks; another method's rewrites may leave a full
+        # step's blocks uncomputed (a block cache's skip, T-GATE's cached cross-attention), so that a score
+        # written earlier is read later: composed, a score is kept wherever any later step may read it.
+        self._alone = not others
         # Open-Sora's rules reuse cross-attention from ToCa's own cache on partial steps, where T-GATE reads it
         # from its gate's: two reads of one value, with no published semantics for both.
         if self.config.family == "opensora" and any(o.name == "tgate" for o in others):
@@ -262,13 +335,15 @@ class ToCa(Method):
         c = self._config()
         if not nodes:
             return CacheTokens(caches)
+        read = read_scores(c, nodes, option, tag_key(NAME)) if option[0] == "full" else frozenset()
         if c.family == "flux":
-            return flux_pass(c, NAME, nodes, option, caches, tag_key(NAME))
+            return flux_pass(c, NAME, nodes, option, caches, tag_key(NAME), read)
         by_name = {n.name: n for n in nodes[0].graph.nodes}
         tag_of = tag_key(NAME)
         cross_scored = c.family in ("pixart", "opensora")  # the cross-attention map's entropy scores the tokens
         rule = "entropy" if cross_scored else "received"
-        split = option[-1]  # CFG as two calls a step: each call scores its half, the runtime averages
+        split = option[2] if option[0] in ("full", "reset") else option[4]  # CFG as two calls a step: each call
+        # scores its half, the runtime averages
         scores, resets, refreshes = [], [], []
         for node in nodes:  # graph order: a block's cross-attention before its MLP
             tag = node.meta[tag_of]
@@ -277,7 +352,7 @@ class ToCa(Method):
             module = {"cross_tokens": "cross", "mlp_tokens": "mlp"}.get(slot)
             if option[0] in ("full", "reset"):  # "reset" (Open-Sora): the MLP's counters, not the score
                 pairs = option[1]
-                if "core" in tag and option[0] == "full":
+                if "core" in tag and option[0] == "full" and (tag["site"], "score") in read:
                     scores.append(ScoreSite(by_name[tag["core"]], key("score"), "entropy_part", mean=True) if split
                                   else ScoreSite(by_name[tag["core"]], key("score"), rule, pairs))
                 if module:
@@ -288,14 +363,13 @@ class ToCa(Method):
             if module is None or (module == "cross" and c.family == "opensora"):
                 continue  # read from the cache: DiT's self-attention; Open-Sora's cross-attention (k = 0)
             source, output = by_name[tag["source"]], by_name[tag["output"]]
-            ratio = fresh_ratio(c, step, num_steps, tag["layer"], module, tag["depth"])
-            pixart_cross = module == "cross" and c.family == "pixart"
+            pixart_cross = module == "cross" and c.family == "pixart" and c.score != "random"
             selection = TokenSelection(
                 interval=c.interval, cache_weight=c.cache_weight, random=c.score == "random",
                 add_one=cross_scored, share_rows=pairs and not split and (cross_scored or c.score == "random"),
                 bonus_ratio=c.bonus_ratio, bonus_grid=c.bonus_grid)
             refreshes.append(TokenRefresh(
-                source, output, fresh_count(c, ratio, source.meta["val"].shape[1]), key(module),
+                source, output, refresh_count(c, tag, step, num_steps, source.meta["val"].shape[1]), key(module),
                 key("count_" + module), selection, score=key("score"),
                 rescore=rule if pixart_cross else None, core=by_name[tag["core"]] if pixart_cross else None,
                 pairs=pairs))
