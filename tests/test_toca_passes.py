@@ -174,3 +174,21 @@ def test_score_map_in_query_chunks_is_the_unchunked_score_up_to_rounding(capture
         assert (ranked[:, 4] - ranked[:, 5]).abs().min().item() > 1e-4, rule  # no near-tie at the 5th token
         zeros = torch.zeros(a.shape, dtype=torch.int32)
         assert torch.equal(select_tokens(a, zeros, 5, sel), select_tokens(b, zeros, 5, sel)), rule
+
+
+def test_query_chunks_are_at_most_max_map_chunks():
+    """The chunks are unrolled in the graph: past MAX_MAP_CHUNKS they grow instead of multiplying
+    (HunyuanVideo at 720p x 129 frames: 64 chunks of about 10.6 GB, not 637 of 1 GiB)."""
+    import torch.fx as fx
+
+    from tgate_fx.passes.compute_attention_map import MAP_CHUNK_BYTES, MAX_MAP_CHUNKS, query_chunks
+
+    graph = fx.Graph()
+    q, k = graph.placeholder("q"), graph.placeholder("k")
+    tokens = 119_056
+    q.meta["val"] = k.meta["val"] = torch.empty(1, 24, tokens, 128, dtype=torch.bfloat16, device="meta")
+    core = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, k, k))
+    chunks = query_chunks(core)
+    assert len(chunks) == MAX_MAP_CHUNKS and chunks[0][0] == 0 and chunks[-1][1] == tokens
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert len(query_chunks(core, limit=MAP_CHUNK_BYTES * 64)) < MAX_MAP_CHUNKS  # under the cap: the limit rules

@@ -10,7 +10,8 @@ is still computed by the fused kernel); dead-code elimination drops the map
 where nothing reads it. With ``rows=(start, stop)``, only the map of those
 queries is formed (``(B, stop - start, Lk)``; the mask's rows too, where it has
 one per query): a consumer that reduces the map (ToCa's score) forms it in
-query chunks of at most :data:`MAP_CHUNK_BYTES` (:func:`query_chunks`).
+query chunks of at most :data:`MAP_CHUNK_BYTES`, and at most
+:data:`MAX_MAP_CHUNKS` chunks (:func:`query_chunks`).
 Guarantees: new nodes carry ``meta["val"]`` and the core's provenance;
 :attr:`ComputeAttentionMap.maps` holds the map node of each core, in the order
 given.
@@ -26,7 +27,7 @@ import torch.fx as fx
 from ..core.graph_passes import GraphPass, PassResult, first_user
 from ..core.graph_passes import new_node
 
-__all__ = ["MAP_CHUNK_BYTES", "ComputeAttentionMap", "query_chunks"]
+__all__ = ["MAP_CHUNK_BYTES", "MAX_MAP_CHUNKS", "ComputeAttentionMap", "query_chunks"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -34,18 +35,23 @@ SDPA = aten.scaled_dot_product_attention.default
 # at pass time, so a test may lower it): a larger map is formed in query chunks. 1 GiB: FLUX.1 at 1024^2
 # (24 heads, 4608 tokens, bf16: 1.02 GB) is one chunk; HunyuanVideo at 720p x 129 frames (680 GB) is 637.
 MAP_CHUNK_BYTES = 2 ** 30
+# At most this many chunks per core: the chunks are unrolled in the graph (about 8 nodes each), and a graph of
+# thousands of them takes tens of minutes to build. Past it the chunks grow instead: HunyuanVideo at 720p x
+# 129 frames forms 64 chunks of about 10.6 GB (bf16) each, not 637 of 1 GiB.
+MAX_MAP_CHUNKS = 64
 
 
 def query_chunks(core: fx.Node, limit: int | None = None) -> list[tuple[int, int]] | None:
     """The query ranges ``(start, stop)`` whose maps are each at most ``limit`` bytes (default
-    :data:`MAP_CHUNK_BYTES`) for the attention core ``core``; ``None`` if the whole map fits (one chunk)."""
+    :data:`MAP_CHUNK_BYTES`) for the attention core ``core``, at most :data:`MAX_MAP_CHUNKS` of them (larger
+    chunks past that); ``None`` if the whole map fits (one chunk)."""
     limit = MAP_CHUNK_BYTES if limit is None else limit
     q, k = core.args[0].meta["val"], core.args[1].meta["val"]
     batch, heads, queries = q.shape[0], q.shape[1], q.shape[-2]
     row = batch * heads * k.shape[-2] * q.element_size()  # one query's map, all heads
     if row * queries <= limit:
         return None
-    rows = max(1, limit // row)
+    rows = max(1, limit // row, -(-queries // MAX_MAP_CHUNKS))
     return [(start, min(start + rows, queries)) for start in range(0, queries, rows)]
 
 
