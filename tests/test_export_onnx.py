@@ -374,3 +374,25 @@ def test_export_from_prompt_embeddings(tmp_path):
         assert _diff(run(pipe), expected) < TOL
     with pytest.raises(ValueError, match="prompt_embeds must be a tensor with batch_size"):
         export_onnx(pipe, str(tmp_path / "c"), 32, 32, batch_size=2, **settings, **call)
+
+
+def test_flux2_exports_and_matches_torch(tmp_path):
+    """FLUX.2's query/key norms are torch.nn.RMSNorm (aten::rms_norm, which opset 18 lacks): written out
+    before the export. [klein]'s CFG as two calls a step is refused with the reason."""
+    from tgate_fx import TGateConfig, ToCaConfig
+    from tgate_fx.tiny_extra import tiny_flux2
+
+    settings = TGateConfig(gate_step=2, sp_interval=1, fi_interval=1, warm_up=0)
+    pipe, call = tiny_flux2()
+    tgate_fx.optimize(pipe, tgate=settings)
+    out = export_onnx(pipe, str(tmp_path / "flux2"), methods=[settings], num_inference_steps=4, **call)
+
+    def run():
+        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    expected = run()
+    with onnx_denoiser(pipe, out):
+        assert _diff(run(), expected) < TOL
+    pipe, call = tiny_flux2(klein=True)
+    with pytest.raises(ValueError, match="CFG as two denoiser calls a step"):
+        export_onnx(pipe, str(tmp_path / "klein"), methods=[ToCaConfig()], num_inference_steps=4, **call)

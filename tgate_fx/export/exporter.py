@@ -201,6 +201,10 @@ def _run_methods(pipe, attribute: str, methods: list[Method], call: dict):
         raise ValueError(f"{chooser.title} chooses each step's graph at run time from the data (e.g. whether the "
                          "blocks after the first run); an ONNX bundle replays the steps of one traced generation "
                          "and cannot follow that choice. Export without it, or serve it with the torch runtime")
+    if plan is not None and plan.split:
+        raise ValueError("the pipeline runs CFG as two denoiser calls a step (split CFG: Wan, FLUX.2 [klein], "
+                         "FLUX.1's true CFG); an ONNX bundle replays one call a step and does not export it. "
+                         "Export without guidance, or serve it with the torch runtime")
     if plan is None or len(trace) != plan.num_steps:
         raise RuntimeError(f"the traced generation made {len(trace)} denoiser calls for a plan of "
                            f"{plan.num_steps if plan else '?'} steps; nothing consistent to export")
@@ -269,10 +273,38 @@ def _without_noop_squeezes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def _rms_norms_decomposed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` (already a copy) with each ``aten.rms_norm`` written out as ``x * rsqrt(mean(x^2) + eps) *
+    weight`` over its normalized dimensions: opset 18 has no RMSNorm, and the legacy exporter refuses
+    ``aten::rms_norm`` (``torch.nn.RMSNorm``: FLUX.2's query/key norms). ``eps`` ``None`` is the dtype's
+    machine epsilon, as torch takes it."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.rms_norm.default:
+            continue
+        names = ("input", "normalized_shape", "weight", "eps")
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        x, shape = bound["input"], bound["normalized_shape"]
+        eps = bound.get("eps")
+        eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
+        dims = list(range(-len(shape), 0))
+        with gm.graph.inserting_before(node):
+            square = gm.graph.call_function(aten.pow.Tensor_Scalar, (x, 2))
+            mean = gm.graph.call_function(aten.mean.dim, (square, dims, True))
+            shifted = gm.graph.call_function(aten.add.Scalar, (mean, eps))
+            out = gm.graph.call_function(aten.mul.Tensor, (x, gm.graph.call_function(aten.rsqrt.default, (shifted,))))
+            if bound.get("weight") is not None:
+                out = gm.graph.call_function(aten.mul.Tensor, (out, bound["weight"]))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def _export_graph(variant: Variant, exporter: str, opset: int, workdir: str):
     """``variant``'s graph as an ``onnx.ModelProto`` with its weights loaded."""
     onnx = _import_onnx()
-    gm = _without_noop_squeezes(variant.graph_module)
+    gm = _rms_norms_decomposed(_without_noop_squeezes(variant.graph_module))
     inputs = tuple(_example_inputs(variant))
     path = os.path.join(workdir, "model.onnx")
     kwargs = dict(input_names=list(variant.input_names), output_names=_output_names(variant), opset_version=opset)
