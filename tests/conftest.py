@@ -17,6 +17,23 @@ from tgate_fx.tiny import FAMILIES  # noqa: E402
 PROMPT = "a red circle on a blue background"
 
 
+@contextlib.contextmanager
+def spy_method(cls, name: str, log: list, replace=None):
+    """Within the block, each call of ``cls.name`` (or of ``replace`` in its place) appends its result to ``log``."""
+    original = getattr(cls, name)
+
+    def spy(self, *args):
+        out = original(self, *args) if replace is None else replace(self, *args)
+        log.append(out)
+        return out
+
+    setattr(cls, name, spy)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
 def latents(pipe, prompt=PROMPT, seed=0, **kwargs):
     """Final latents of one generation with a fixed seed."""
     call = {**pipe.tiny_call_kwargs, **kwargs}

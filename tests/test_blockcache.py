@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import tgate_fx
+from conftest import spy_method
 from tgate_fx import BlockCacheConfig, tiny_extra
 from tgate_fx.core.rebatch import RebatchWarning
 from tgate_fx.methods.blockcache.method import BLOCK_LISTS, BlockCache
@@ -67,22 +68,6 @@ _JOINED = {"flux2", "flux2_klein_cfg", "chroma"}
 def _generate(pipe, call: dict) -> torch.Tensor:
     out = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=STEPS, **call)
     return out.frames if hasattr(out, "frames") else out.images
-
-
-@contextlib.contextmanager
-def _spy(cls, name: str, log: list):
-    original = getattr(cls, name)
-
-    def spy(self, *args):
-        out = original(self, *args)
-        log.append(out)
-        return out
-
-    setattr(cls, name, spy)
-    try:
-        yield
-    finally:
-        setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -193,7 +178,7 @@ def _diffusers_fbc(pipe, call: dict, family: str) -> tuple[torch.Tensor, list[bo
     context = _one_context(transformer) if family in _NO_CONTEXT else \
         _context_per_call(transformer) if family in _TWO_CALLS_NO_CONTEXT else contextlib.nullcontext()
     try:
-        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
+        with spy_method(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
             out = _generate(pipe, call)
     finally:
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -213,7 +198,7 @@ def test_equals_diffusers_first_block_cache(family):
     assert not all(hook_decisions), "the hook never skipped"
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLDS.get(family, THRESHOLD)))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         result = _generate(pipe, call)
     assert [d == "compute" for d in ours] == hook_decisions
     torch.testing.assert_close(result, reference, rtol=0, atol=0)
@@ -374,12 +359,12 @@ def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(famil
     try:
         if family == "wan":  # CFG as two calls a step, conditional first
             step_of = lambda: (pipe.transformer.calls - 1) // 2
-            with _forced_at(barriers, step_of), _spy(first_block_cache.FBCHeadBlockHook,
+            with _forced_at(barriers, step_of), spy_method(first_block_cache.FBCHeadBlockHook,
                                                       "_should_compute_remaining_blocks", decisions):
                 expected = run_split_cfg_oracle(pipe, "transformer", pipe.transformer, **TGATE, **kw).frames
         else:
             step_of = lambda: pipe.transformer.step - 1
-            with _forced_at(barriers, step_of), _spy(first_block_cache.FBCHeadBlockHook,
+            with _forced_at(barriers, step_of), spy_method(first_block_cache.FBCHeadBlockHook,
                                                       "_should_compute_remaining_blocks", decisions):
                 expected = run_oracle(pipe, "transformer", cfg=True, **TGATE, **kw).frames
     finally:
@@ -389,7 +374,7 @@ def test_composed_with_tgate_equals_the_hook_and_the_tgate_oracle_together(famil
     assert not all(decisions), "the hook never skipped"
     tgate_fx.optimize(pipe, tgate=tgate_fx.TGateConfig(**TGATE), blockcache=BlockCacheConfig(threshold=THRESHOLD))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         got = pipe(**{**kw, "generator": torch.Generator().manual_seed(0)}).frames
     assert "skip" in ours
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -420,7 +405,7 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle(family):
     decisions: list[bool] = []
     context = _one_context(pipe.transformer) if family in _NO_CONTEXT else contextlib.nullcontext()
     try:
-        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
+        with spy_method(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions), context:
             expected = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     finally:
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
@@ -430,7 +415,7 @@ def test_composed_with_toca_equals_the_hook_around_the_toca_oracle(family):
     assert not all(decisions) and "ToCa" in oracle.steps
     tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig(), blockcache=BlockCacheConfig(threshold=threshold))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert [d == "compute" for d in ours] == decisions
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -467,7 +452,7 @@ def test_fora_interval_equals_the_hook_forced_to_that_schedule():
         registry.remove_hook(first_block_cache._FBC_BLOCK_HOOK, recurse=True)
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(fora_interval=3))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         got = _generate(pipe, call)
     assert ours == [("compute" if step % 3 == 0 else "skip") for step in range(STEPS) for _ in range(2)]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tgate_fx
+from conftest import spy_method
 from tgate_fx import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToDoConfig
 from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.captured import normalize_call
@@ -33,22 +34,6 @@ OTHER_THRESHOLD = 0.6  # it skips at step 1 only
 def _generate(pipe, call: dict, steps: int = STEPS) -> torch.Tensor:
     return pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=steps,
                 **call).images
-
-
-@contextlib.contextmanager
-def _spy(cls, name: str, log: list, replace=None):
-    original = getattr(cls, name)
-
-    def spy(self, *args):
-        out = original(self, *args) if replace is None else replace(self, *args)
-        log.append(out)
-        return out
-
-    setattr(cls, name, spy)
-    try:
-        yield
-    finally:
-        setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -88,7 +73,7 @@ def _hook(pipe, call: dict, threshold: float, decide=None) -> tuple[torch.Tensor
     decisions: list[bool] = []
     _set_cache_context(transformer, CacheContext("all"))
     try:
-        with _spy(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions, decide), \
+        with spy_method(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", decisions, decide), \
                 _block_input_named_x():
             out = _generate(pipe, call)
     finally:
@@ -158,7 +143,7 @@ def test_block_cache_equals_diffusers_first_block_cache(guidance_scale):
     assert not all(hook_decisions), "the hook never skipped"
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         result = _generate(pipe, call)
     assert [d == "compute" for d in ours] == hook_decisions
     torch.testing.assert_close(result, reference, rtol=0, atol=0)
@@ -177,7 +162,7 @@ def test_fora_interval_equals_the_hook_forced_to_that_schedule():
     expected, _ = _hook(pipe, call, 0.0, decide=lambda hook, residual, n=iter(range(99)): next(n) % 3 == 0)
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(fora_interval=3))
     ours: list[str] = []
-    with _spy(BlockCache, "decide", ours):
+    with spy_method(BlockCache, "decide", ours):
         got = _generate(pipe, call)
     assert ours == ["compute" if step % 3 == 0 else "skip" for step in range(STEPS)]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
