@@ -89,6 +89,20 @@ def update_cache(fresh_indices, fresh_tokens, dic, current):
         dim=1, index=fresh_indices.unsqueeze(-1).expand(-1, -1, fresh_tokens.shape[-1]), src=fresh_tokens)
 
 
+def stream_mlp(dic, current, cache, module, tokens, mlp):
+    """One MLP refreshed token-wise (``module``: ``"img_mlp"``, ``"txt_mlp"``, or ``"mlp"`` over one sequence), as
+    the official ``DoubleStreamBlock.forward`` branches: on a full step ``mlp`` of every token (its counters
+    reset), on a ``ToCa`` step ``mlp`` of the top-k tokens scattered into the cache; returns the cached output."""
+    current["module"] = module
+    if current["type"] == "full":
+        force_init(dic, current, tokens)
+        cache[module] = mlp(tokens)
+    else:
+        idx, fresh = cache_cutfresh(dic, tokens, current)
+        update_cache(idx, mlp(fresh), dic, current)
+    return cache[module]
+
+
 def force_init(dic, current, tokens):
     dic["cache_index"][current["layer"]][current["module"]] = torch.zeros(
         tokens.shape[0], tokens.shape[1], dtype=torch.int, device=tokens.device)
@@ -229,27 +243,14 @@ class FluxToCaOracle:
             attn_output, context_attn_output = cache["attn"]
 
             hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-            current["module"] = "img_mlp"
-            if current["type"] == "full":
-                force_init(dic, current, hidden_states)
-                cache["img_mlp"] = self.ff(self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-            else:
-                idx, fresh = cache_cutfresh(dic, hidden_states, current)
-                fresh = self.ff(self.norm2(fresh) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-                update_cache(idx, fresh, dic, current)
-            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * cache["img_mlp"]
+            img_mlp = stream_mlp(dic, current, cache, "img_mlp", hidden_states,
+                                 lambda x: self.ff(self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]))
+            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * img_mlp
 
             encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-            current["module"] = "txt_mlp"
-            if current["type"] == "full":
-                force_init(dic, current, encoder_hidden_states)
-                cache["txt_mlp"] = self.ff_context(self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None])
-                                                   + c_shift_mlp[:, None])
-            else:
-                idx, fresh = cache_cutfresh(dic, encoder_hidden_states, current)
-                fresh = self.ff_context(self.norm2_context(fresh) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-                update_cache(idx, fresh, dic, current)
-            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * cache["txt_mlp"]
+            txt_mlp = stream_mlp(dic, current, cache, "txt_mlp", encoder_hidden_states, lambda x: self.ff_context(
+                self.norm2_context(x) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]))
+            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * txt_mlp
             return encoder_hidden_states, hidden_states
 
         return forward
@@ -287,29 +288,16 @@ class FluxToCaOracle:
             if self.use_dual_attention:
                 hidden_states = hidden_states + gate_msa2.unsqueeze(1) * cache["attn2"]
 
-            current["module"] = "img_mlp"
-            if current["type"] == "full":
-                force_init(dic, current, hidden_states)
-                cache["img_mlp"] = self.ff(self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-            else:
-                idx, fresh = cache_cutfresh(dic, hidden_states, current)
-                fresh = self.ff(self.norm2(fresh) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-                update_cache(idx, fresh, dic, current)
-            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * cache["img_mlp"]
+            img_mlp = stream_mlp(dic, current, cache, "img_mlp", hidden_states,
+                                 lambda x: self.ff(self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]))
+            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * img_mlp
             if self.context_pre_only:
                 return None, hidden_states
 
             encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-            current["module"] = "txt_mlp"
-            if current["type"] == "full":
-                force_init(dic, current, encoder_hidden_states)
-                cache["txt_mlp"] = self.ff_context(self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None])
-                                                   + c_shift_mlp[:, None])
-            else:
-                idx, fresh = cache_cutfresh(dic, encoder_hidden_states, current)
-                fresh = self.ff_context(self.norm2_context(fresh) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-                update_cache(idx, fresh, dic, current)
-            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * cache["txt_mlp"]
+            txt_mlp = stream_mlp(dic, current, cache, "txt_mlp", encoder_hidden_states, lambda x: self.ff_context(
+                self.norm2_context(x) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]))
+            encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * txt_mlp
             return encoder_hidden_states, hidden_states
 
         return forward
@@ -340,22 +328,14 @@ class FluxToCaOracle:
             img_attn_output, txt_attn_output = cache["attn"]
             hidden_states = hidden_states + img_gate1 * img_attn_output
             encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
-            for stream, norm, mod, mlp in (("img_mlp", self.img_norm2, img_mod2, self.img_mlp),
-                                           ("txt_mlp", self.txt_norm2, txt_mod2, self.txt_mlp)):
-                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
-                current["module"] = stream
+            outputs = []
+            for stream, x, norm, mod, mlp in (
+                    ("img_mlp", hidden_states, self.img_norm2, img_mod2, self.img_mlp),
+                    ("txt_mlp", encoder_hidden_states, self.txt_norm2, txt_mod2, self.txt_mlp)):
                 gate = self._modulate(norm(x), mod)[1]
-                if current["type"] == "full":
-                    force_init(dic, current, x)
-                    cache[stream] = mlp(self._modulate(norm(x), mod)[0])
-                else:
-                    idx, fresh = cache_cutfresh(dic, x, current)
-                    update_cache(idx, mlp(self._modulate(norm(fresh), mod)[0]), dic, current)
-                x = x + gate * cache[stream]
-                if stream == "img_mlp":
-                    hidden_states = x
-                else:
-                    encoder_hidden_states = x
+                out = stream_mlp(dic, current, cache, stream, x, lambda t: mlp(self._modulate(norm(t), mod)[0]))
+                outputs.append(x + gate * out)
+            hidden_states, encoder_hidden_states = outputs
             return encoder_hidden_states, hidden_states
 
         return forward
@@ -384,14 +364,7 @@ class FluxToCaOracle:
             encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_ehs
             norm_hs, norm_ehs, gate_ff, enc_gate_ff = self.norm2(hidden_states, encoder_hidden_states, temb)
             x = torch.cat([norm_ehs, norm_hs], dim=1)
-            current["module"] = "mlp"
-            if current["type"] == "full":
-                force_init(dic, current, x)
-                cache["mlp"] = self.ff(x)
-            else:
-                idx, fresh = cache_cutfresh(dic, x, current)
-                update_cache(idx, self.ff(fresh), dic, current)
-            ff_output = cache["mlp"]
+            ff_output = stream_mlp(dic, current, cache, "mlp", x, self.ff)
             hidden_states = hidden_states + gate_ff * ff_output[:, text:]
             encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :text]
             return hidden_states, encoder_hidden_states
@@ -420,22 +393,15 @@ class FluxToCaOracle:
             attn_output, context_attn_output = cache["attn"]
             hidden_states = hidden_states + attn_output * gate_msa.unsqueeze(1)
             encoder_hidden_states = encoder_hidden_states + context_attn_output * c_gate_msa.unsqueeze(1)
-            for stream, norm, ff, shift, scale, gate in (
-                    ("img_mlp", self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
-                    ("txt_mlp", self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp, c_gate_mlp)):
-                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
-                current["module"] = stream
-                if current["type"] == "full":
-                    force_init(dic, current, x)
-                    cache[stream] = ff(norm(x) * (1 + scale[:, None]) + shift[:, None])
-                else:
-                    idx, fresh = cache_cutfresh(dic, x, current)
-                    update_cache(idx, ff(norm(fresh) * (1 + scale[:, None]) + shift[:, None]), dic, current)
-                x = x + gate.unsqueeze(1) * cache[stream]
-                if stream == "img_mlp":
-                    hidden_states = x
-                else:
-                    encoder_hidden_states = x
+            outputs = []
+            for stream, x, norm, ff, shift, scale, gate in (
+                    ("img_mlp", hidden_states, self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
+                    ("txt_mlp", encoder_hidden_states, self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp,
+                     c_gate_mlp)):
+                out = stream_mlp(dic, current, cache, stream, x,
+                                 lambda t: ff(norm(t) * (1 + scale[:, None]) + shift[:, None]))
+                outputs.append(x + gate.unsqueeze(1) * out)
+            hidden_states, encoder_hidden_states = outputs
             return hidden_states, encoder_hidden_states
 
         return forward
@@ -559,22 +525,14 @@ class FluxToCaOracle:
             attn_output, context_attn_output = cache["attn"]
             hidden_states = hidden_states + gate_msa * attn_output
             encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_output
-            for stream, norm, ff, shift, scale, gate in (
-                    ("img_mlp", self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
-                    ("txt_mlp", self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp, c_gate_mlp)):
-                x = hidden_states if stream == "img_mlp" else encoder_hidden_states
-                current["module"] = stream
-                if current["type"] == "full":
-                    force_init(dic, current, x)
-                    cache[stream] = ff(norm(x) * (1 + scale) + shift)
-                else:
-                    idx, fresh = cache_cutfresh(dic, x, current)
-                    update_cache(idx, ff(norm(fresh) * (1 + scale) + shift), dic, current)
-                x = x + gate * cache[stream]
-                if stream == "img_mlp":
-                    hidden_states = x
-                else:
-                    encoder_hidden_states = x
+            outputs = []
+            for stream, x, norm, ff, shift, scale, gate in (
+                    ("img_mlp", hidden_states, self.norm2, self.ff, shift_mlp, scale_mlp, gate_mlp),
+                    ("txt_mlp", encoder_hidden_states, self.norm2_context, self.ff_context, c_shift_mlp, c_scale_mlp,
+                     c_gate_mlp)):
+                outputs.append(x + gate * stream_mlp(dic, current, cache, stream, x,
+                                                     lambda t: ff(norm(t) * (1 + scale) + shift)))
+            hidden_states, encoder_hidden_states = outputs
             return encoder_hidden_states, hidden_states
 
         return forward

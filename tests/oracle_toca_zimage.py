@@ -18,7 +18,7 @@ import types
 
 import diffusers.models.transformers.transformer_z_image as zimage_module
 
-from oracle_toca_flux import FluxToCaOracle, cache_cutfresh, force_init, update_cache
+from oracle_toca_flux import FluxToCaOracle, stream_mlp
 
 
 @contextlib.contextmanager
@@ -66,13 +66,7 @@ class ZImageToCaOracle(FluxToCaOracle):
                 cache["attn"] = self.attention(self.attention_norm1(x) * scale_msa, attention_mask=attn_mask,
                                                freqs_cis=freqs_cis)
             x = x + gate_msa * self.attention_norm2(cache["attn"])
-            current["module"] = "mlp"
-            if current["type"] == "full":
-                force_init(dic, current, x)
-                cache["mlp"] = self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
-            else:
-                idx, fresh = cache_cutfresh(dic, x, current)
-                update_cache(idx, self.ffn_norm2(self.feed_forward(self.ffn_norm1(fresh) * scale_mlp)), dic, current)
-            return x + gate_mlp * cache["mlp"]
+            return x + gate_mlp * stream_mlp(dic, current, cache, "mlp", x,
+                                             lambda t: self.ffn_norm2(self.feed_forward(self.ffn_norm1(t) * scale_mlp)))
 
         return forward
