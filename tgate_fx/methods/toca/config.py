@@ -9,7 +9,8 @@ import torch
 
 from .._checks import check_int
 
-__all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "step_kinds", "step_weighted"]
+__all__ = ["FAMILIES", "SCHEDULES", "ToCaConfig", "fresh_count", "fresh_ratio", "refresh_count", "step_kinds",
+           "step_weighted"]
 
 # Literal annotations: the CLI offers their values as the flags' choices.
 Family = Literal["pixart", "dit", "flux", "opensora"]
@@ -298,3 +299,14 @@ def fresh_count(c: ToCaConfig, ratio: float, tokens: int) -> int:
     if c.compat == "official":
         return int(torch.tensor(ratio, dtype=torch.float32) * tokens)
     return int(ratio * tokens)
+
+
+def refresh_count(c: ToCaConfig, tag: dict, step, num_steps: int, tokens: int) -> int:
+    """k of the tagged refresh ``tag`` (a ``*_tokens`` node over ``tokens`` tokens) at official step ``step``:
+    the one count both the refresh and the choice of the scores a full step computes read."""
+    if c.family == "flux":
+        return fresh_count(c, fresh_ratio(c, None, num_steps, tag["layer"], tag["stream"], tag["depth"]), tokens)
+    module = {"cross_tokens": "cross", "mlp_tokens": "mlp"}[tag["slot"]]
+    if module == "cross" and c.family == "opensora":
+        return 0  # Open-Sora reads its cross-attention from the cache on partial steps
+    return fresh_count(c, fresh_ratio(c, step, num_steps, tag["layer"], module, tag["depth"]), tokens)

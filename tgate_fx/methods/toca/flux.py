@@ -31,7 +31,7 @@ from ...core.analysis import Regions
 from ...core.graph_passes import downstream
 from ...core.method import CacheKey
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
-from .config import ToCaConfig, fresh_count, fresh_ratio
+from .config import ToCaConfig, refresh_count
 
 __all__ = ["DOUBLE_STREAM_LAYOUTS", "JOINT_SEQUENCE_LAYOUTS", "SINGLE_STREAM_LAYOUTS", "annotate_flux", "flux_pass",
            "FLUX_GROUPS"]
@@ -240,11 +240,11 @@ def flux_pass(c: ToCaConfig, method: str, nodes: list[fx.Node], option, caches, 
             resets.append(CountReset(node, count, node.meta["val"].shape[0], tokens))
             continue
         num_steps = option[2]
-        ratio = fresh_ratio(c, None, num_steps, tag["layer"], tag["stream"], tag["depth"])
         selection = TokenSelection(interval=c.interval, cache_weight=c.cache_weight, random=c.score == "random",
                                    add_one=False, share_rows=False,
                                    bonus_ratio=c.bonus_ratio, bonus_grid=c.bonus_grid)
         cached = ((by_name[tag["attn"]], site("attn")),) if "attn" in tag else ()
-        refreshes.append(TokenRefresh(source, output, fresh_count(c, ratio, tokens), site(tag.get("cache", tag["module"])),
-                                      count, selection, score=site(tag["score"]), cached_inputs=cached))
+        refreshes.append(TokenRefresh(source, output, refresh_count(c, tag, None, num_steps, tokens),
+                                      site(tag.get("cache", tag["module"])), count, selection, score=site(tag["score"]),
+                                      cached_inputs=cached))
     return CacheTokens(caches, scores, resets, refreshes)

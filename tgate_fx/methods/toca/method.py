@@ -49,7 +49,7 @@ from ...core.analysis import Regions, _within
 from ...core.method import RECORD, REUSE, TRANSFORM, CacheKey, Method, MethodStep, Rewrite, ScheduleContext
 from ...core.meta import tag_key
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
-from .config import ToCaConfig, fresh_count, fresh_ratio, official_step, step_kinds, step_weighted
+from .config import ToCaConfig, official_step, refresh_count, step_kinds, step_weighted
 from .flux import FLUX_GROUPS, annotate_flux, flux_pass
 from .single_sequence import BLOCK_LIST, annotate_single_sequence
 
@@ -132,16 +132,6 @@ def score_readers(c: ToCaConfig, kinds: list[str], i: int, suffix: str, alone: b
     return tuple(sorted(out, key=lambda s: -1 if s is None else s))
 
 
-def refresh_count(c: ToCaConfig, tag: dict, step, num_steps: int, tokens: int) -> int:
-    """k of the tagged refresh ``tag`` (a ``*_tokens`` node over ``tokens`` tokens) at official step ``step``."""
-    if c.family == "flux":
-        return fresh_count(c, fresh_ratio(c, None, num_steps, tag["layer"], tag["stream"], tag["depth"]), tokens)
-    module = {"cross_tokens": "cross", "mlp_tokens": "mlp"}[tag["slot"]]
-    if module == "cross" and c.family == "opensora":
-        return 0  # Open-Sora reads its cross-attention from the cache on partial steps
-    return fresh_count(c, fresh_ratio(c, step, num_steps, tag["layer"], module, tag["depth"]), tokens)
-
-
 def read_scores(c: ToCaConfig, nodes: list[fx.Node], option, key: str) -> frozenset[tuple[str, str]]:
     """``(site, slot)`` of the scores a full step's ``option`` says a later step reads: those of a block whose
     refresh (a tagged node among ``nodes``) has k > 0 at one of the option's reader steps. The others are not
@@ -198,8 +188,8 @@ class ToCa(Method):
             raise TypeError(f"ToCa cannot apply to {type(denoiser).__name__}: it follows the official rules for "
                             "PixArt (PixArtTransformer2DModel, PixArt-alpha and -sigma), DiT "
                             "(DiTTransformer2DModel) and FLUX (FluxTransformer2DModel: FLUX.1, FLUX.1 Kontext; "
-                            "ChromaTransformer2DModel; Flux2Transformer2DModel; and with FLUX's rules the blocks of SD3Transformer2DModel, "
-                            "QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
+                            "ChromaTransformer2DModel; Flux2Transformer2DModel; and with FLUX's rules the blocks of "
+                            "SD3Transformer2DModel, QwenImageTransformer2DModel, CogVideoXTransformer3DModel and "
                             "HunyuanVideoTransformer3DModel, and ZImageTransformer2DModel's single-sequence blocks) "
                             "and Open-Sora (with its rules the blocks of LTXVideoTransformer3DModel and "
                             "WanTransformer3DModel) transformer blocks only")
