@@ -396,3 +396,34 @@ def test_flux2_exports_and_matches_torch(tmp_path):
     pipe, call = tiny_flux2(klein=True)
     with pytest.raises(ValueError, match="CFG as two denoiser calls a step"):
         export_onnx(pipe, str(tmp_path / "klein"), methods=[ToCaConfig()], num_inference_steps=4, **call)
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
+def test_zimage_exports_and_matches_torch(tmp_path, guidance_scale):
+    """Z-Image takes lists of per-sample tensors (in and out), and its rotary embedding multiplies in complex64,
+    which ONNX has no type for: the bundle's graphs carry complex values as real pairs. The plain bundle and
+    ToCa's match the torch runtime, and the pipeline gets the transformer's list output back."""
+    from tgate_fx import ToCaConfig
+    from tgate_fx.tiny_extra import tiny_zimage
+
+    def run(pipe, call):
+        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    for methods in (None, [ToCaConfig()]):
+        pipe, call = tiny_zimage(guidance_scale=guidance_scale)
+        if methods:
+            tgate_fx.optimize(pipe, methods=methods)
+        expected = run(pipe, call)
+        out = export_onnx(pipe, str(tmp_path / str(bool(methods))), tgate=False, methods=methods,
+                          num_inference_steps=4, **call)
+        with onnx_denoiser(pipe, out) as denoiser:
+            got = run(pipe, call)
+            if not methods:  # the plain bundle, called as the transformer is
+                captions = call["prompt_embeds"] + call.get("negative_prompt_embeds", [])
+                prediction = denoiser([torch.randn(16, 1, 16, 16) for _ in captions], torch.tensor([0.5] * len(captions)),
+                                      captions, joint_attention_kwargs=None, return_dict=False)[0]
+                assert isinstance(prediction, list) and [p.shape for p in prediction] == [(16, 1, 16, 16)] * len(captions)
+        assert _diff(got, expected) < 5e-6
+    with pytest.raises(ValueError, match="or a list of batch_size per-prompt tensors"):
+        export_onnx(pipe, str(tmp_path / "b2"), tgate=False, batch_size=2, num_inference_steps=4, **call)
+

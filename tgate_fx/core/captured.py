@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from .conventions import convention_of
+from .conventions import PerSampleLists, convention_of
 from .meta import ATTR_PATH
 
 __all__ = ["Capture", "InputSignature", "attribute_of", "flat_graph_module", "fresh_containers", "normalize_call", "parameter_paths",
@@ -59,12 +59,13 @@ def signature_of(kwargs: dict[str, Any]) -> InputSignature:
     return InputSignature(str(spec), tuple(tensors), tuple(constants))
 
 
-def normalize_call(denoiser: torch.nn.Module | inspect.Signature, args: tuple,
-                   kwargs: dict) -> tuple[dict[str, Any], bool]:
+def normalize_call(denoiser: torch.nn.Module | inspect.Signature, args: tuple, kwargs: dict,
+                   convention: PerSampleLists | None = None) -> tuple[dict[str, Any], bool]:
     """Bind a denoiser call to its ``forward`` parameters (or to a given signature), by name.
 
     A denoiser with a call convention (:mod:`.conventions`: per-sample lists) has its call put in the
     engine's form: batched tensors under the names ``hidden_states``, ``timestep``, ``encoder_hidden_states``.
+    Bound to a signature, the call follows ``convention`` (the signature's denoiser's).
 
     Returns the arguments without ``return_dict`` (captures always return a
     tuple) and the ``return_dict`` the caller asked for. A Python-number
@@ -81,7 +82,8 @@ def normalize_call(denoiser: torch.nn.Module | inspect.Signature, args: tuple,
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in call:
             call.update(call.pop(name))
     return_dict = call.pop("return_dict", True)
-    convention = None if isinstance(denoiser, inspect.Signature) else convention_of(denoiser)
+    if not isinstance(denoiser, inspect.Signature):
+        convention = convention_of(denoiser)
     if convention is not None:  # per-sample lists: stacked, under the engine's names (see .conventions)
         call = convention.batched(call)
     if "timestep" in call and not isinstance(call["timestep"], torch.Tensor):

@@ -144,7 +144,9 @@ _CONVENTIONS = {
 
 
 def convention_of(denoiser: Any) -> PerSampleLists | None:
-    """The call convention of ``denoiser`` (a module or its class), ``None`` for a batched one."""
+    """The call convention of ``denoiser`` (a module, its class or its class name), ``None`` for a batched one."""
+    if isinstance(denoiser, str):
+        return _CONVENTIONS.get(denoiser.rpartition(".")[2])
     cls = denoiser if isinstance(denoiser, type) else type(denoiser)
     return _CONVENTIONS.get(cls.__name__)
 

@@ -43,6 +43,7 @@ from .._version import __version__
 from ..api import _chosen_methods, optimize
 from ..core.capture import capture_denoiser
 from ..core.captured import normalize_call, signature_of
+from ..core.conventions import convention_of, forward_parameters
 from ..core.generation import output_class
 from ..core.method import Method
 from ..core.plan import Plan, VariantSpec
@@ -50,6 +51,7 @@ from ..core.hook import bypassed, installed_runtime, uninstall
 from ..core.runtime import find_denoiser
 from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant, copy_graph_module
 from ..methods import DeepCacheConfig, TGateConfig
+from .lowering import lowered_for_onnx
 from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, file_digest
 from .weights import WeightsWriter
 
@@ -63,8 +65,8 @@ _FULL = Resolved(VariantSpec("full"), (), ())
 
 # Attributes of the denoiser, besides ``config`` and ``dtype``, that the
 # supported pipelines read (SD-XL: the size of the added-conditions embedding;
-# SD: whether an IP-adapter projection exists).
-_READ_ATTRIBUTES = ("add_embedding.linear_1.in_features", "encoder_hid_proj")
+# SD: whether an IP-adapter projection exists; Z-Image: its latent channels).
+_READ_ATTRIBUTES = ("add_embedding.linear_1.in_features", "encoder_hid_proj", "in_channels")
 
 
 def _say(progress) -> Callable[[str], None]:
@@ -90,6 +92,16 @@ def _denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
     if found is None:
         raise TypeError(f"{type(pipe).__name__} has no denoiser module at pipe.unet or pipe.transformer")
     return found
+
+
+def _prompt_rows(embeds, denoiser: torch.nn.Module) -> int | None:
+    """The prompts of ``prompt_embeds``: a tensor's rows, or (pipelines of per-sample denoisers) a list's length."""
+    if isinstance(embeds, torch.Tensor):
+        return embeds.shape[0]
+    if (convention_of(denoiser) is not None and isinstance(embeds, list)
+            and all(isinstance(e, torch.Tensor) for e in embeds)):
+        return len(embeds)
+    return None
 
 
 def _dtype_name(dtype) -> str:
@@ -122,7 +134,7 @@ def _denoiser_metadata(attribute: str, denoiser: torch.nn.Module) -> dict:
         "class": f"{type(denoiser).__module__}.{type(denoiser).__qualname__}",
         "output_class": f"{out_cls.__module__}.{out_cls.__qualname__}",
         "forward_parameters": [[p.name, p.kind.name] for p in params.values()],
-        "sample_arg": next(iter(params)),
+        "sample_arg": forward_parameters(denoiser)[0],
         "dtype": _dtype_name(denoiser.dtype),
         "config": json.loads(denoiser.to_json_string()),
         "attributes": attributes,
@@ -251,60 +263,10 @@ def _output_names(variant: Variant) -> list[str]:
     return ["prediction"] + [key.output_name() for key in variant.records]
 
 
-def _without_noop_squeezes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` (sharing its parameters) without squeezes of dimensions whose size is not 1.
-
-    torch returns its input for those; ONNX ``Squeeze`` rejects them, and the
-    dynamo exporter emits them as they are (PixArt's attention-mask handling
-    squeezes a 64-wide dimension at these shapes). Shapes are static, so the
-    no-ops are known here.
-    """
-    squeezes = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
-    gm = copy_graph_module(gm)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in squeezes:
-            continue
-        shape = node.args[0].meta["val"].shape
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-        if all(shape[d] != 1 for d in dims):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
-def _rms_norms_decomposed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` (already a copy) with each ``aten.rms_norm`` written out as ``x * rsqrt(mean(x^2) + eps) *
-    weight`` over its normalized dimensions: opset 18 has no RMSNorm, and the legacy exporter refuses
-    ``aten::rms_norm`` (``torch.nn.RMSNorm``: FLUX.2's query/key norms). ``eps`` ``None`` is the dtype's
-    machine epsilon, as torch takes it."""
-    aten = torch.ops.aten
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.rms_norm.default:
-            continue
-        names = ("input", "normalized_shape", "weight", "eps")
-        bound = {**dict(zip(names, node.args)), **node.kwargs}
-        x, shape = bound["input"], bound["normalized_shape"]
-        eps = bound.get("eps")
-        eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
-        dims = list(range(-len(shape), 0))
-        with gm.graph.inserting_before(node):
-            square = gm.graph.call_function(aten.pow.Tensor_Scalar, (x, 2))
-            mean = gm.graph.call_function(aten.mean.dim, (square, dims, True))
-            shifted = gm.graph.call_function(aten.add.Scalar, (mean, eps))
-            out = gm.graph.call_function(aten.mul.Tensor, (x, gm.graph.call_function(aten.rsqrt.default, (shifted,))))
-            if bound.get("weight") is not None:
-                out = gm.graph.call_function(aten.mul.Tensor, (out, bound["weight"]))
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
 def _export_graph(variant: Variant, exporter: str, opset: int, workdir: str):
     """``variant``'s graph as an ``onnx.ModelProto`` with its weights loaded."""
     onnx = _import_onnx()
-    gm = _rms_norms_decomposed(_without_noop_squeezes(variant.graph_module))
+    gm = lowered_for_onnx(variant.graph_module)
     inputs = tuple(_example_inputs(variant))
     path = os.path.join(workdir, "model.onnx")
     kwargs = dict(input_names=list(variant.input_names), output_names=_output_names(variant), opset_version=opset)
@@ -388,7 +350,7 @@ def _check_io(model, variant: Variant, where: str) -> None:
 
 def _trace(pipe, attribute: str, denoiser: torch.nn.Module, methods: list[Method], call: dict):
     """Run the generation; returns the plan as JSON data and ``[(capture id, CapturedGraphs, {name: Variant})]``."""
-    sample_arg = next(iter(inspect.signature(denoiser.forward).parameters))
+    sample_arg = forward_parameters(denoiser)[0]
     if methods:
         plan, trace = _run_methods(pipe, attribute, methods, call)
         per_step = [(g, v) for _, g, v in trace]
@@ -563,9 +525,12 @@ def export_onnx(
     embeds = call_kwargs.get("prompt_embeds")
     if embeds is not None:
         # pipelines driven by embeddings (no tokenizer, prompt-weighting tools): no prompt at all
-        if not isinstance(embeds, torch.Tensor) or embeds.shape[0] != batch_size:
-            raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows, got "
-                             f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+        if _prompt_rows(embeds, denoiser) != batch_size:
+            raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows"
+                             + (" (or a list of batch_size per-prompt tensors)" if convention_of(denoiser) else "")
+                             + ", got " + (f"{tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else
+                                           f"a {type(embeds).__name__}" + (f" of {len(embeds)}" if
+                                                                            isinstance(embeds, list) else "")))
         call = dict(call_kwargs)
     elif "prompt" not in inspect.signature(pipe.__call__).parameters:
         call = dict(call_kwargs)  # class-conditioned pipelines (DiT): their labels come in call_kwargs

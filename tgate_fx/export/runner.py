@@ -36,6 +36,7 @@ import torch
 from dataclasses import dataclass, field
 
 from ..core.captured import normalize_call, signature_of, tensor_inputs
+from ..core.conventions import convention_of
 from ..core.generation import GenerationTracker, take_half
 from .bundle import read_plan
 
@@ -157,6 +158,7 @@ class OnnxDenoiser:
         self._class_name = den["class"].rsplit(".", 1)[-1]
         self._forward = _forward_signature(den["forward_parameters"])
         self._sample_arg = den["sample_arg"]
+        self._convention = convention_of(den["class"])  # per-sample lists in and out (see core.conventions)
         module, _, cls = den["output_class"].rpartition(".")
         self._output_class = getattr(importlib.import_module(module), cls)
         self.methods: dict[str, dict] = dict(bundle.get("methods") or {})
@@ -245,13 +247,11 @@ class OnnxDenoiser:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        call, return_dict = normalize_call(self._forward, args, kwargs)
+        call, return_dict = normalize_call(self._forward, args, kwargs, self._convention)
         if self.stored_plan is None:
             cid = self._capture_for(call, list(self.bundle["captures"]), "plain export")
             prediction = self._run(call, cid, "full", {}, "plain export")[0]
-            if not return_dict:
-                return (prediction,)
-            return self._output_class(sample=prediction)
+            return self._returned(prediction, return_dict)
         if self._tracker is None:
             raise RuntimeError("this OnnxDenoiser runs a cached schedule and counts steps from its pipeline; "
                                "attach it with OnnxDenoiser.from_dir(..., pipeline=pipe) or .install(pipe)")
@@ -263,7 +263,14 @@ class OnnxDenoiser:
         self._capture_for(call, [stored.capture], where)
         prediction, written = self._run(call, stored.capture, stored.variant, step.caches, where)
         step.caches.update(written)
-        return step.finish(prediction, return_dict, self._output_class)
+        out = step.finish(prediction, return_dict=False)[0]
+        return self._returned(out, return_dict)
+
+    def _returned(self, prediction: torch.Tensor, return_dict: bool):
+        """What the exported denoiser's forward returns for the batched ``prediction``."""
+        if self._convention is not None:
+            prediction = self._convention.output(prediction)
+        return self._output_class(sample=prediction) if return_dict else (prediction,)
 
     def _run(self, call: dict, cid: str, vname: str, caches: dict, where: str):
         """Run variant ``vname`` of capture ``cid`` on ``call``; returns (prediction, {cache key: written cache})."""
