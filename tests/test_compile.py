@@ -120,3 +120,37 @@ def test_inductor_matches_eager_within_1e_4():
     assert abs(image(pipe) - image(eager)).max() <= 1e-4
     got, expected = latents(pipe, num_inference_steps=STEPS), latents(eager, num_inference_steps=STEPS)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def _generate(pipe, call: dict, seed: int = 0) -> torch.Tensor:
+    return pipe(generator=torch.Generator().manual_seed(seed), output_type="latent", num_inference_steps=6,
+                **call).images
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2_klein"])
+def test_transformers_compile_once_per_variant(family):
+    """Z-Image (per-sample lists in and out, CFG as one batch) and FLUX.2 [klein] (CFG as two calls a step)
+    with ToCa under ``torch.compile(pipe.transformer)``: one compile per variant, none in a second generation,
+    and the eager backend's latents equal the uncompiled runtime's."""
+    from tgate_fx.tiny_extra import tiny_flux2, tiny_zimage
+
+    def build():
+        return tiny_zimage() if family == "zimage" else tiny_flux2(klein=True)
+
+    pipe, call = build()
+    tgate_fx.optimize(pipe, toca=tgate_fx.ToCaConfig())
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with tgate_fx.get_runtime(pipe).tracing() as trace:
+        first = _generate(pipe, call)
+    variants = {id(v) for _, _, v in trace}
+    assert counters["stats"]["unique_graphs"] == len(variants) >= 2
+    assert not counters.get("graph_break")
+    counters.clear()
+    second = _generate(pipe, call, seed=1)
+    assert _snapshot() == {}, "the second generation must not compile or recompile anything"
+    assert not torch.equal(first, second)
+    reference, call = build()
+    tgate_fx.optimize(reference, toca=tgate_fx.ToCaConfig())
+    assert torch.equal(first, _generate(reference, call))
