@@ -1,4 +1,4 @@
-"""MACs of FLUX.1-dev, Wan 2.1 T2V 1.3B and HunyuanVideo: the meta-device architectures against hand formulas.
+"""MACs of FLUX.1-dev, FLUX.2-dev, Wan 2.1 T2V 1.3B and HunyuanVideo: the meta-device architectures against hand formulas.
 
 Full-size captures take seconds each (``benchmarks/macs_transformers.py``
 counts them); here the same published configs run at reduced depth and size on
@@ -68,6 +68,22 @@ def flux_macs(c: dict, n: int, t: int, batch: int = 1) -> tuple[int, int]:
     return batch * linear, batch * (linear + core)
 
 
+def flux2_macs(c: dict, n: int, t: int) -> tuple[int, int]:
+    """Flux2Transformer2DModel: the time and guidance embedders (256 -> D -> D each), the modulations shared by
+    all blocks (double-stream image and text D -> 6D, single-stream D -> 3D, per sample), the x and context
+    embedders; per double-stream block each stream's q/k/v/out and SwiGLU MLP (D -> 2H, H -> D; H = mlp_ratio D);
+    per single-stream block the fused to_qkv_mlp_proj (D -> 3D + 2H) and to_out (D + H -> D) over the joined
+    tokens; norm_out (D -> 2D) and proj_out. Core: 2 (n + t)^2 D per block."""
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    h = int(c["mlp_ratio"] * d)
+    linear = (2 if c["guidance_embeds"] else 1) * (256 * d + d * d) + 2 * 6 * d * d + 3 * d * d
+    linear += n * c["in_channels"] * d + t * c["joint_attention_dim"] * d
+    linear += c["num_layers"] * (4 * d * d + 3 * d * h) * (n + t)
+    linear += c["num_single_layers"] * (3 * d * d + 2 * h * d + (d + h) * d) * (n + t)
+    linear += 2 * d * d + n * d * (c["out_channels"] or c["in_channels"])
+    return linear, linear + (c["num_layers"] + c["num_single_layers"]) * 2 * (n + t) ** 2 * d
+
+
 def wan_macs(c: dict, frames: int, h: int, w: int, t: int, batch: int = 1) -> tuple[int, int]:
     """WanTransformer3DModel: the Conv3d patch embedding, the condition embedder (time: freq -> D -> D, then
     D -> 6D; text: text_dim -> D -> D per token), per block self-attention (4 projections), cross-attention
@@ -104,6 +120,16 @@ def test_flux_dev_formula_gives_the_official_toca_baseline():
     assert arch.image_tokens == 4096
     assert abs(2 * 50 * with_core / 1e12 - 3719.50) < 0.5  # 3719.23: elementwise ops are not counted here
     assert 2 * 50 * linear / 1e12 < 3000  # without the core it is far off: the official count includes it
+
+
+@pytest.mark.parametrize("depth", [(1, 1), (2, 1)])
+def test_flux2_dev_counts_match_the_hand_formula(depth):
+    arch = _reduced("flux2_dev", num_layers=depth[0], num_single_layers=depth[1], **SMALL_FLUX)
+    assert arch.image_tokens == 256
+    assert _counts(arch) == flux2_macs(arch.config, 256, 16)
+    full = get_arch("flux2_dev")
+    assert (full.image_tokens, full.text_tokens, full.num_steps, full.cfg) == (4096, 512, 50, False)
+    assert full.make_call(1)["img_ids"].shape == (1, 4096, 4)
 
 
 def test_flux_block_cache_at_fora_interval_costs_the_first_block_on_skipped_steps():
@@ -199,10 +225,11 @@ def _pipeline_call(pipe, call):
     return normalize_call(denoiser, *seen[0])[0]
 
 
-@pytest.mark.parametrize("family", ["flux", "wan", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["flux", "flux2", "wan", "hunyuanvideo"])
 def test_arch_call_has_the_structure_of_the_pipeline_call(family):
     # The call Arch.make_call builds is the one the pipeline makes: same inputs, shapes and dtypes.
-    build = {"flux": tiny_extra.tiny_flux, "wan": tiny_extra.tiny_wan, "hunyuanvideo": tiny_extra.tiny_hunyuanvideo}
+    build = {"flux": tiny_extra.tiny_flux, "flux2": tiny_extra.tiny_flux2, "wan": tiny_extra.tiny_wan,
+             "hunyuanvideo": tiny_extra.tiny_hunyuanvideo}
     pipe, call = build[family](0)
     real = _pipeline_call(pipe, call)
     scale = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor

@@ -45,7 +45,7 @@ __all__ = ["ARCHS", "Arch", "ArchGraphs", "arch_from_pipeline", "get_arch"]
 # HunyuanVideo's also scale by 8), and the video VAEs' temporal compression (Wan, HunyuanVideo: 4).
 _VAE_SCALE = 8
 _VAE_TEMPORAL = 4
-_FAMILIES = ("sd", "sdxl", "pixart", "dit", "flux", "wan", "hunyuanvideo")
+_FAMILIES = ("sd", "sdxl", "pixart", "dit", "flux", "flux2", "wan", "hunyuanvideo")
 _VIDEO = ("wan", "hunyuanvideo")
 
 # --- published configs ------------------------------------------------------------------
@@ -266,6 +266,30 @@ FLUX1_DEV_TRANSFORMER = {
     "pooled_projection_dim": 768,
 }
 
+# black-forest-labs/FLUX.2-dev, transformer/config.json, as diffusers 0.42.1 gives it: Flux2Transformer2DModel's
+# constructor defaults (written out here) are FLUX.2-dev's, the model its pipeline's docstring loads; the file
+# itself could not be read offline. FLUX.2's 8 double- and 48 single-stream blocks of width 48 x 128 (the
+# block counts and width that independent ports, mflux and sglang, give too), Mistral 3 text width 15360
+# (three hidden layers of 5120 stacked), 128 latent channels (32 VAE channels, 2 x 2-patchified), guidance
+# embedded.
+FLUX2_DEV_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "eps": 1e-06,
+    "guidance_embeds": True,
+    "in_channels": 128,
+    "joint_attention_dim": 15360,
+    "mlp_ratio": 3.0,
+    "num_attention_heads": 48,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "out_channels": None,
+    "patch_size": 1,
+    "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
+
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json
 # (https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json); read through
 # diffusers' scripts/convert_wan_to_diffusers.py, get_transformer_config("Wan-T2V-1.3B")["diffusers_config"],
@@ -332,7 +356,8 @@ class Arch:
         family: ``"sd"`` (SD 1.x/2.x UNet), ``"sdxl"`` (UNet with text-time
             conditioning), ``"pixart"`` (PixArt transformer), ``"dit"`` (class-conditional
             DiT transformer, no text), ``"flux"`` (FLUX.1: 2 x 2-packed latent tokens, T5 and
-            pooled CLIP embeddings, positions as ids), ``"wan"`` (Wan 2.1 video) or
+            pooled CLIP embeddings, positions as ids), ``"flux2"`` (FLUX.2: 2 x 2-patchified latent
+            tokens, Mistral 3 embeddings, positions as 4-axis ids per sample), ``"wan"`` (Wan 2.1 video) or
             ``"hunyuanvideo"`` (HunyuanVideo: Llama tokens with their mask, pooled CLIP); decides the call.
         model_class: The diffusers class, e.g. ``"UNet2DConditionModel"`` or ``"FluxTransformer2DModel"``.
         config: The denoiser's ``config.json`` (excluded from hashing and equality).
@@ -392,7 +417,7 @@ class Arch:
     def latent_patch(self) -> int:
         """Latent pixels per token side: FLUX's pipeline packs 2 x 2 latents into a token; Wan and HunyuanVideo
         patch them by their config's (spatial) patch size (2 in the published configs); 1 elsewhere."""
-        if self.family == "flux":
+        if self.family in ("flux", "flux2"):
             return 2
         if self.family == "wan":
             return int(self.config["patch_size"][-1])
@@ -416,7 +441,8 @@ class Arch:
     @property
     def text_dim(self) -> int:
         """Width of the text embeddings the pipeline feeds the denoiser."""
-        key = {"pixart": "caption_channels", "flux": "joint_attention_dim", "wan": "text_dim",
+        key = {"pixart": "caption_channels", "flux": "joint_attention_dim", "flux2": "joint_attention_dim",
+               "wan": "text_dim",
                "hunyuanvideo": "text_embed_dim"}.get(self.family, "cross_attention_dim")
         return int(self.config[key])
 
@@ -455,6 +481,8 @@ class Arch:
 
         if self.family == "flux":
             return self._flux_call(b, t)
+        if self.family == "flux2":
+            return self._flux2_call(b, t)
         if self.family in _VIDEO:
             return self._video_call(b, t)
         if self.family == "dit":
@@ -494,6 +522,16 @@ class Arch:
                 "joint_attention_kwargs": None}
         return call
 
+    def _flux2_call(self, b: int, t: Callable) -> dict[str, Any]:
+        # Flux2Pipeline: latents 2 x 2-patchified and packed into (B, tokens, 4 C); the step's timestep / 1000
+        # and the embedded guidance scale expanded over the batch; positions as (B, tokens, 4) integer ids
+        # (t, h, w, l) for the image and the text; text from Mistral 3 (max_sequence_length).
+        return {"hidden_states": t(b, self.image_tokens, int(self.config["in_channels"])),
+                "encoder_hidden_states": t(b, self.text_tokens, self.text_dim), "timestep": t(b),
+                "img_ids": t(b, self.image_tokens, 4, dt=torch.int64),
+                "txt_ids": t(b, self.text_tokens, 4, dt=torch.int64),
+                "guidance": t(b) if self.config.get("guidance_embeds") else None, "joint_attention_kwargs": None}
+
     def _video_call(self, b: int, t: Callable) -> dict[str, Any]:
         # WanPipeline and HunyuanVideoPipeline: latents (B, C, latent frames, h, w) and the step's timestep
         # expanded over the batch. Wan passes the UMT5 tokens (padded to max_sequence_length, no mask);
@@ -520,7 +558,7 @@ class Arch:
         size = f"{self.height}x{self.width}"
         if self.family in _VIDEO:
             size += f", {self.frames} frames ({self.latent_frames} latent)"
-        if self.family in ("flux", *_VIDEO):
+        if self.family in ("flux", "flux2", *_VIDEO):
             size += f", {self.image_tokens} image tokens"
         return f"{self.name}: {self.model_class}, {size}, {text}, CFG {'on' if self.cfg else 'off'}"
 
@@ -560,6 +598,10 @@ ARCHS: dict[str, Arch] = {
         # CFG). None of them has a published T-GATE setting.
         Arch("flux_dev", "flux", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER,
              "black-forest-labs/FLUX.1-dev transformer/config.json", text_tokens=512, num_steps=28, tgate=None,
+             cfg=False),
+        # Flux2Pipeline's defaults: 50 steps, 512 Mistral 3 tokens, guidance embedded (no CFG).
+        Arch("flux2_dev", "flux2", "Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER,
+             "black-forest-labs/FLUX.2-dev transformer/config.json", text_tokens=512, num_steps=50, tgate=None,
              cfg=False),
         Arch("wan21_t2v_1_3b", "wan", "WanTransformer3DModel", WAN21_T2V_1_3B_TRANSFORMER,
              "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json", height=480, width=832, frames=81,
