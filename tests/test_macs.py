@@ -256,7 +256,8 @@ def test_arch_calls_carry_each_family_conditioning():
     assert get_arch("sd21").make_call(1)["sample"].shape == (1, 4, 96, 96)
     assert all(t.device.type == "meta" for t in sdxl["added_cond_kwargs"].values())
     assert set(ARCHS) == {"sd15", "sd21", "sdxl", "pixart_alpha", "pixart_sigma", "lcm_sdxl", "lcm_pixart", "dit_xl_2",
-                          "flux_dev", "flux2_dev", "wan21_t2v_1_3b", "hunyuanvideo"}
+                          "flux_dev", "flux2_dev", "zimage_turbo", "wan21_t2v_1_3b",
+                          "hunyuanvideo"}
     with pytest.raises(ValueError, match="sdxl"):
         get_arch("sdxl-turbo")
 

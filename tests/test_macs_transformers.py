@@ -22,6 +22,7 @@ from tgate_fx import tiny_extra
 from tgate_fx.accounting.macs import count_macs, plan_macs
 from tgate_fx.archs import Arch, ArchGraphs, get_arch
 from tgate_fx.cli import macs as macs_cli
+from tgate_fx.core.capture import capture_denoiser
 from tgate_fx.core.captured import normalize_call, signature_of
 from tgate_fx.core.plan import Plan
 from tgate_fx.methods import BlockCacheConfig, TGateConfig, as_methods
@@ -130,6 +131,20 @@ def test_flux2_dev_counts_match_the_hand_formula(depth):
     full = get_arch("flux2_dev")
     assert (full.image_tokens, full.text_tokens, full.num_steps, full.cfg) == (4096, 512, 50, False)
     assert full.make_call(1)["img_ids"].shape == (1, 4096, 4)
+
+
+def test_zimage_counts_on_meta_equal_a_cpu_capture():
+    # Z-Image's transformer loops over its per-sample lists (tgate_fx.core.conventions): the meta-device capture
+    # of the published config at reduced width and depth counts what a capture of the same model on the CPU does.
+    arch = _reduced("zimage_turbo", dim=256, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1,
+                    height=256, width=256, text_tokens=32)
+    assert arch.image_tokens == 256
+    meta = _counts(arch, batch=2)
+    torch.manual_seed(0)
+    cpu = capture_denoiser(arch.build_denoiser("cpu"), arch.make_call(2, device="cpu")).graph_module
+    assert meta == (count_macs(cpu).total, count_macs(cpu, include_attention=True).total)
+    full = get_arch("zimage_turbo")
+    assert (full.image_tokens, full.text_tokens, full.num_steps, full.cfg) == (4096, 128, 8, False)
 
 
 def test_flux_block_cache_at_fora_interval_costs_the_first_block_on_skipped_steps():

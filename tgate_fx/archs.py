@@ -45,7 +45,8 @@ __all__ = ["ARCHS", "Arch", "ArchGraphs", "arch_from_pipeline", "get_arch"]
 # HunyuanVideo's also scale by 8), and the video VAEs' temporal compression (Wan, HunyuanVideo: 4).
 _VAE_SCALE = 8
 _VAE_TEMPORAL = 4
-_FAMILIES = ("sd", "sdxl", "pixart", "dit", "flux", "flux2", "wan", "hunyuanvideo")
+_FAMILIES = ("sd", "sdxl", "pixart", "dit", "flux", "flux2", "zimage", "wan", "hunyuanvideo")
+_TOKENS = ("flux", "flux2", "zimage", "wan", "hunyuanvideo")  # the families that count image tokens
 _VIDEO = ("wan", "hunyuanvideo")
 
 # --- published configs ------------------------------------------------------------------
@@ -290,6 +291,30 @@ FLUX2_DEV_TRANSFORMER = {
     "timestep_guidance_channels": 256,
 }
 
+# Tongyi-MAI/Z-Image-Turbo, transformer/config.json, as diffusers 0.42.1 gives it: ZImageTransformer2DModel's
+# constructor defaults (written out here) are the published model's (the file itself could not be read
+# offline): 30 single-stream layers of width 3840 (30 heads x 128) after a noise and a context refiner of 2
+# layers each, Qwen3-4B caption width 2560, 16 latent channels in 2 x 2 patches.
+ZIMAGE_TURBO_TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_f_patch_size": [1],
+    "all_patch_size": [2],
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1024, 512, 512],
+    "cap_feat_dim": 2560,
+    "dim": 3840,
+    "in_channels": 16,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "rope_theta": 256.0,
+    "siglip_feat_dim": None,
+    "t_scale": 1000.0,
+}
+
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json
 # (https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json); read through
 # diffusers' scripts/convert_wan_to_diffusers.py, get_transformer_config("Wan-T2V-1.3B")["diffusers_config"],
@@ -357,7 +382,8 @@ class Arch:
             conditioning), ``"pixart"`` (PixArt transformer), ``"dit"`` (class-conditional
             DiT transformer, no text), ``"flux"`` (FLUX.1: 2 x 2-packed latent tokens, T5 and
             pooled CLIP embeddings, positions as ids), ``"flux2"`` (FLUX.2: 2 x 2-patchified latent
-            tokens, Mistral 3 embeddings, positions as 4-axis ids per sample), ``"wan"`` (Wan 2.1 video) or
+            tokens, Mistral 3 embeddings, positions as 4-axis ids per sample), ``"zimage"`` (Z-Image:
+            per-sample lists, here in the engine's batched form), ``"wan"`` (Wan 2.1 video) or
             ``"hunyuanvideo"`` (HunyuanVideo: Llama tokens with their mask, pooled CLIP); decides the call.
         model_class: The diffusers class, e.g. ``"UNet2DConditionModel"`` or ``"FluxTransformer2DModel"``.
         config: The denoiser's ``config.json`` (excluded from hashing and equality).
@@ -419,6 +445,8 @@ class Arch:
         patch them by their config's (spatial) patch size (2 in the published configs); 1 elsewhere."""
         if self.family in ("flux", "flux2"):
             return 2
+        if self.family == "zimage":
+            return int(self.config["all_patch_size"][0])
         if self.family == "wan":
             return int(self.config["patch_size"][-1])
         if self.family == "hunyuanvideo":
@@ -442,7 +470,7 @@ class Arch:
     def text_dim(self) -> int:
         """Width of the text embeddings the pipeline feeds the denoiser."""
         key = {"pixart": "caption_channels", "flux": "joint_attention_dim", "flux2": "joint_attention_dim",
-               "wan": "text_dim",
+               "zimage": "cap_feat_dim", "wan": "text_dim",
                "hunyuanvideo": "text_embed_dim"}.get(self.family, "cross_attention_dim")
         return int(self.config[key])
 
@@ -483,6 +511,11 @@ class Arch:
             return self._flux_call(b, t)
         if self.family == "flux2":
             return self._flux2_call(b, t)
+        if self.family == "zimage":
+            # ZImagePipeline: one (C, 1, h, w) latent and one caption of hidden states per sample (lists, here
+            # stacked as the engine reads them: tgate_fx.core.conventions), the timestep expanded over the batch.
+            return {"hidden_states": t(b, c, 1, h, w), "timestep": t(b),
+                    "encoder_hidden_states": t(b, self.text_tokens, self.text_dim)}
         if self.family in _VIDEO:
             return self._video_call(b, t)
         if self.family == "dit":
@@ -558,7 +591,7 @@ class Arch:
         size = f"{self.height}x{self.width}"
         if self.family in _VIDEO:
             size += f", {self.frames} frames ({self.latent_frames} latent)"
-        if self.family in ("flux", "flux2", *_VIDEO):
+        if self.family in _TOKENS:
             size += f", {self.image_tokens} image tokens"
         return f"{self.name}: {self.model_class}, {size}, {text}, CFG {'on' if self.cfg else 'off'}"
 
@@ -602,6 +635,12 @@ ARCHS: dict[str, Arch] = {
         # Flux2Pipeline's defaults: 50 steps, 512 Mistral 3 tokens, guidance embedded (no CFG).
         Arch("flux2_dev", "flux2", "Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER,
              "black-forest-labs/FLUX.2-dev transformer/config.json", text_tokens=512, num_steps=50, tgate=None,
+             cfg=False),
+        # Z-Image-Turbo as its model card and ZImagePipeline's docstring run it: 1024 x 1024, 8 steps, no guidance.
+        # A caption is its prompt's Qwen3 tokens (the padding dropped): 128 here (chosen; a multiple of 32, the
+        # transformer's caption padding).
+        Arch("zimage_turbo", "zimage", "ZImageTransformer2DModel", ZIMAGE_TURBO_TRANSFORMER,
+             "Tongyi-MAI/Z-Image-Turbo transformer/config.json", text_tokens=128, num_steps=8, tgate=None,
              cfg=False),
         Arch("wan21_t2v_1_3b", "wan", "WanTransformer3DModel", WAN21_T2V_1_3B_TRANSFORMER,
              "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json", height=480, width=832, frames=81,
