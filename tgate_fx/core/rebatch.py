@@ -253,11 +253,12 @@ class BatchCaptures:
         probe = probe_batch(dims)
         if probe is None:
             return self._alone(call, batch, "every candidate probe batch divides a dimension of the call or model")
-        key = signature_of(_probe_call(call, sizes, batch, probe))  # the batch-free signature
+        probe_call = _probe_call(call, sizes, batch, probe)
+        key = signature_of(probe_call)  # the batch-free signature
         store = resolve_store(self.store)
         if key not in self._probes:
             try:
-                self._probes[key] = self._export_probe(call, sizes, batch, probe, store)
+                self._probes[key] = self._export_probe(probe_call, probe, store)
             except Exception as e:  # noqa: BLE001 - the plain export below decides whether the call can be captured
                 self._probes[key] = None
                 return self._alone(call, batch, f"the export at probe batch {probe} failed: {type(e).__name__}: {e}")
@@ -280,8 +281,7 @@ class BatchCaptures:
         capture.seconds = time.perf_counter() - start
         return capture
 
-    def _export_probe(self, call, sizes, batch: int, probe: int, store) -> tuple[Capture, str | None, int]:
-        probe_call = _probe_call(call, sizes, batch, probe)
+    def _export_probe(self, probe_call, probe: int, store) -> tuple[Capture, str | None, int]:
         return (capture_denoiser(self.module, probe_call, store),
                 store.key(self.module, signature_of(probe_call)) if store is not None else None, probe)
 
@@ -312,7 +312,7 @@ class BatchCaptures:
         if probe is None:
             return None
         try:
-            self._probes[key] = self._export_probe(call, sizes, batch, probe, store)
+            self._probes[key] = self._export_probe(_probe_call(call, sizes, batch, probe), probe, store)
         except Exception:  # noqa: BLE001 - the caller exports this batch size on its own
             return None
         return self._probes[key]

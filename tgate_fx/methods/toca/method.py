@@ -74,14 +74,21 @@ def _in(node: fx.Node, scope: str) -> bool:
 _CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
+def _noop_cast(node: fx.Node) -> bool:
+    """Whether ``node`` is a cast to its input's own dtype (``aten.to``: Wan's ``.float()`` in fp32)."""
+    return (node.target is torch.ops.aten.to.dtype and isinstance(node.args[0], fx.Node)
+            and node.meta["val"].dtype == node.args[0].meta["val"].dtype)
+
+
 def _past_casts(node: fx.Node) -> fx.Node:
-    """``node``, or the value its one no-op cast (``aten.to`` to its own dtype: Wan's ``.float()`` in fp32)
-    passes on."""
+    """``node``, or the value its one no-op cast passes on."""
     users = [u for u in node.users if u.target not in _CHECKS]
-    if (len(users) == 1 and users[0].target is torch.ops.aten.to.dtype
-            and users[0].meta["val"].dtype == node.meta["val"].dtype):
-        return _past_casts(users[0])
-    return node
+    return _past_casts(users[0]) if len(users) == 1 and _noop_cast(users[0]) else node
+
+
+def _before_casts(node: fx.Node) -> fx.Node:
+    """``node``, or the value it is a no-op cast of."""
+    return _before_casts(node.args[0]) if _noop_cast(node) else node
 
 
 def _residual(ff: str, out: fx.Node) -> fx.Node:
@@ -93,10 +100,7 @@ def _residual(ff: str, out: fx.Node) -> fx.Node:
     residual = [a for a in add.args if isinstance(a, fx.Node) and a is not gated[0]]
     if add.target is not torch.ops.aten.add.Tensor or len(residual) != 1:
         raise ValueError(f"ToCa expects {ff}'s gated output to be added to the residual stream")
-    stream = residual[0]
-    while stream.target is torch.ops.aten.to.dtype and stream.meta["val"].dtype == stream.args[0].meta["val"].dtype:
-        stream = stream.args[0]  # the stream before its no-op cast (its other users, e.g. the norm, cast it anew)
-    return stream
+    return _before_casts(residual[0])  # the stream before its no-op cast (its other users, e.g. the norm, cast anew)
 
 
 def _writes_score(family: str, kind: str, suffix: str) -> bool:
