@@ -387,6 +387,8 @@ def test_report_says_what_applies_and_how_calls_are_served():
     assert "T-GATE no (it caches cross-attention" in text and "ToDo no (none of its attention modules" in text
     assert "DeepCache no (DeepCache needs a UNet" in text
     assert "calls: ZImageTransformer2DModel takes x, cap_feats as lists of per-sample tensors" in text
+    assert "cap_feats's samples may differ in token count (zero-padded to the longest, one export per combination " \
+           "of lengths); otherwise equal-shaped samples only" in text
 
 
 def test_cfg_truncation_switches_guidance_off_part_way():
