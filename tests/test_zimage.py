@@ -132,10 +132,11 @@ def test_the_capture_store_serves_a_second_process(tmp_path):
     assert torch.equal(outs[0], plain) and torch.equal(outs[2], plain)
 
 
-def test_captions_that_differ_in_another_way_are_refused_with_their_shapes():
+def test_samples_that_differ_in_another_way_are_refused_with_their_shapes():
     pipe, call = tiny_zimage()
     transformer, t = pipe.transformer, torch.tensor([0.5, 0.5])
-    with pytest.raises(ValueError, match=r"x .*\(16, 1, 16, 16\), \(16, 1, 8, 8\)\]\); they may differ in nothing"):
+    with pytest.raises(ValueError, match=r"x .*\(16, 1, 16, 16\), \(16, 1, 8, 8\)\]\); give every sample the "
+                                         r"same shape"):
         normalize_call(transformer, ([torch.randn(16, 1, 16, 16), torch.randn(16, 1, 8, 8)], t,
                                      [torch.randn(9, 16)] * 2), {})  # images of two sizes
     engine, _ = normalize_call(transformer, ([torch.randn(16, 1, 16, 16)] * 2, t,

@@ -100,9 +100,9 @@ class PerSampleLists:
         lengths = {self.lengths_name(n) for n in self.ragged}
         out = {}
         for name, value in call.items():
-            own = self.own_name(name)
             if name in lengths:
                 continue
+            own = self.own_name(name)
             if own in self.lists and isinstance(value, torch.Tensor):
                 samples = list(value.unbind(0))
                 cut = call.get(self.lengths_name(own)) if own in self.ragged else None
@@ -158,10 +158,10 @@ def _stacked(name: str, value: Any, ragged: bool) -> tuple[torch.Tensor, tuple[i
         return torch.stack(list(value)), None
     if ragged and all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes):
         return torch.nn.utils.rnn.pad_sequence(list(value), batch_first=True), tuple(s[0] for s in shapes)
-    accepted = "their first dimension (the token count) only" if ragged else "nothing: the same shape each"
+    accepted = "they may differ in their first dimension (the token count) only" if ragged else \
+        "give every sample the same shape"
     raise ValueError(f"tgate_fx serves {name} as one batch, and its per-sample tensors differ in shape "
-                     f"({shapes}); they may differ in {accepted}. Give every sample the same shape, or "
-                     "tgate_fx.restore(pipe)")
+                     f"({shapes}); {accepted}, or tgate_fx.restore(pipe)")
 
 
 def _rotary_table(module: torch.nn.Module) -> None:
