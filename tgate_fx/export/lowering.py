@@ -162,8 +162,8 @@ def view_writes_functionalized(gm: fx.GraphModule) -> None:
         names = {"region": region}
         if not isinstance(fill, fx.Node):
             names["value"] = torch.tensor(fill, dtype=val.dtype, device=val.device)
-        for kind, tensor in names.items():
-            setattr(gm, f"_{node.name}_{kind}", tensor)
+        for kind, tensor in names.items():  # constants of the copy, not weights: nothing of the caller's
+            gm.register_buffer(f"_{node.name}_{kind}", tensor, persistent=False)
         with graph.inserting_after(node):
             where = graph.get_attr(f"_{node.name}_region")
         with graph.inserting_after(where):
