@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from tgate_fx.export.lowering import complex_as_real, lowered_for_onnx, pad_sequences_written_out
+from tgate_fx.export.lowering import (complex_as_real, lowered_for_onnx, pad_sequences_written_out,
+                                      view_writes_functionalized)
 
 TABLE = torch.polar(torch.ones(16, 4), torch.randn(16, 4, generator=torch.Generator().manual_seed(1)))
 
@@ -74,3 +75,39 @@ def test_pad_sequence_written_out(batch_first, side):
     gm.recompile()
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.pad_sequence.default]
     assert torch.equal(_first(gm(*args)), padded(*args))
+
+
+def masked(x):
+    """Z-Image's attention mask for samples of different lengths, condensed (``mask[i, :n] = 1``), and a fill
+    of a Python number through two views."""
+    mask = torch.zeros((2, 5), dtype=torch.bool)
+    for i, n in enumerate((5, 3)):
+        mask[i, :n] = 1
+    scale = torch.ones(2, 5)
+    scale[1, 1:4].fill_(0.5)
+    return x.masked_fill(mask.logical_not()[:, :, None], 0.0) * scale[:, :, None]
+
+
+def _writes(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.target in (torch.ops.aten.fill_.Tensor, torch.ops.aten.fill_.Scalar)]
+
+
+def test_writes_through_views_are_written_out_of_place():
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    gm = _traced(masked, x)
+    assert len(_writes(gm)) == 3  # the test traces what it means to
+    view_writes_functionalized(gm)
+    gm.recompile()
+    assert not _writes(gm)
+    assert torch.equal(_first(gm(x)), masked(x))
+
+
+def test_another_write_through_views_is_refused_by_name():
+    def added(x):
+        t = torch.zeros(2, 5)
+        t[1, :3] += 1
+        return x * t
+
+    gm = _traced(added, torch.randn(2, 5))
+    with pytest.raises(NotImplementedError, match=r"cannot write the in-place aten\.\w+_\.\w+ .* out of place"):
+        view_writes_functionalized(gm)

@@ -427,3 +427,24 @@ def test_zimage_exports_and_matches_torch(tmp_path, guidance_scale):
     with pytest.raises(ValueError, match="or a list of batch_size per-prompt tensors"):
         export_onnx(pipe, str(tmp_path / "b2"), tgate=False, batch_size=2, num_inference_steps=4, **call)
 
+
+def test_zimage_captions_that_pad_to_two_lengths_export(tmp_path):
+    """A CFG batch whose captions differ in token count and pad to two multiples of 32 (40 and 9 tokens: 64 and
+    32): the transformer builds its attention masks by writes through views (``mask[i, :n] = 1``), which the
+    legacy exporter loses; written out of place before the export, the bundle matches the torch runtime."""
+    from tgate_fx.tiny_extra import tiny_zimage
+
+    pipe, call = tiny_zimage()
+    g = torch.Generator().manual_seed(7)
+    call["prompt_embeds"], call["negative_prompt_embeds"] = [torch.randn(40, 16, generator=g)], \
+        [torch.randn(9, 16, generator=g)]
+
+    def run():
+        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    expected = run()
+    out = export_onnx(pipe, str(tmp_path / "ragged"), tgate=False, num_inference_steps=4, **call)
+    with onnx_denoiser(pipe, out):
+        got = run()
+    assert _diff(got, expected) < 5e-6
+

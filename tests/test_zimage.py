@@ -7,6 +7,11 @@
   block registry) bit for bit, with CFG (one batch of 2 a step, the conditional half first) and without, and
   a wrong threshold gives another image; FORA (``fora_interval``) equals the hook forced to that schedule.
 * T-GATE, DeepCache and ToDo refuse it at ``optimize`` with their reason.
+* Captions of different token counts (the prompt and the negative prompt of a CFG call): one zero-padded
+  batch and its lengths (one capture per combination), exact against the unoptimized pipeline and diffusers'
+  hook, whether the captions pad to one multiple of 32 or to two (the main blocks then attend under a mask).
+  ToCa equals its oracle on the first and refuses the second with its reason; tensors that differ in another
+  way are refused naming their shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import tgate_fx
 from conftest import spy_method
 from tgate_fx import BlockCacheConfig, DeepCacheConfig, TGateConfig, ToDoConfig
 from tgate_fx.core.capture import capture_denoiser
-from tgate_fx.core.captured import normalize_call
+from tgate_fx.core.captured import normalize_call, signature_of
+from tgate_fx.core.conventions import convention_of
 from tgate_fx.methods.blockcache.method import BlockCache
 from tgate_fx.tiny_extra import tiny_zimage
 
@@ -126,12 +132,125 @@ def test_the_capture_store_serves_a_second_process(tmp_path):
     assert torch.equal(outs[0], plain) and torch.equal(outs[2], plain)
 
 
-def test_ragged_captions_are_refused_with_their_shapes():
+def test_samples_that_differ_in_another_way_are_refused_with_their_shapes():
     pipe, call = tiny_zimage()
-    call["negative_prompt_embeds"] = [torch.randn(5, 16)]
+    transformer, t = pipe.transformer, torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"x .*\(16, 1, 16, 16\), \(16, 1, 8, 8\)\]\); give every sample the "
+                                         r"same shape"):
+        normalize_call(transformer, ([torch.randn(16, 1, 16, 16), torch.randn(16, 1, 8, 8)], t,
+                                     [torch.randn(9, 16)] * 2), {})  # images of two sizes
+    engine, _ = normalize_call(transformer, ([torch.randn(16, 1, 16, 16)] * 2, t,
+                                             [torch.randn(9, 16), torch.randn(5, 16)]), {})
+    engine = {**engine, "encoder_hidden_states": engine["encoder_hidden_states"][:1]}  # two lengths, one caption
+    with pytest.raises(ValueError, match=r"encoder_hidden_states_lengths gives 2 lengths for 1 samples"):
+        convention_of(transformer).own_call(engine)
+    call["negative_prompt_embeds"] = [torch.randn(5, 8)]  # another feature size
     tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
-    with pytest.raises(ValueError, match=r"cap_feats.*\(9, 16\), \(5, 16\)"):
+    with pytest.raises(ValueError, match=r"cap_feats.*\(9, 16\), \(5, 8\)\]\); they may differ in their first "
+                                         r"dimension \(the token count\) only"):
         _generate(pipe, call, steps=2)
+
+
+# --- captions of different token counts (CFG: the prompt and its negative) -------------------------------------
+
+# (prompt tokens, negative prompt tokens): padded by the transformer to 64 and 32 (the main blocks then attend
+# under a mask over the shorter sequence's padding), and both to 64 (no mask).
+RAGGED = {"two-multiples": (40, 9), "one-multiple": (40, 50)}
+
+
+def _ragged(lengths: tuple[int, int]):
+    pipe, call = tiny_zimage()
+    g = torch.Generator().manual_seed(7)
+    call["prompt_embeds"], call["negative_prompt_embeds"] = ([torch.randn(n, 16, generator=g)] for n in lengths)
+    return pipe, call
+
+
+def _main_masks(capture) -> list[bool]:
+    """Whether each attention core of the main blocks has a mask."""
+    return [len(n.args) > 3 and n.args[3] is not None for n in capture.graph_module.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default
+            and list(n.meta["nn_module_stack"].values())[-1][0].startswith("layers.")]
+
+
+@pytest.mark.parametrize("case", RAGGED)
+def test_ragged_capture_predicts_the_eager_transformer(case):
+    lengths = RAGGED[case]
+    pipe, call = _ragged(lengths)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        _generate(pipe, call, steps=2)
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    assert [len(c) for c in args[2]] == list(lengths)  # the pipeline's call: the conditional caption first
+    engine, _ = normalize_call(pipe.transformer, args, kwargs)
+    captions = engine["encoder_hidden_states"]
+    assert tuple(captions.shape) == (2, max(lengths), 16) and engine["encoder_hidden_states_lengths"] == lengths
+    assert torch.equal(captions[1, :lengths[1]], args[2][1]) and not captions[1, lengths[1]:].any()  # zeros
+    capture = capture_denoiser(pipe.transformer, engine, store=None)
+    assert _main_masks(capture) == [case == "two-multiples"] * 2
+    with torch.no_grad():
+        expected = torch.stack(pipe.transformer(*args, **kwargs)[0])
+        prediction = capture.graph_module(**capture.flat_inputs(engine))[0]
+    assert torch.equal(prediction, expected)
+    # the lengths are a constant of the signature: the shorter caption a token shorter, another capture
+    short = lengths.index(min(lengths))
+    cut = [c[:-1] if i == short else c for i, c in enumerate(args[2])]
+    other, _ = normalize_call(pipe.transformer, (args[0], args[1], cut), kwargs)
+    assert signature_of(other) != signature_of(engine) and signature_of(other).tensors == signature_of(engine).tensors
+
+
+@pytest.mark.parametrize("case", RAGGED)
+def test_ragged_block_cache_equals_diffusers_first_block_cache(case):
+    pipe, call = _ragged(RAGGED[case])
+    baseline = _generate(pipe, call)
+    call_equal = tiny_zimage()[1]  # captions of 9 tokens each
+    baseline_equal = _generate(pipe, call_equal)
+    reference, hook_decisions = _hook(pipe, call, THRESHOLD)
+    assert (reference - baseline).abs().max() > 0 and not all(hook_decisions), "the hook changed nothing"
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD))
+    ours: list[str] = []
+    with spy_method(BlockCache, "decide", ours):
+        result = _generate(pipe, call)
+    assert [d == "compute" for d in ours] == hook_decisions
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    # nothing cached: the unoptimized pipeline, bit for bit; and the equal-length call beside it, its own capture
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(_generate(pipe, call), baseline, rtol=0, atol=0)
+    torch.testing.assert_close(_generate(pipe, call_equal), baseline_equal, rtol=0, atol=0)
+    lengths = [dict(g.capture.signature.constants).get("encoder_hidden_states_lengths_1")
+               for g in tgate_fx.get_runtime(pipe).captures]
+    assert lengths == [str(RAGGED[case][1]), None]
+
+
+def test_ragged_toca_equals_the_oracle_where_the_captions_pad_to_one_length():
+    from tgate_fx import ToCaConfig
+
+    steps = 10
+    pipe, call = _ragged(RAGGED["one-multiple"])
+    plain = _generate(pipe, call, steps)
+    c = ToCaConfig().resolved("flux")
+    expected, kinds = _toca_oracle(pipe, call, steps, c)
+    assert "ToCa" in kinds and not torch.equal(expected, plain)
+    tgate_fx.optimize(pipe, toca=ToCaConfig())
+    torch.testing.assert_close(_generate(pipe, call, steps), expected, rtol=0, atol=0)
+
+
+def test_ragged_toca_refuses_captions_that_pad_to_two_lengths():
+    from tgate_fx import ToCaConfig
+
+    pipe, call = _ragged(RAGGED["two-multiples"])
+    call_one = _ragged(RAGGED["one-multiple"])[1]
+    plain_one = _generate(pipe, call_one, steps=4)
+    tgate_fx.optimize(pipe, blockcache=BlockCacheConfig(threshold=THRESHOLD), toca=ToCaConfig())
+    with pytest.raises(ValueError, match=r"ToCa cannot serve this batch: its samples' sequences \(image and caption "
+                                         r"tokens\) differ in length .* layers\.0\.attention attends over 128 "
+                                         r"tokens under a mask.*count those rows in each sample's k"):
+        _generate(pipe, call, steps=4)
+    # the runtime serves the next call, whose captions pad to one length
+    got = _generate(pipe, call_one, steps=4)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain_one)
 
 
 @pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
@@ -269,6 +388,8 @@ def test_report_says_what_applies_and_how_calls_are_served():
     assert "T-GATE no (it caches cross-attention" in text and "ToDo no (none of its attention modules" in text
     assert "DeepCache no (DeepCache needs a UNet" in text
     assert "calls: ZImageTransformer2DModel takes x, cap_feats as lists of per-sample tensors" in text
+    assert "cap_feats's samples may differ in token count (zero-padded to the longest, one export per combination " \
+           "of lengths); otherwise equal-shaped samples only" in text
 
 
 def test_cfg_truncation_switches_guidance_off_part_way():

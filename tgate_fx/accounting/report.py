@@ -95,10 +95,12 @@ def report(pipe: Any, num_inference_steps: int | None = None, *, cfg: bool | Non
     lines += [f"methods that apply to {type(runtime.denoiser).__name__}: {_applicable(runtime.denoiser)}"]
     convention = convention_of(runtime.denoiser)
     if convention is not None:
+        ragged = "".join(f"; {name}'s samples may differ in token count (zero-padded to the longest, one export "
+                         "per combination of lengths)" for name in convention.ragged)
         lines.append(f"calls: {type(runtime.denoiser).__name__} takes {', '.join(convention.lists)} as lists of "
                      "per-sample tensors, served as one batch (" +
-                     ", ".join(f"{a} as {b}" for a, b in convention.names) + "; equal-shaped samples only, one "
-                     "export per batch size)")
+                     ", ".join(f"{a} as {b}" for a, b in convention.names) + ragged + "; otherwise equal-shaped "
+                     "samples only, one export per batch size)")
     lines.append("")
     if num_inference_steps is not None:
         plan = runtime.plan(num_inference_steps, True if cfg is None else cfg)

@@ -10,13 +10,20 @@ engine in that form by a :class:`PerSampleLists` convention:
 * :meth:`~PerSampleLists.batched` turns a bound call into the engine's form:
   each list argument stacked along a new first dimension, and renamed (``x``
   -> ``hidden_states``, ``t`` -> ``timestep``, ``cap_feats`` ->
-  ``encoder_hidden_states``); a list whose tensors differ in shape (captions
-  of different lengths) cannot be stacked and raises ``ValueError`` naming the
-  shapes;
+  ``encoder_hidden_states``). The tensors of a :attr:`~PerSampleLists.ragged`
+  list (captions) may differ in their first dimension, the token count: they
+  are zero-padded to the longest, and the call gains the samples' lengths as
+  a tuple of ints (``encoder_hidden_states_lengths``). Being no tensor, the
+  tuple is a constant of the call's signature
+  (:func:`~tgate_fx.core.captured.signature_of`): each combination of lengths
+  gets its own capture, the export specialised to those ints. Tensors that
+  differ in any other way (feature sizes, image sizes) raise ``ValueError``
+  naming the shapes;
 * :meth:`~PerSampleLists.forward_of` is the forward the capture traces (and
   the eager checks run): it takes the engine's form, unbinds each stacked
-  input into the list the denoiser's own forward takes, calls it, and stacks
-  its list output, so the graph's prediction is one batched tensor;
+  input into the list the denoiser's own forward takes (each padded sample
+  cut back to its length), calls it, and stacks its list output, so the
+  graph's prediction is one batched tensor;
 * :meth:`~PerSampleLists.output` gives the caller back what the denoiser
   returns, the list of per-sample predictions.
 
@@ -48,6 +55,8 @@ class PerSampleLists:
     Attributes:
         names: ``(its forward's argument, the engine's name for it)`` for each renamed argument.
         lists: The forward arguments passed as one tensor per sample.
+        ragged: The lists whose tensors may differ in their first dimension (a token count); see
+            :meth:`batched`.
         output_list: Whether its prediction is a list of per-sample tensors.
         unrolled_batch: Whether its forward loops over the batch in Python (each batch size is then
             exported on its own, see :mod:`~tgate_fx.core.rebatch`).
@@ -57,6 +66,7 @@ class PerSampleLists:
 
     names: tuple[tuple[str, str], ...]
     lists: tuple[str, ...]
+    ragged: tuple[str, ...] = ()
     output_list: bool = True
     unrolled_batch: bool = True
     warm: Callable[[torch.nn.Module], None] | None = None
@@ -67,22 +77,42 @@ class PerSampleLists:
     def own_name(self, name: str) -> str:
         return {v: k for k, v in self.names}.get(name, name)
 
+    def lengths_name(self, name: str) -> str:
+        """The engine's name for the per-sample lengths of the ragged list ``name`` (its forward's name)."""
+        return self.engine_name(name) + "_lengths"
+
     def batched(self, call: dict[str, Any]) -> dict[str, Any]:
-        """A bound call of the denoiser's forward in the engine's form (stacked lists, engine names)."""
+        """A bound call of the denoiser's forward in the engine's form (stacked lists, engine names; a ragged
+        list's lengths under :meth:`lengths_name` where its samples differ in length)."""
         out = {}
         for name, value in call.items():
             if name in self.lists and value is not None:
-                out[self.engine_name(name)] = _stacked(name, value)
+                out[self.engine_name(name)], lengths = _stacked(name, value, name in self.ragged)
+                if lengths is not None:
+                    out[self.lengths_name(name)] = lengths
             else:
                 out[self.engine_name(name)] = value
         return out
 
     def own_call(self, call: dict[str, Any]) -> dict[str, Any]:
-        """A call in the engine's form as the denoiser's own forward takes it (per-sample lists, its names)."""
+        """A call in the engine's form as the denoiser's own forward takes it (per-sample lists, each cut back
+        to its length, its names)."""
+        lengths = {self.lengths_name(n) for n in self.ragged}
         out = {}
         for name, value in call.items():
+            if name in lengths:
+                continue
             own = self.own_name(name)
-            out[own] = list(value.unbind(0)) if own in self.lists and isinstance(value, torch.Tensor) else value
+            if own in self.lists and isinstance(value, torch.Tensor):
+                samples = list(value.unbind(0))
+                cut = call.get(self.lengths_name(own)) if own in self.ragged else None
+                if cut is not None:
+                    if len(cut) != len(samples):
+                        raise ValueError(f"{self.lengths_name(own)} gives {len(cut)} lengths for "
+                                         f"{len(samples)} samples of {name}")
+                    samples = [s[:n] for s, n in zip(samples, cut)]
+                value = samples
+            out[own] = value
         return out
 
     def output(self, prediction: torch.Tensor) -> Any:
@@ -93,6 +123,10 @@ class PerSampleLists:
         """A forward that takes the engine's form of a call and runs ``forward`` (``module``'s own) on it."""
         own = inspect.signature(type(module).forward)
         params = [p.replace(name=self.engine_name(p.name)) for p in list(own.parameters.values())[1:]]
+        extra = [inspect.Parameter(self.lengths_name(n), inspect.Parameter.KEYWORD_ONLY, default=None)
+                 for n in self.ragged]
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        params[at:at] = extra
 
         def batched_forward(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
@@ -112,17 +146,22 @@ class PerSampleLists:
             self.warm(module)
 
 
-def _stacked(name: str, value: Any) -> torch.Tensor:
+def _stacked(name: str, value: Any, ragged: bool) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """``value`` (one tensor per sample) as one batch, and the samples' lengths where a ragged list's differ
+    (the batch then zero-padded to the longest); ``None`` where they do not."""
     if isinstance(value, torch.Tensor):
-        return value
+        return value, None
     if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value)):
         raise TypeError(f"{name} must be a non-empty list of tensors (one per sample), got {type(value).__name__}")
     shapes = [tuple(v.shape) for v in value]
-    if len(set(shapes)) != 1:
-        raise ValueError(f"tgate_fx serves {name} as one batch, and its per-sample tensors differ in shape "
-                         f"({shapes}): give every sample (the negative prompt's too) the same number of tokens, "
-                         "or tgate_fx.restore(pipe)")
-    return torch.stack(list(value))
+    if len(set(shapes)) == 1:
+        return torch.stack(list(value)), None
+    if ragged and all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes):
+        return torch.nn.utils.rnn.pad_sequence(list(value), batch_first=True), tuple(s[0] for s in shapes)
+    accepted = "they may differ in their first dimension (the token count) only" if ragged else \
+        "give every sample the same shape"
+    raise ValueError(f"tgate_fx serves {name} as one batch, and its per-sample tensors differ in shape "
+                     f"({shapes}); {accepted}, or tgate_fx.restore(pipe)")
 
 
 def _rotary_table(module: torch.nn.Module) -> None:
@@ -139,7 +178,7 @@ def _rotary_table(module: torch.nn.Module) -> None:
 _CONVENTIONS = {
     "ZImageTransformer2DModel": PerSampleLists(
         names=(("x", "hidden_states"), ("t", "timestep"), ("cap_feats", "encoder_hidden_states")),
-        lists=("x", "cap_feats"), warm=_rotary_table),
+        lists=("x", "cap_feats"), ragged=("cap_feats",), warm=_rotary_table),
 }
 
 

@@ -9,7 +9,11 @@ parameters):
 * :func:`pad_sequences_written_out`: ``aten.pad_sequence`` as pads and a stack (no ONNX op);
 * :func:`complex_as_real`: complex tensors carried as real ones with a trailing dimension of 2
   (``view_as_real``), complex products written out (ONNX has no complex type; Z-Image's rotary
-  embedding multiplies in complex64).
+  embedding multiplies in complex64);
+* :func:`view_writes_functionalized`: ``fill_`` through ``select`` / ``slice`` views of a tensor the
+  graph made (Z-Image's attention masks for samples of different lengths, ``mask[i, :n] = 1``) as a
+  ``where`` over a constant region (the legacy exporter loses such writes: the mask stays as it was
+  made).
 
 Shapes are static, so each rewrite reads them from the nodes' ``val`` metadata.
 """
@@ -24,7 +28,7 @@ import torch.fx as fx
 from ..core.variants import copy_graph_module
 
 __all__ = ["complex_as_real", "lowered_for_onnx", "pad_sequences_written_out", "rms_norms_decomposed",
-           "without_noop_squeezes"]
+           "view_writes_functionalized", "without_noop_squeezes"]
 
 aten = torch.ops.aten
 
@@ -32,7 +36,8 @@ aten = torch.ops.aten
 def lowered_for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` (sharing its parameters) with every rewrite of this module applied."""
     gm = copy_graph_module(gm)
-    for rewrite in (without_noop_squeezes, rms_norms_decomposed, complex_as_real, pad_sequences_written_out):
+    for rewrite in (without_noop_squeezes, rms_norms_decomposed, complex_as_real, pad_sequences_written_out,
+                    view_writes_functionalized):
         rewrite(gm)
     gm.recompile()
     return gm
@@ -107,6 +112,72 @@ def pad_sequences_written_out(gm: fx.GraphModule) -> None:
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
+
+
+_VIEWS = (aten.select.int, aten.slice.Tensor)
+_FILLS = (aten.fill_.Tensor, aten.fill_.Scalar)
+
+
+def view_writes_functionalized(gm: fx.GraphModule) -> None:
+    """Rewrite, in place, each ``fill_`` through a chain of ``select`` / ``slice`` views of a tensor the graph
+    computed as ``where(region, value, base)``: ``region`` a constant of the base's shape, true where the views
+    reach (the same views, taken of it and filled), ``value`` the fill cast to the base's dtype. Every later
+    reader of the base reads the result; the export has no scatter op and the legacy exporter loses a write
+    through views (Z-Image's attention masks for samples of different lengths, ``mask[i, :n] = 1``).
+
+    Raises ``NotImplementedError`` naming the op where a write through such views cannot be rewritten so (an
+    op other than ``fill_``, a write into a graph input or parameter, a view read again after the write);
+    in-place ops on anything but such a chain are left as they are."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not (schema.is_mutable and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write):
+            continue
+        chain, base = [], node.args[0]
+        while isinstance(base, fx.Node) and base.op == "call_function" and base.target in _VIEWS:
+            chain.append(base)
+            base = base.args[0]
+        if not chain:
+            continue
+        if node.target not in _FILLS or base.op != "call_function" or node.users:
+            raise NotImplementedError(f"ONNX export: cannot write the in-place {node.target} ({node.name}) through "
+                                      f"views of {base.name} out of place; the legacy exporter would lose it")
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        stale = [u.name for v in chain for u in v.users if u is not node and u not in chain and order[u] > order[node]]
+        if stale:
+            raise NotImplementedError(f"ONNX export: {stale} read a view that {node.name} ({node.target}) wrote "
+                                      "into; the write cannot be rewritten out of place")
+        val = base.meta["val"]
+        region = torch.zeros(val.shape, dtype=torch.bool, device=val.device)
+        reached = region
+        for view in reversed(chain):  # from the base out, as the graph takes them
+            reached = view.target(reached, *view.args[1:])
+        reached.fill_(True)
+        fill = node.args[1]
+        if isinstance(fill, fx.Node) and fill.target is aten.lift_fresh_copy.default:
+            fill = fill.args[0]  # a copy of a constant (no ONNX op): the constant itself
+        names = {"region": region}
+        if not isinstance(fill, fx.Node):
+            names["value"] = torch.tensor(fill, dtype=val.dtype, device=val.device)
+        for kind, tensor in names.items():  # constants of the copy, not weights: nothing of the caller's
+            gm.register_buffer(f"_{node.name}_{kind}", tensor, persistent=False)
+        with graph.inserting_after(node):
+            where = graph.get_attr(f"_{node.name}_region")
+        with graph.inserting_after(where):
+            value = graph.get_attr(f"_{node.name}_value") if "value" in names else \
+                graph.call_function(aten.to.dtype, (fill, val.dtype))
+        with graph.inserting_after(value):
+            out = graph.call_function(aten.where.self, (where, value, base))
+        out.meta = dict(base.meta)
+        for user in [u for u in base.users if order.get(u, -1) > order[node]]:
+            user.replace_input_with(base, out)
+        fill = node.args[1]
+        graph.erase_node(node)
+        if isinstance(fill, fx.Node) and fill.target is aten.lift_fresh_copy.default and not fill.users:
+            graph.erase_node(fill)
 
 
 def _is_complex(value) -> bool:

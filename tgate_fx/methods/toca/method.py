@@ -51,7 +51,7 @@ from ...core.meta import tag_key
 from ...passes import CacheTokens, CountReset, ScoreSite, TokenRefresh, TokenSelection
 from .config import ToCaConfig, official_step, refresh_count, step_kinds, step_weighted
 from .flux import FLUX_GROUPS, annotate_flux, flux_pass
-from .single_sequence import BLOCK_LIST, annotate_single_sequence
+from .single_sequence import BLOCK_LIST, annotate_single_sequence, check_unpadded
 
 __all__ = ["ToCa"]
 
@@ -329,6 +329,7 @@ class ToCa(Method):
         c = self._config()
         if not nodes:
             return CacheTokens(caches)
+        check_unpadded(nodes, tag_key(NAME))  # Z-Image: samples of different lengths, padded (see .single_sequence)
         read = read_scores(c, nodes, option, tag_key(NAME)) if option[0] == "full" else frozenset()
         if c.family == "flux":
             return flux_pass(c, NAME, nodes, option, caches, tag_key(NAME), read)

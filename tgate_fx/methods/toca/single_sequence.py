@@ -17,6 +17,12 @@ self-attention followed by an MLP (FLUX's double-stream stream, DiT's block), on
 
 The refiner blocks before the main ones (``noise_refiner``, ``context_refiner``) run in full every step: the
 rules apply to the main blocks, as FLUX's apply to its block lists.
+
+A batch whose samples' sequences differ in length (captions that pad to different multiples of 32) is padded
+to the longest, and the blocks attend under a mask over the keys. The rule cannot run on it as it runs on each
+sample: the shorter samples' padding rows would count in their k, add their attention to the score's mean over
+queries and could be refreshed in place of real tokens. Such a capture is tagged, and its transform refused
+(:func:`check_unpadded`, at the first call); captions that pad to one length need no mask and are served.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.fx as fx
 
 from ...core.analysis import Regions
 
-__all__ = ["SEQUENCE_LAYOUTS", "annotate_single_sequence"]
+__all__ = ["SEQUENCE_LAYOUTS", "annotate_single_sequence", "check_unpadded"]
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # By block class: (self-attention, the MLP's first module, the MLP's last module). The MLP region runs from the
@@ -70,8 +76,26 @@ def annotate_single_sequence(graph_module: fx.GraphModule, regions: Regions, key
         if core.meta["val"].shape[2] != source.meta["val"].shape[1]:
             raise ValueError(f"ToCa expects {attn} to attend over the tokens its MLP reads")
         info = {"layer": layer, "depth": len(blocks), "block": block, "stream": "single"}
+        mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+        padded = {"batch_padding": mask.name} if isinstance(mask, fx.Node) else {}
         tag(by_name[sites[attn].value], "attn", block, "attn", **info)
         tag(mlp, "mlp", block, "mlp", **info)
-        tag(core, "tokens", block, "score_tokens", core=core.name, **info)
+        tag(core, "tokens", block, "score_tokens", core=core.name, **padded, **info)
         tag(next(n for n in nodes if inside(n, first)), "tokens", block, "mlp_tokens", source=source.name,
             output=mlp.name, module="mlp", score="score", **info)
+
+
+def check_unpadded(nodes: list[fx.Node], key: str) -> None:
+    """Raise ``ValueError`` if a block among the tagged ``nodes`` attends over a batch padded to its longest
+    sample (see the module docstring)."""
+    padded = [n for n in nodes if "batch_padding" in n.meta[key]]
+    if padded:
+        tag = padded[0].meta[key]
+        tokens = padded[0].meta["val"].shape[2]
+        raise ValueError(
+            f"ToCa cannot serve this batch: its samples' sequences (image and caption tokens) differ in length (the "
+            f"captions pad to different multiples of 32), so {tag['block']}.attention attends over {tokens} tokens "
+            "under a mask, and the shorter samples carry padding rows. ToCa's rule would count those rows in each "
+            "sample's k, add their attention to its score and could refresh them in place of its own tokens. Give "
+            "the prompt and the negative prompt token counts that round up to one multiple of 32 (the block cache "
+            "serves any lengths), or tgate_fx.restore(pipe)")
