@@ -1,8 +1,9 @@
-"""MACs of FLUX.1-dev, Wan 2.1 T2V 1.3B and HunyuanVideo under ToCa, the block cache, T-GATE and their compositions.
+"""MACs of FLUX.1-dev, FLUX.2-dev, Z-Image-Turbo, Wan 2.1 T2V 1.3B and HunyuanVideo under ToCa, the block cache, T-GATE and their compositions.
 
 Every figure is counted on the graphs (:func:`tgate_fx.plan_macs`): each
 architecture is built on the ``meta`` device from its published config
-(:mod:`tgate_fx.archs`: ``flux_dev``, ``wan21_t2v_1_3b``, ``hunyuanvideo``),
+(:mod:`tgate_fx.archs`: ``flux_dev``, ``flux2_dev``, ``zimage_turbo``, ``wan21_t2v_1_3b``,
+``hunyuanvideo``),
 exported at the batches its plan runs at, and every step's graph variant is
 counted after its dead code is removed. Two counts per row: Linear + Conv +
 matmuls + the SDPA core (Q K^T and A V; the count the official ToCa FLOPs
@@ -23,6 +24,16 @@ Settings:
   ``sp_interval = fi_interval = 1``, ``warm_up = 0``: the gate alone). Block
   cache: FORA's fixed interval (``BlockCacheConfig(fora_interval=3)``): a
   threshold decides at run time, so it cannot be counted on the graphs alone.
+* FLUX.2-dev 1024 x 1024 (4096 image tokens, 512 Mistral 3 tokens), guidance
+  embedded (one call a step), 50 steps (Flux2Pipeline's default). No official
+  ToCa code exists for FLUX.2: ToCa runs FLUX's rules (``ToCaConfig()``), its
+  parallel single-stream block's rule chosen (docs/toca.md). T-GATE: the
+  joint-attention rule on the double-stream blocks, a gate at step 20 (chosen,
+  40 % of the steps, as for Wan).
+* Z-Image-Turbo 1024 x 1024 (4096 image tokens, a caption of 128 Qwen3 tokens:
+  chosen), 8 steps, no guidance (its model card's setting). ToCa: FLUX's rules
+  on its one sequence (chosen, docs/toca.md). T-GATE is refused there (no
+  cross-attention; its row shows the reason).
 * Wan 2.1 T2V 1.3B at 480p (832 x 480, 81 frames: 21 latent frames, 32760
   tokens; 512 UMT5 tokens), 50 steps, CFG (two denoiser calls a step: counted
   as the CFG batch of 2, the same MACs). T-GATE (cross-attention): a gate at
@@ -46,7 +57,7 @@ meta device, each further batch size a specialisation of it.
 
 Usage::
 
-    python benchmarks/macs_transformers.py                 # all three, writes benchmarks/results/macs_transformers.md
+    python benchmarks/macs_transformers.py                 # all five, writes benchmarks/results/macs_transformers.md
     python benchmarks/macs_transformers.py --arch flux_dev --out /tmp/flux.md
 """
 
@@ -111,6 +122,21 @@ ROWS = {
         Row("FORA3 as ToCa runs it (ratio 0, N=3)", 50, (ToCaConfig(interval=3, ratio=0.0),), "FORA3"),
         Row("block cache, FORA interval 3", 50, (FORA3,)),
         Row("ToCa4-01 + block cache (3)", 50, (ToCaConfig(interval=4, ratio=0.1), FORA3)),
+    ],
+    "flux2_dev": [
+        Row("baseline", 50, ()),
+        Row("ToCa defaults (FLUX rules, N=4, R=0.1)", 50, (ToCaConfig(),)),
+        Row("block cache, FORA interval 3", 50, (FORA3,)),
+        Row("ToCa defaults + block cache (3)", 50, (ToCaConfig(), FORA3)),
+        Row("T-GATE joint rule, gate 20", 50, (_gate(20),)),
+        Row("T-GATE gate 20 + block cache (3)", 50, (_gate(20), FORA3)),
+    ],
+    "zimage_turbo": [
+        Row("baseline", 8, ()),
+        Row("ToCa defaults (FLUX rules, N=4, R=0.1)", 8, (ToCaConfig(),)),
+        Row("block cache, FORA interval 3", 8, (FORA3,)),
+        Row("ToCa defaults + block cache (3)", 8, (ToCaConfig(), FORA3)),
+        Row("T-GATE gate 4", 8, (_gate(4),)),
     ],
     "wan21_t2v_1_3b": [
         Row("baseline", 50, ()),
@@ -236,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(rows))
     m = machine()
     lines = [
-        "# MACs of FLUX.1-dev, Wan 2.1 T2V 1.3B and HunyuanVideo: ToCa, block cache, T-GATE, compositions",
+        "# MACs of FLUX.1-dev, FLUX.2-dev, Z-Image-Turbo, Wan 2.1 T2V 1.3B and HunyuanVideo: ToCa, block cache, "
+        "T-GATE, compositions",
         "",
         f"Written by `python benchmarks/macs_transformers.py` on {datetime.now():%Y-%m-%d %H:%M}, in "
         f"{(time.perf_counter() - started) / 60:.1f} min ({m['cpu']}, {m['cores']} cores; torch {m['torch']}, "
