@@ -376,6 +376,11 @@ def test_export_from_prompt_embeddings(tmp_path):
         export_onnx(pipe, str(tmp_path / "c"), 32, 32, batch_size=2, **settings, **call)
 
 
+def _four_steps(pipe, call: dict) -> torch.Tensor:
+    """The latents of a seeded 4-step generation of a tiny transformer pipeline with its ``call``."""
+    return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+
 def test_flux2_exports_and_matches_torch(tmp_path):
     """FLUX.2's query/key norms are torch.nn.RMSNorm (aten::rms_norm, which opset 18 lacks): written out
     before the export. [klein]'s CFG as two calls a step is refused with the reason."""
@@ -386,13 +391,9 @@ def test_flux2_exports_and_matches_torch(tmp_path):
     pipe, call = tiny_flux2()
     tgate_fx.optimize(pipe, tgate=settings)
     out = export_onnx(pipe, str(tmp_path / "flux2"), methods=[settings], num_inference_steps=4, **call)
-
-    def run():
-        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
-
-    expected = run()
+    expected = _four_steps(pipe, call)
     with onnx_denoiser(pipe, out):
-        assert _diff(run(), expected) < TOL
+        assert _diff(_four_steps(pipe, call), expected) < TOL
     pipe, call = tiny_flux2(klein=True)
     with pytest.raises(ValueError, match="CFG as two denoiser calls a step"):
         export_onnx(pipe, str(tmp_path / "klein"), methods=[ToCaConfig()], num_inference_steps=4, **call)
@@ -406,18 +407,15 @@ def test_zimage_exports_and_matches_torch(tmp_path, guidance_scale):
     from tgate_fx import ToCaConfig
     from tgate_fx.tiny_extra import tiny_zimage
 
-    def run(pipe, call):
-        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
-
     for methods in (None, [ToCaConfig()]):
         pipe, call = tiny_zimage(guidance_scale=guidance_scale)
         if methods:
             tgate_fx.optimize(pipe, methods=methods)
-        expected = run(pipe, call)
+        expected = _four_steps(pipe, call)
         out = export_onnx(pipe, str(tmp_path / str(bool(methods))), tgate=False, methods=methods,
                           num_inference_steps=4, **call)
         with onnx_denoiser(pipe, out) as denoiser:
-            got = run(pipe, call)
+            got = _four_steps(pipe, call)
             if not methods:  # the plain bundle, called as the transformer is
                 captions = call["prompt_embeds"] + call.get("negative_prompt_embeds", [])
                 prediction = denoiser([torch.randn(16, 1, 16, 16) for _ in captions], torch.tensor([0.5] * len(captions)),
@@ -438,13 +436,9 @@ def test_zimage_captions_that_pad_to_two_lengths_export(tmp_path):
     g = torch.Generator().manual_seed(7)
     call["prompt_embeds"], call["negative_prompt_embeds"] = [torch.randn(40, 16, generator=g)], \
         [torch.randn(9, 16, generator=g)]
-
-    def run():
-        return pipe(**call, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
-
-    expected = run()
+    expected = _four_steps(pipe, call)
     out = export_onnx(pipe, str(tmp_path / "ragged"), tgate=False, num_inference_steps=4, **call)
     with onnx_denoiser(pipe, out):
-        got = run()
+        got = _four_steps(pipe, call)
     assert _diff(got, expected) < 5e-6
 

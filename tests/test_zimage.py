@@ -42,6 +42,17 @@ def _generate(pipe, call: dict, steps: int = STEPS) -> torch.Tensor:
                 **call).images
 
 
+def _first_call(pipe, call: dict) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the transformer's first call in a 2-step generation (its own list form)."""
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        _generate(pipe, call, steps=2)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
 @contextlib.contextmanager
 def _block_input_named_x():
     """diffusers 0.42.1's hooks read a block's input as ``hidden_states`` by name, which ZImageTransformerBlock
@@ -92,13 +103,7 @@ def _hook(pipe, call: dict, threshold: float, decide=None) -> tuple[torch.Tensor
 @pytest.mark.parametrize("guidance_scale", [3.0, 0.0], ids=["cfg", "no-cfg"])
 def test_capture_predicts_the_eager_transformer(guidance_scale):
     pipe, call = tiny_zimage(guidance_scale=guidance_scale)
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
-    try:
-        _generate(pipe, call, steps=2)
-    finally:
-        handle.remove()
-    args, kwargs = calls[0]
+    args, kwargs = _first_call(pipe, call)
     assert isinstance(args[0], list) and len(args[0]) == (2 if guidance_scale else 1)
     engine, _ = normalize_call(pipe.transformer, args, kwargs)
     assert tuple(engine["hidden_states"].shape) == (len(args[0]), 16, 1, 16, 16)
@@ -176,13 +181,7 @@ def _main_masks(capture) -> list[bool]:
 def test_ragged_capture_predicts_the_eager_transformer(case):
     lengths = RAGGED[case]
     pipe, call = _ragged(lengths)
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
-    try:
-        _generate(pipe, call, steps=2)
-    finally:
-        handle.remove()
-    args, kwargs = calls[0]
+    args, kwargs = _first_call(pipe, call)
     assert [len(c) for c in args[2]] == list(lengths)  # the pipeline's call: the conditional caption first
     engine, _ = normalize_call(pipe.transformer, args, kwargs)
     captions = engine["encoder_hidden_states"]

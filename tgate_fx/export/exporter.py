@@ -49,7 +49,7 @@ from ..core.method import Method
 from ..core.plan import Plan, VariantSpec
 from ..core.hook import bypassed, installed_runtime, uninstall
 from ..core.runtime import find_denoiser
-from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant, copy_graph_module
+from ..core.variants import CapturedGraphs, Resolved, Variant, build_variant
 from ..methods import DeepCacheConfig, TGateConfig
 from .lowering import lowered_for_onnx
 from .bundle import FORMAT, PLAN_FILE, VERSION, WEIGHTS_FILE, file_digest
@@ -526,11 +526,10 @@ def export_onnx(
     if embeds is not None:
         # pipelines driven by embeddings (no tokenizer, prompt-weighting tools): no prompt at all
         if _prompt_rows(embeds, denoiser) != batch_size:
-            raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows"
-                             + (" (or a list of batch_size per-prompt tensors)" if convention_of(denoiser) else "")
-                             + ", got " + (f"{tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else
-                                           f"a {type(embeds).__name__}" + (f" of {len(embeds)}" if
-                                                                            isinstance(embeds, list) else "")))
+            lists = " (or a list of batch_size per-prompt tensors)" if convention_of(denoiser) else ""
+            got = (f"{tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else
+                   f"a {type(embeds).__name__}" + (f" of {len(embeds)}" if isinstance(embeds, list) else ""))
+            raise ValueError(f"prompt_embeds must be a tensor with batch_size ({batch_size}) rows{lists}, got {got}")
         call = dict(call_kwargs)
     elif "prompt" not in inspect.signature(pipe.__call__).parameters:
         call = dict(call_kwargs)  # class-conditioned pipelines (DiT): their labels come in call_kwargs

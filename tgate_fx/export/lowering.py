@@ -25,6 +25,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..core.captured import attribute_of
 from ..core.variants import copy_graph_module
 
 __all__ = ["complex_as_real", "lowered_for_onnx", "pad_sequences_written_out", "rms_norms_decomposed",
@@ -234,7 +235,7 @@ def complex_as_real(gm: fx.GraphModule) -> None:
             continue
         with graph.inserting_before(node):
             if node.op == "get_attr":
-                value = _attribute(gm, node.target)
+                value = attribute_of(gm, node.target)
                 name = node.target.replace(".", "_") + "_as_real"
                 gm.register_buffer(name, torch.view_as_real(value).contiguous(), persistent=False)
                 new = graph.get_attr(name)
@@ -283,13 +284,6 @@ def _complex_product(graph: fx.Graph, a: fx.Node, b: fx.Node) -> fx.Node:
     re = graph.call_function(aten.sub.Tensor, (mul(ar, br), mul(ai, bi)))
     im = graph.call_function(aten.add.Tensor, (mul(ar, bi), mul(ai, br)))
     return graph.call_function(aten.stack.default, ([re, im], -1))
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _unknown(node: fx.Node):
