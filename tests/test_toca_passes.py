@@ -192,3 +192,25 @@ def test_query_chunks_are_at_most_max_map_chunks():
     assert len(chunks) == MAX_MAP_CHUNKS and chunks[0][0] == 0 and chunks[-1][1] == tokens
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     assert len(query_chunks(core, limit=MAP_CHUNK_BYTES * 64)) < MAX_MAP_CHUNKS  # under the cap: the limit rules
+
+
+def test_query_chunks_on_the_cpu_are_at_most_cpu_map_chunk_bytes():
+    """On the CPU a map is formed in chunks of at most CPU_MAP_CHUNK_BYTES (its passes are memory-bound there);
+    the same core on another device (meta here) keeps MAP_CHUNK_BYTES: FLUX.1-dev's 4608 joint tokens in fp32
+    are 2 chunks of 1 GiB there, about 62 of 32 MiB on the CPU."""
+    import torch.fx as fx
+
+    from tgate_fx.passes.compute_attention_map import CPU_MAP_CHUNK_BYTES, MAX_MAP_CHUNKS, query_chunks
+
+    def core_on(device):
+        graph = fx.Graph()
+        q, k = graph.placeholder("q"), graph.placeholder("k")
+        q.meta["val"] = k.meta["val"] = torch.empty(1, 24, 4608, 128, device=device)
+        return graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, k, k))
+
+    row = 24 * 4608 * 4  # one query's map, all heads, fp32
+    assert len(query_chunks(core_on("meta"))) == 2
+    cpu = query_chunks(core_on("cpu"))
+    assert max(stop - start for start, stop in cpu) * row <= CPU_MAP_CHUNK_BYTES
+    assert len(cpu) == -(-4608 // (CPU_MAP_CHUNK_BYTES // row)) <= MAX_MAP_CHUNKS
+    assert cpu[0][0] == 0 and cpu[-1][1] == 4608 and all(a[1] == b[0] for a, b in zip(cpu, cpu[1:]))

@@ -11,7 +11,8 @@ where nothing reads it. With ``rows=(start, stop)``, only the map of those
 queries is formed (``(B, stop - start, Lk)``; the mask's rows too, where it has
 one per query): a consumer that reduces the map (ToCa's score) forms it in
 query chunks of at most :data:`MAP_CHUNK_BYTES`, and at most
-:data:`MAX_MAP_CHUNKS` chunks (:func:`query_chunks`).
+:data:`MAX_MAP_CHUNKS` chunks (:func:`query_chunks`); on the CPU, of at most
+:data:`CPU_MAP_CHUNK_BYTES`.
 Guarantees: new nodes carry ``meta["val"]`` and the core's provenance;
 :attr:`ComputeAttentionMap.maps` holds the map node of each core, in the order
 given.
@@ -27,7 +28,7 @@ import torch.fx as fx
 from ..core.graph_passes import GraphPass, PassResult, first_user
 from ..core.graph_passes import new_node
 
-__all__ = ["MAP_CHUNK_BYTES", "MAX_MAP_CHUNKS", "ComputeAttentionMap", "query_chunks"]
+__all__ = ["CPU_MAP_CHUNK_BYTES", "MAP_CHUNK_BYTES", "MAX_MAP_CHUNKS", "ComputeAttentionMap", "query_chunks"]
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -39,14 +40,22 @@ MAP_CHUNK_BYTES = 2 ** 30
 # thousands of them takes tens of minutes to build. Past it the chunks grow instead: HunyuanVideo at 720p x
 # 129 frames forms 64 chunks of about 10.6 GB (bf16) each, not 637 of 1 GiB.
 MAX_MAP_CHUNKS = 64
+# On the CPU a chunk is at most this (still at most MAX_MAP_CHUNKS of them): the map's passes (its product, the
+# logits' scale, the softmax, the head mean) are memory-bound there, and a chunk of 1 GiB is fresh pages and
+# main-memory traffic for each. Measured on one thread at FLUX.1-dev's 4608 joint tokens (24 heads, fp32), one
+# block's score: 6.4-8.5 s in chunks of 1 GiB, 2.8-3.0 s in chunks of 28 MB, 4.4 s in chunks of 7 MB (the
+# product's blocks too small); the fused attention itself took 2.2 s.
+CPU_MAP_CHUNK_BYTES = 2 ** 25
 
 
 def query_chunks(core: fx.Node, limit: int | None = None) -> list[tuple[int, int]] | None:
     """The query ranges ``(start, stop)`` whose maps are each at most ``limit`` bytes (default
-    :data:`MAP_CHUNK_BYTES`) for the attention core ``core``, at most :data:`MAX_MAP_CHUNKS` of them (larger
-    chunks past that); ``None`` if the whole map fits (one chunk)."""
+    :data:`MAP_CHUNK_BYTES`; on the CPU at most :data:`CPU_MAP_CHUNK_BYTES`) for the attention core ``core``, at
+    most :data:`MAX_MAP_CHUNKS` of them (larger chunks past that); ``None`` if the whole map fits (one chunk)."""
     limit = MAP_CHUNK_BYTES if limit is None else limit
     q, k = core.args[0].meta["val"], core.args[1].meta["val"]
+    if q.device.type == "cpu":
+        limit = min(limit, CPU_MAP_CHUNK_BYTES)
     batch, heads, queries = q.shape[0], q.shape[1], q.shape[-2]
     row = batch * heads * k.shape[-2] * q.element_size()  # one query's map, all heads
     if row * queries <= limit:
