@@ -7,7 +7,14 @@ import os
 import platform
 import time
 
-__all__ = ["TimedDenoiser", "cpu_model", "machine", "require_matplotlib", "speedup_bars"]
+__all__ = ["TimedDenoiser", "allocator", "cpu_model", "machine", "require_matplotlib", "speedup_bars"]
+
+# The environment variables that change how CPU tensors get their memory: PyTorch's huge pages for tensors of
+# 2 MiB and more, and glibc malloc's tunables (read when the process starts). ToCa's score map at thousands of
+# tokens is a few fresh tensors of up to 32 MiB per query chunk, and with glibc's defaults some of them are
+# fresh pages each time (see docs/benchmarks.md): these settings change its cost, so the results record them.
+ALLOCATOR_VARIABLES = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
 
 
 def cpu_model() -> str:
@@ -22,12 +29,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def allocator() -> str:
+    """The allocator settings of this process's environment (:data:`ALLOCATOR_VARIABLES` that are set), or
+    ``"default"``."""
+    set_ = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return " ".join(set_) or "default"
+
+
 def machine(**extra: str) -> dict:
-    """CPU, cores and the versions of Python, torch and diffusers (plus ``extra`` entries)."""
+    """CPU, cores, the allocator settings and the versions of Python, torch and diffusers (plus ``extra``
+    entries)."""
     import diffusers
     import torch
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "allocator": allocator(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, **extra, "python": platform.python_version()}
 
 

@@ -5,6 +5,9 @@ each step's wall time (step 0 includes the capture and the variant builds), the 
 the operators by self time. Prints the results and writes them to ``benchmarks/results/step_profile_flux_<size>.json``.
 
     python benchmarks/step_profile.py --size 1024 --text 512 --columns toca,fora3+toca
+
+The allocator settings of the environment (see ``common.ALLOCATOR_VARIABLES``) apply to every column and are
+recorded in the results; ``--name`` names the results file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def main(argv: list[str] | None = None) -> int:
     import transformer_speed
+    from common import machine
     from torch.profiler import ProfilerActivity, profile
 
     import tgate_fx
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--text", type=int, default=32)
     p.add_argument("--columns", default="toca,fora3+toca", help="baseline and/or transformer_speed's columns")
+    p.add_argument("--name", default=None, help="results file stem in benchmarks/results "
+                   "(default step_profile_flux_<size>)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     build_args = argparse.Namespace(flux_double=2, flux_single=2, flux_size=args.size, flux_text=args.text, steps=8)
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  variants:", results[column]["variants"], flush=True)
         for key, seconds, count in ops:
             print(f"    {key:48s} {seconds:8.2f} s {count:6d} calls", flush=True)
-    out = os.path.join(os.path.dirname(__file__), "results", f"step_profile_flux_{args.size}.json")
+    results["machine"] = machine()  # the allocator settings among them
+    out = os.path.join(os.path.dirname(__file__), "results", (args.name or f"step_profile_flux_{args.size}") + ".json")
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     return 0
