@@ -1,8 +1,10 @@
 """Per-step wall time and operator totals of tgate_fx columns on the scaled FLUX of ``transformer_speed.py``.
 
 One generation per column on one thread under torch's profiler (its overhead is small next to these steps):
-each step's wall time (step 0 includes the capture and the variant builds), the variants the runtime ran, and
-the operators by self time. Prints the results and writes them to ``benchmarks/results/step_profile_flux_<size>.json``.
+each step's wall time (step 0 includes the capture and the variant builds, unless ``--warmup``), the variants
+the runtime ran, and the operators by self time. Prints the results and writes them to
+``benchmarks/results/step_profile_flux_<size>.json``. Without ``--warmup`` the first column is the process's
+first generation: it also pays first-use costs, so a baseline run first leans slow.
 
     python benchmarks/step_profile.py --size 1024 --text 512 --columns toca,fora3+toca
 
@@ -38,12 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", default="toca,fora3+toca", help="baseline and/or transformer_speed's columns")
     p.add_argument("--name", default=None, help="results file stem in benchmarks/results "
                    "(default step_profile_flux_<size>)")
+    p.add_argument("--warmup", action="store_true", help="one untimed generation per column before its profiled one "
+                   "(step 0 then holds no capture or variant builds, and the first column no first-use costs)")
     args = p.parse_args(argv)
+    columns = args.columns.split(",")
+    if "baseline" in columns[1:]:
+        p.error("baseline must be the first column (the later columns install tgate_fx on the pipeline)")
     torch.set_num_threads(1)
     build_args = argparse.Namespace(flux_double=2, flux_single=2, flux_size=args.size, flux_text=args.text, steps=8)
     pipe, call, _, _ = transformer_speed.build("flux", build_args)
     results = {}
-    for column in args.columns.split(","):
+    for column in columns:
         if column != "baseline":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             last[0] = now
             return kwargs
 
+        if args.warmup:
+            pipe(generator=torch.Generator().manual_seed(0), **call)
         tracing = runtime.tracing() if runtime is not None else contextlib.nullcontext([])
         with profile(activities=[ProfilerActivity.CPU]) as prof, tracing as trace:
             last[0] = time.perf_counter()
