@@ -443,7 +443,6 @@ def test_zimage_captions_that_pad_to_two_lengths_export(tmp_path):
     assert _diff(got, expected) < 5e-6
 
 
-
 def test_zimage_bundle_refuses_a_caption_length_it_was_not_exported_for(tmp_path):
     """A bundle serves the caption lengths it was exported with: captions of 40 tokens (padded to 64) against
     a bundle exported with 9 (padded to 32) are refused with the shapes, not run on the wrong graph."""
@@ -452,9 +451,8 @@ def test_zimage_bundle_refuses_a_caption_length_it_was_not_exported_for(tmp_path
     pipe, call = tiny_zimage()
     out = export_onnx(pipe, str(tmp_path / "b"), tgate=False, num_inference_steps=4, **call)
     g = torch.Generator().manual_seed(7)
-    longer = {**call, "prompt_embeds": [torch.randn(40, 16, generator=g)]}
-    if "negative_prompt_embeds" in call:
-        longer["negative_prompt_embeds"] = [torch.randn(40, 16, generator=g)]
+    longer = {**call, "prompt_embeds": [torch.randn(40, 16, generator=g)],
+              "negative_prompt_embeds": [torch.randn(40, 16, generator=g)]}  # CFG on: the bundle's batch is 2
     with onnx_denoiser(pipe, out), pytest.raises(ValueError, match=r"does not match the shapes the bundle was "
                                                  r"exported for .*encoder_hidden_states: expected \[2, 9, 16\]"):
         _four_steps(pipe, longer)
